@@ -1,0 +1,79 @@
+"""From a spec to the pieces of a run: dataset paths, data indexes, optimizer and LR schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from centerpoint import optim, schedules
+from centerpoint.data.coco import CocoIndex, load_index
+from centerpoint.errors import CenterpointError
+from centerpoint.spec import ExperimentSpec
+
+
+def data_root(spec: ExperimentSpec, progress: Callable[[int, int], None] | None = None) -> Path:
+    """The dataset root; for dataset=shapes the synthetic dataset is generated there first if needed."""
+    data = spec.data
+    if data.dataset == "shapes":
+        from centerpoint.data.synthetic import default_cache_dir, ensure_shapes_dataset
+
+        root = data.root or default_cache_dir() / (
+            f"shapes-v1-seed{data.shapes_seed}-{data.shapes_train}x{data.shapes_val}")
+        return ensure_shapes_dataset(root, data.shapes_seed, data.shapes_train, data.shapes_val, progress)
+    if data.root is None:
+        raise CenterpointError("data.root is not set: pass --data-dir DIR (the COCO root holding "
+                               "train2017/, val2017/ and annotations/)")
+    if not Path(data.root).is_dir():
+        raise CenterpointError(f"data directory not found: {data.root} (see `centerpoint data download`)")
+    return Path(data.root)
+
+
+def load_split(spec: ExperimentSpec, root: Path, train: bool) -> CocoIndex:
+    """Index the train or val split and check its classes against model.num_classes."""
+    d = spec.data
+    ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
+    index = load_index(root / ann, root / images, train=train, min_box_size=d.min_box_size if train else 0.0)
+    if index.num_classes != spec.model.num_classes:
+        raise CenterpointError(f"{root / ann}: {index.num_classes} categories but model.num_classes="
+                               f"{spec.model.num_classes}; set --set model.num_classes={index.num_classes}")
+    return index
+
+
+@dataclass(frozen=True)
+class OptimizerPlan:
+    """The optimizer of a run and the numbers it was derived from."""
+
+    transform: optim.Transform
+    schedule: schedules.Schedule
+    lr: float  # peak lr after linear scaling
+    total_steps: int
+
+
+def scaled_lr(spec: ExperimentSpec, global_batch: int) -> float:
+    """optim.lr, scaled linearly by global_batch / optim.base_batch when base_batch is set."""
+    o = spec.optim
+    return o.lr if o.base_batch is None else o.lr * global_batch / o.base_batch
+
+
+def build_optimizer(spec: ExperimentSpec, steps_per_epoch: int, global_batch: int) -> OptimizerPlan:
+    """The optimizer transform with its schedule (milestones converted from epochs to steps)."""
+    o, s = spec.optim, spec.schedule
+    lr = scaled_lr(spec, global_batch)
+    total = spec.train.max_steps or spec.train.epochs * steps_per_epoch
+    if s.kind == "constant":
+        sched = schedules.constant(lr)
+    elif s.kind == "multistep":
+        sched = schedules.multistep(lr, [m * steps_per_epoch for m in s.milestones], s.gamma)
+    else:
+        sched = schedules.cosine(lr, max(1, total), lr * s.final_ratio)
+    if s.warmup_steps > 0:
+        sched = schedules.linear_warmup(sched, s.warmup_steps, s.warmup_ratio)
+    mask = None if o.decay_norm_and_bias else optim.default_decay_mask
+    if o.name == "sgd":
+        tx = optim.sgd(sched, o.momentum, o.nesterov, o.weight_decay, mask, o.grad_clip)
+    elif o.name == "adam":
+        tx = optim.adam(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, o.grad_clip)
+    else:
+        tx = optim.adamw(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, o.grad_clip)
+    return OptimizerPlan(tx, sched, lr, total)

@@ -1,0 +1,146 @@
+"""Checkpoints: one self-describing .safetensors file per save, written atomically.
+
+Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>` and `step`. Metadata (strings): `format_version`,
+`spec` (resolved spec JSON), `step`, `epoch` (epochs completed), `batch_in_epoch` (batches of the
+current epoch already trained, for exact resume), `metrics` (JSON of the latest evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from centerpoint.atomic import atomic_path
+from centerpoint.errors import CenterpointError
+from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
+from centerpoint.step import TrainState
+from centerpoint.tree import flatten, unflatten
+
+FORMAT_VERSION = "1"
+GROUPS = ("params", "buffers", "opt")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the tensors (flat names, on cpu) and the decoded metadata."""
+
+    path: Path
+    tensors: dict[str, Tensor]
+    spec: ExperimentSpec
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    metrics: dict
+
+    def group(self, name: str) -> dict[str, Tensor]:
+        """Tensors of one group ('params', 'buffers', 'opt') without the prefix."""
+        return unflatten({k: v for k, v in self.tensors.items() if k.startswith(name + ".")}, (name,))[name]
+
+
+def state_tensors(state: TrainState) -> dict[str, Tensor]:
+    """The flat tensor dict of a train state, contiguous and on cpu (safetensors needs both)."""
+    flat = flatten({"params": state.params, "buffers": state.buffers, "opt": state.opt_state})
+    flat["step"] = state.step
+    return {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+
+
+def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int = 0,
+                    metrics: dict | None = None) -> Path:
+    """Write `state` to `path` atomically (temp file, fsync, rename); refuses non-finite tensors."""
+    tensors = state_tensors(state)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CenterpointError(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "spec": spec_to_json(spec),
+        "step": str(int(state.step)),
+        "epoch": str(epoch),
+        "batch_in_epoch": str(batch_in_epoch),
+        "metrics": json.dumps(metrics or {}),
+    }
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    except OSError as err:
+        raise CenterpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint file; a missing, truncated or foreign file gives a clear CenterpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CenterpointError(f"checkpoint not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CenterpointError(f"{path}: not a readable .safetensors checkpoint (truncated or another "
+                               f"format?): {str(err).splitlines()[0][:120]}") from None
+    if meta.get("format_version") != FORMAT_VERSION or "spec" not in meta:
+        raise CenterpointError(f"{path}: not a centerpoint checkpoint (no format_version {FORMAT_VERSION} / "
+                               "spec metadata); import foreign weights with `centerpoint checkpoint import`")
+    return Checkpoint(path, tensors, spec_from_json(meta["spec"], str(path)), int(meta.get("step", 0)),
+                      int(meta.get("epoch", 0)), int(meta.get("batch_in_epoch", 0)),
+                      json.loads(meta.get("metrics", "{}") or "{}"))
+
+
+def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Raise naming the missing, unexpected and mis-shaped tensors of `got` against `expected`."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k].shape))
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if names:
+            extra = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            problems.append(f"{label}: {', '.join(names[:3])}{extra}")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{k} is {tuple(got[k].shape)}, expected {tuple(expected[k].shape)}")
+    if problems:
+        raise CenterpointError(f"{source}: does not fit this model ({'; '.join(problems)})")
+
+
+def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
+    """A TrainState with the checkpoint's tensors, on the template's devices and dtypes."""
+    expected = state_tensors(template)
+    check_compatible(str(ckpt.path), ckpt.tensors, expected)
+    groups = unflatten({k: v for k, v in ckpt.tensors.items() if k != "step"}, GROUPS)
+
+    def like(tree: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(device=ref[k].device, dtype=ref[k].dtype) for k, v in tree.items()}
+
+    return TrainState(like(groups["params"], template.params), like(groups["buffers"], template.buffers),
+                      like(groups["opt"], template.opt_state), ckpt.tensors["step"].to(template.step.device))
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint of a run: `latest`, else the highest-step other file; unreadable
+    (e.g. truncated) files are skipped with a warning."""
+    import warnings
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return None
+    candidates = sorted(ckpt_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    best: Checkpoint | None = None
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CenterpointError as err:
+            warnings.warn(f"skipping unreadable checkpoint: {err}", stacklevel=2)
+            continue
+        if best is None or ckpt.step > best.step:
+            best = ckpt
+    return best

@@ -1,0 +1,81 @@
+"""Turn CenterNet head outputs into boxes: peak picking, top-k, and mapping back to original pixels."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from centerpoint.errors import CenterpointError
+
+
+def decode_heatmap(heatmap: Tensor, wh: Tensor, offset: Tensor, stride: int, k: int = 100,
+                   kernel: int = 3) -> tuple[Tensor, Tensor, Tensor]:
+    """Pick the top-``k`` local maxima of the heatmap and build their boxes.
+
+    Args:
+        heatmap: ``(B, C, H, W)`` class PROBABILITIES (after sigmoid).
+        wh: ``(B, 2, H, W)`` box ``(w, h)`` in feature-map cells.
+        offset: ``(B, 2, H, W)`` sub-cell centre ``(dx, dy)`` in cells.
+        stride: input pixels per cell.
+        k: detections per image; reduced to ``C * H * W`` when the map is smaller.
+        kernel: odd max-pool size; a cell survives only if it equals the max of its
+            ``kernel x kernel`` neighbourhood (the NMS replacement of CenterNet).
+
+    Returns:
+        boxes ``(B, k, 4)`` xyxy in INPUT pixels (dtype of ``wh``/``offset``),
+        scores ``(B, k)`` (heatmap dtype, suppressed cells score 0), labels ``(B, k)`` int64,
+        sorted by descending score.
+    """
+    if kernel < 1 or kernel % 2 == 0:
+        raise CenterpointError(f"decode_heatmap: kernel must be a positive odd integer, got {kernel}")
+    if k < 1:
+        raise CenterpointError(f"decode_heatmap: k must be >= 1, got {k}")
+    b, c, h, w = heatmap.shape
+    hw = h * w
+    k = min(k, c * hw)
+
+    # Odd kernel + symmetric padding keeps the pooled map the same size; padding uses -inf, so
+    # border cells compare only against real neighbours.
+    pooled = F.max_pool2d(heatmap, kernel, stride=1, padding=(kernel - 1) // 2)
+    peaks = heatmap * (pooled == heatmap).to(heatmap.dtype)
+
+    scores, idx = torch.topk(peaks.reshape(b, c * hw), k, dim=1)  # (B, k)
+    labels = torch.div(idx, hw, rounding_mode="floor")
+    cell = idx - labels * hw  # spatial index y * W + x
+    ys = torch.div(cell, w, rounding_mode="floor")
+    xs = cell - ys * w
+
+    gather_idx = cell[:, None, :].expand(b, 2, k)
+    wh_k = wh.reshape(b, 2, hw).gather(2, gather_idx)  # (B, 2, k)
+    off_k = offset.reshape(b, 2, hw).gather(2, gather_idx)
+    cx = xs.to(off_k.dtype) + off_k[:, 0]
+    cy = ys.to(off_k.dtype) + off_k[:, 1]
+    half_w, half_h = wh_k[:, 0] / 2, wh_k[:, 1] / 2
+    boxes = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1) * stride
+    return boxes, scores, labels
+
+
+def boxes_to_original(boxes: Tensor, inverse_affine: Tensor) -> Tensor:
+    """Map boxes from input pixels to original-image pixels.
+
+    Args:
+        boxes: ``(B, K, 4)`` xyxy in input pixels.
+        inverse_affine: ``(B, 2, 3)`` with ``[x_orig, y_orig] = A @ [x, y, 1]``.
+
+    Returns:
+        ``(B, K, 4)`` xyxy in original pixels with ``x1 <= x2`` and ``y1 <= y2``.
+
+    Only the two stored corners are mapped, which is exact for scale + translation + flips (the
+    transforms the pipeline uses); under a rotation this would not give the enclosing box.
+    """
+    if inverse_affine.shape[-2:] != (2, 3) or inverse_affine.shape[0] != boxes.shape[0]:
+        raise CenterpointError(
+            f"boxes_to_original: inverse_affine must be (B, 2, 3) with B={boxes.shape[0]}, "
+            f"got {tuple(inverse_affine.shape)}"
+        )
+    a = inverse_affine.to(boxes.dtype)[:, None]  # (B, 1, 2, 3), broadcast over K
+    xs = boxes[..., 0::2]  # (B, K, 2): x1, x2
+    ys = boxes[..., 1::2]
+    x_o = a[..., 0, 0:1] * xs + a[..., 0, 1:2] * ys + a[..., 0, 2:3]
+    y_o = a[..., 1, 0:1] * xs + a[..., 1, 1:2] * ys + a[..., 1, 2:3]
+    # A flip swaps which corner is left/top, so re-sort each coordinate pair.
+    return torch.stack([x_o.amin(-1), y_o.amin(-1), x_o.amax(-1), y_o.amax(-1)], dim=-1)

@@ -1,0 +1,138 @@
+"""Device backends: everything that differs between `cpu`, `cuda` and `sdaa` (Teco) lives here.
+
+Selection, device strings, the distributed process-group backend, whether the step is compiled, mixed
+precision, synchronisation and memory statistics. Nothing else in the project branches on device type.
+`torch_sdaa` is imported lazily, only when sdaa is asked for or probed; its stack ships torch 2.0, so the
+sdaa code paths use nothing newer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from centerpoint.errors import CenterpointError
+
+DeviceName = Literal["cpu", "cuda", "sdaa"]
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved device backend for one process."""
+
+    name: DeviceName
+    device: torch.device
+    dist_backend: str  # torch.distributed process-group backend
+    compile_by_default: bool  # what runtime.compile=auto means here
+    pin_memory: bool  # pinned host memory speeds host->device copies
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
+        """Mixed-precision context for the forward pass; fp32 (and cpu) is a no-op."""
+        if precision == "fp32" or self.name == "cpu":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.name, dtype=_PRECISIONS[precision])
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest timings)."""
+        if self.name == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.name == "sdaa":
+            torch.sdaa.synchronize(self.device)  # type: ignore[attr-defined]
+
+    def max_memory_mb(self) -> float:
+        """Peak device memory allocated by this process, MiB (0 on cpu)."""
+        if self.name == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.name == "sdaa":
+            return torch.sdaa.max_memory_allocated(self.device) / 2**20  # type: ignore[attr-defined]
+        return 0.0
+
+
+def _import_sdaa() -> bool:
+    """Import torch_sdaa (registers the 'sdaa' device with torch); False if it is not installed."""
+    try:
+        importlib.import_module("torch_sdaa")
+    except ImportError:
+        return False
+    return hasattr(torch, "sdaa") and torch.sdaa.is_available()  # type: ignore[attr-defined]
+
+
+def available(name: DeviceName) -> bool:
+    """Whether a device of this kind can be used in this process."""
+    if name == "cpu":
+        return True
+    if name == "cuda":
+        return torch.cuda.is_available()
+    return _import_sdaa()
+
+
+def resolve_name(requested: str, probe: Callable[[DeviceName], bool] = available) -> DeviceName:
+    """'auto' -> cuda if present, else sdaa, else cpu; an explicit name must be available."""
+    if requested == "auto":
+        for name in ("cuda", "sdaa"):
+            if probe(name):
+                return name  # type: ignore[return-value]
+        return "cpu"
+    if requested not in ("cpu", "cuda", "sdaa"):
+        raise CenterpointError(f"--device {requested}: expected auto, cpu, cuda or sdaa")
+    if not probe(requested):  # type: ignore[arg-type]
+        hint = {"cuda": "no CUDA GPU is visible to torch",
+                "sdaa": "torch_sdaa is not installed or no SDAA card is visible"}[requested]
+        raise CenterpointError(f"--device {requested}: {hint}; use --device cpu or auto")
+    return requested  # type: ignore[return-value]
+
+
+def make_backend(name: DeviceName, local_rank: int = 0) -> Backend:
+    """The backend for device kind `name`, using the card/core group `local_rank` of this machine."""
+    if name == "cuda":
+        return Backend("cuda", torch.device("cuda", local_rank), "nccl", True, True)
+    if name == "sdaa":
+        # torch_sdaa runs eager (no inductor backend), and its collectives go through TCCL.
+        return Backend("sdaa", torch.device("sdaa", local_rank), "tccl", False, False)
+    return Backend("cpu", torch.device("cpu"), "gloo", False, False)
+
+
+def select_backend(requested: str = "auto", local_rank: int = 0) -> Backend:
+    """Resolve and build the backend in one call."""
+    name = resolve_name(requested)
+    backend = make_backend(name, local_rank)
+    if name == "cuda":
+        torch.cuda.set_device(backend.device)
+    elif name == "sdaa":
+        torch.sdaa.set_device(backend.device)  # type: ignore[attr-defined]
+    return backend
+
+
+def should_compile(backend: Backend, setting: str) -> bool:
+    """runtime.compile: on/off as asked; auto follows the backend (cuda yes, cpu and sdaa no)."""
+    if setting == "auto":
+        return backend.compile_by_default
+    if setting == "on" and backend.name == "sdaa":
+        raise CenterpointError("runtime.compile=on: torch.compile is not supported on sdaa; use off or auto")
+    return setting == "on"
+
+
+def check_precision(backend: Backend, precision: str) -> None:
+    """Reject precisions a backend cannot run (fp16/bf16 autocast needs an accelerator here)."""
+    if precision != "fp32" and backend.name == "cpu":
+        raise CenterpointError(f"runtime.precision={precision}: mixed precision needs cuda or sdaa; use fp32 on cpu")
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    if count is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

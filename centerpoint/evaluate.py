@@ -1,0 +1,84 @@
+"""Inference over a COCO-format split -> detections in COCO results format -> COCOeval metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from centerpoint.coco_metrics import coco_bbox_metrics
+from centerpoint.data.coco import CocoIndex
+from centerpoint.data.loader import DetectionDataset, eval_batches, make_loader
+from centerpoint.decode import boxes_to_original
+from centerpoint.devices import Backend
+from centerpoint.spec import ExperimentSpec
+
+Predict = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], tuple[Tensor, ...]]
+
+
+def detections_to_rows(boxes: Tensor, scores: Tensor, labels: Tensor, image_ids: Tensor,
+                       sizes: np.ndarray, cat_ids: tuple[int, ...], score_threshold: float) -> np.ndarray:
+    """(B, k, 4) xyxy original-pixel boxes -> (n, 7) rows [image_id, x, y, w, h, score, category_id],
+    boxes clipped to their image (sizes: (B, 2) height, width)."""
+    b = boxes.cpu().double().numpy()
+    h, w = sizes[:, 0][:, None], sizes[:, 1][:, None]
+    x1, x2 = np.clip(b[..., 0], 0, w), np.clip(b[..., 2], 0, w)
+    y1, y2 = np.clip(b[..., 1], 0, h), np.clip(b[..., 3], 0, h)
+    s = scores.cpu().double().numpy()
+    cats = np.asarray(cat_ids, dtype=np.float64)[labels.cpu().numpy()]
+    ids = np.broadcast_to(image_ids.cpu().numpy()[:, None], s.shape).astype(np.float64)
+    rows = np.stack([ids, x1, y1, x2 - x1, y2 - y1, s, cats], axis=-1).reshape(-1, 7)
+    keep = (rows[:, 5] >= score_threshold) & (rows[:, 3] > 0) & (rows[:, 4] > 0)
+    return rows[keep]
+
+
+def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str, Tensor], index: CocoIndex,
+                  spec: ExperimentSpec, backend: Backend, rank: int = 0, world_size: int = 1,
+                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
+    """Run the model on this rank's share of `index`; returns (detection rows (n, 7), bad image count)."""
+    dataset = DetectionDataset(index, spec.data, spec.train.seed, train=False)
+    batches = eval_batches(len(index), spec.eval.batch_size, rank, world_size, spec.eval.max_images)
+    loader = make_loader(dataset, batches, spec.data.workers, backend.pin_memory)
+    size_of = {img_id: index.sizes[i] for i, img_id in enumerate(index.image_ids)}
+    rows, bad = [], 0
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["images"].to(backend.device, non_blocking=True)
+            boxes, scores, labels = predict(params, buffers, images)
+            boxes = boxes_to_original(boxes.float(), batch["to_original"].to(boxes.device, torch.float32))
+            sizes = np.stack([size_of[int(i)] for i in batch["image_ids"]])
+            rows.append(detections_to_rows(boxes, scores, labels, batch["image_ids"], sizes, index.cat_ids,
+                                           spec.eval.score_threshold))
+            bad += int(batch["bad_images"])
+            if progress is not None:
+                progress(len(batch["image_ids"]))
+    return (np.concatenate(rows) if rows else np.zeros((0, 7))), bad
+
+
+def evaluated_image_ids(index: CocoIndex, spec: ExperimentSpec) -> list[int]:
+    """The image ids an evaluation covers (eval.max_images limits it to the first N)."""
+    return list(index.image_ids[: spec.eval.max_images or len(index)])
+
+
+def compute_metrics(index: CocoIndex, rows: np.ndarray, spec: ExperimentSpec) -> dict:
+    """COCOeval bbox metrics (12 numbers + per-class AP) of detection rows on `index`."""
+    return coco_bbox_metrics(index.coco, rows, backend=spec.eval.backend,
+                             img_ids=evaluated_image_ids(index, spec))
+
+
+def rows_to_results(rows: np.ndarray) -> list[dict]:
+    """Detection rows -> COCO results json entries."""
+    return [{"image_id": int(r[0]), "category_id": int(r[6]), "bbox": [round(float(v), 2) for v in r[1:5]],
+             "score": round(float(r[5]), 5)} for r in rows]
+
+
+def write_results(path: Path, rows: np.ndarray) -> None:
+    """Save detections as a COCO results json (atomically)."""
+    import json
+
+    from centerpoint.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(rows_to_results(rows)))

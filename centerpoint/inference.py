@@ -1,0 +1,122 @@
+"""Load a trained model from a checkpoint and run it: evaluation on a split, prediction on image files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from centerpoint.build import data_root, load_split
+from centerpoint.checkpoint import Checkpoint, check_compatible
+from centerpoint.data.loader import read_image
+from centerpoint.data.transforms import invert, pad_affine, resize_affine, warp
+from centerpoint.decode import boxes_to_original
+from centerpoint.devices import Backend, select_backend
+from centerpoint.errors import CenterpointError
+from centerpoint.evaluate import compute_metrics, detections_to_rows, predict_split
+from centerpoint.model import build_network, init, make_apply
+from centerpoint.spec import ExperimentSpec
+from centerpoint.step import make_predict_step
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tuple[Callable, dict, dict]:
+    """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture."""
+    params, buffers = init(spec.model, 0)
+    got = {"params." + k: v for k, v in ckpt.group("params").items()}
+    got.update({"buffers." + k: v for k, v in ckpt.group("buffers").items()})
+    want = {"params." + k: v for k, v in params.items()}
+    want.update({"buffers." + k: v for k, v in buffers.items()})
+    check_compatible(str(ckpt.path), got, want)
+    dev = backend.device
+    params = {k: v.to(dev) for k, v in ckpt.group("params").items()}
+    buffers = {k: v.to(dev) for k, v in ckpt.group("buffers").items()}
+    net = build_network(spec.model).to(dev)
+    return make_predict_step(make_apply(net), spec), params, buffers
+
+
+def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None
+                        ) -> tuple[dict, np.ndarray]:
+    """COCO metrics of the checkpoint on the spec's val split, and the detection rows."""
+    backend = select_backend(spec.runtime.device)
+    predict, params, buffers = load_model(spec, ckpt, backend)
+    index = load_split(spec, data_root(spec), train=False)
+    rows, bad = predict_split(predict, params, buffers, index, spec, backend, progress=progress)
+    metrics = compute_metrics(index, rows, spec)
+    metrics["bad_images"] = bad
+    metrics["images"] = min(len(index), spec.eval.max_images or len(index))
+    return metrics, rows
+
+
+def collect_images(inputs: Sequence[Path]) -> list[Path]:
+    """Image files named directly or found (non-recursively) in the given directories, sorted."""
+    files: list[Path] = []
+    for p in inputs:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CenterpointError(f"no such image or directory: {p}")
+    if not files:
+        kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise CenterpointError(f"no images ({kinds}) found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path], out_dir: Path,
+                  score_thr: float, class_names: Sequence[str]) -> list[dict]:
+    """Detect objects in each image, write `out_dir/<name>.jpg` with boxes drawn and
+    `out_dir/detections.json`; returns the detections (original pixels, xywh)."""
+    from centerpoint.atomic import atomic_path, atomic_write_text
+    from centerpoint.monitor import draw_boxes
+
+    backend = select_backend(spec.runtime.device)
+    predict, params, buffers = load_model(spec, ckpt, backend)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    names = dict(enumerate(class_names))
+    for i, path in enumerate(files):
+        img = read_image(str(path))
+        w, h = img.size
+        a, size = resize_affine(w, h, spec.data.input_size) if spec.data.test_mode == "resize" else pad_affine(w, h)
+        pixels = torch.from_numpy(np.ascontiguousarray(warp(img, a, size).transpose(2, 0, 1)))[None]
+        with torch.no_grad():
+            boxes, scores, labels = predict(params, buffers, pixels.to(backend.device))
+        boxes = boxes_to_original(boxes.float(), torch.from_numpy(invert(a))[None].float().to(boxes.device))
+        rows = detections_to_rows(boxes, scores, labels, torch.tensor([i]), np.array([[h, w]]),
+                                  tuple(range(len(class_names))), score_thr)
+        drawn = draw_boxes(np.asarray(img), rows, names, score_thr=score_thr)
+        from PIL import Image
+
+        with atomic_path(out_dir / (path.stem + ".jpg")) as tmp:
+            Image.fromarray(drawn).save(tmp, format="JPEG", quality=92)
+        for r in rows:
+            results.append({"file": str(path), "label": names[int(r[6])], "score": round(float(r[5]), 5),
+                            "bbox": [round(float(v), 2) for v in r[1:5]]})
+    atomic_write_text(out_dir / "detections.json", json.dumps(results, indent=1))
+    return results
+
+
+def class_names_of(spec: ExperimentSpec) -> list[str]:
+    """Class names for predictions: the val json's categories when it is at hand, else numbers."""
+    try:
+        root = data_root(spec) if spec.data.dataset == "coco" or spec.data.root else None
+        if spec.data.dataset == "shapes":
+            from centerpoint.data.synthetic import CLASSES
+
+            return list(CLASSES[: spec.model.num_classes])
+        if root is not None:
+            from centerpoint.coco_metrics import load_coco
+
+            coco = load_coco(root / spec.data.val_ann)
+            return [coco.cats[c]["name"] for c in sorted(coco.getCatIds())]
+    except CenterpointError:
+        pass
+    return [str(i) for i in range(spec.model.num_classes)]
+

@@ -1,0 +1,78 @@
+"""The CenterNet network as pure functions: `init(spec, seed) -> (params, buffers)` and `apply(...)`.
+
+The nn.Module tree is only the structure (it fixes the state_dict names, identical to mmdetection's);
+parameters and BatchNorm statistics are flat dicts of tensors owned by the caller's train state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from centerpoint.nn.head import CenterNetHead
+from centerpoint.nn.neck import CTResNetNeck
+from centerpoint.nn.resnet import resnet
+from centerpoint.spec import ModelSpec
+
+Params = dict[str, Tensor]
+Apply = Callable[[Params, Params, Tensor, bool], tuple[dict[str, Tensor], Params]]
+
+
+class CenterNet(nn.Module):
+    """backbone (ResNet) -> neck (CTResNetNeck) -> bbox_head (CenterNetHead); output stride 4."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.backbone = resnet(spec.depth)
+        self.neck = CTResNetNeck(self.backbone.out_channels, spec.neck_channels, spec.dcn)
+        self.bbox_head = CenterNetHead(self.neck.out_channels, spec.num_classes, spec.head_channels)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.bbox_head(self.neck(self.backbone(images)))
+
+
+def build_network(spec: ModelSpec) -> CenterNet:
+    """The structure; its own tensors are only templates (names, shapes, init)."""
+    return CenterNet(spec)
+
+
+def init(spec: ModelSpec, seed: int) -> tuple[Params, Params]:
+    """Fresh (params, buffers) for `spec`, a pure function of the seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_network(spec)
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in net.named_buffers()}
+    return params, buffers
+
+
+def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """(B, 3, H, W) RGB in 0..255 (uint8 or float) -> float32 (x - mean) / std."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() - m) / s
+
+
+def make_apply(net: CenterNet) -> Apply:
+    """apply(params, buffers, images, train) -> (outputs, new_buffers).
+
+    images: normalised (B, 3, H, W) float. outputs: heatmap logits (B, C, H/4, W/4), wh and offset
+    (B, 2, H/4, W/4) in feature cells. In train mode BatchNorm updates running statistics; it writes them
+    into the dict it is given, so a clone goes in and the updated clone comes out (inputs stay untouched).
+    """
+
+    def apply(params: Params, buffers: Params, images: Tensor, train: bool) -> tuple[dict[str, Tensor], Params]:
+        net.train(train)
+        new_buffers = {k: v.clone() for k, v in buffers.items()} if train else buffers
+        outputs = functional_call(net, (params, new_buffers), (images,), strict=True)
+        return outputs, new_buffers
+
+    return apply
+
+
+def count_params(params: Params) -> int:
+    """Total number of elements."""
+    return sum(v.numel() for v in params.values())

@@ -1,0 +1,102 @@
+"""Progress bars, TensorBoard scalars/images and the run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from centerpoint.atomic import atomic_write_text
+
+
+def make_progress(console: Console, enabled: bool) -> Progress:
+    """A rich progress display with a free-text field for loss and speed."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON object to metrics.jsonl, rewriting the file atomically (it stays small)."""
+    old = path.read_text() if path.exists() else ""
+    atomic_write_text(path, old + json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (empty if absent)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def draw_boxes(image: np.ndarray, rows: np.ndarray, names: dict[int, str], score_thr: float = 0.3) -> np.ndarray:
+    """(H, W, 3) uint8 image with detection rows [image_id, x, y, w, h, score, category_id] drawn."""
+    img = Image.fromarray(image)
+    draw = ImageDraw.Draw(img)
+    for r in rows[rows[:, 5] >= score_thr]:
+        x, y, w, h = (float(v) for v in r[1:5])
+        draw.rectangle([x, y, x + w, y + h], outline=(255, 40, 40), width=2)
+        draw.text((x + 2, y + 1), f"{names.get(int(r[6]), int(r[6]))} {r[5]:.2f}", fill=(255, 255, 0))
+    return np.asarray(img)
+
+
+class TensorBoard:
+    """A SummaryWriter that is a no-op when disabled (so callers need no branches)."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and np.isfinite(v):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def text(self, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class Throughput:
+    """Images/s and data-wait time over the steps since the last read."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.images = 0
+        self.wait = 0.0
+        self.steps = 0
+
+    def add(self, images: int, wait_s: float) -> None:
+        self.images += images
+        self.wait += wait_s
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"img_per_s": self.images / dt, "data_wait_s": self.wait / max(self.steps, 1)}
+        self.reset()
+        return out

@@ -1,0 +1,294 @@
+"""Experiment specs: typed, frozen pydantic models; YAML loading; `--set key=value` overrides.
+
+Every knob of a run lives here with a default, a range check and a description. The defaults are the
+built-in experiment (`experiments/shapes.yaml`): CenterNet-R18 trained from scratch on the synthetic
+shapes dataset. This module must not import torch (`centerpoint --help` and `spec show` stay fast).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from centerpoint.errors import CenterpointError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DataSpec(_Spec):
+    dataset: Literal["shapes", "coco"] = Field(
+        "shapes", description="'shapes': the built-in synthetic dataset, generated once into a cache dir; "
+        "'coco': a COCO-format dataset under `root`.")
+    root: Path | None = Field(None, description="Dataset root. None with dataset=shapes: the cache directory "
+                              "($CENTERPOINT_CACHE or ~/.cache/centerpoint).")
+    train_ann: str = Field("annotations/instances_train.json", description="Train annotations, relative to root.")
+    train_images: str = Field("train", description="Train image directory, relative to root.")
+    val_ann: str = Field("annotations/instances_val.json", description="Validation annotations, relative to root.")
+    val_images: str = Field("val", description="Validation image directory, relative to root.")
+    shapes_train: int = Field(3000, ge=1, le=1_000_000, description="Synthetic train images (dataset=shapes).")
+    shapes_val: int = Field(300, ge=1, le=1_000_000, description="Synthetic val images (dataset=shapes).")
+    shapes_seed: int = Field(0, ge=0, description="Seed of the synthetic dataset (dataset=shapes).")
+    input_size: int = Field(160, ge=32, le=2048, multiple_of=32,
+                            description="Side of the square training crop, input pixels.")
+    test_mode: Literal["resize", "pad"] = Field(
+        "resize", description="'resize': keep-ratio resize the longer side to `input_size` and centre-pad to a "
+        "square; 'pad': keep the original resolution and centre-pad to (size | 31) + 1 (mmdetection's test).")
+    scale_range: tuple[float, float] = Field(
+        (0.6, 1.4), description="Random rescale range of the training crop relative to the keep-ratio fit.")
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability in training.")
+    photometric: bool = Field(False, description="Photometric distortion in training (brightness, contrast, "
+                              "saturation, hue, channel swap).")
+    min_box_size: float = Field(1.0, ge=0.0, description="Training boxes smaller than this side (input pixels, "
+                                "after augmentation) are dropped.")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel RGB mean, 0..255 units.")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="Per-channel RGB std, 0..255 units.")
+    workers: int = Field(2, ge=0, le=64, description="Data loader worker processes per device.")
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="A missing or undecodable image: stop "
+                                                  "with an error, or skip it and count it.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        return self
+
+
+class ModelSpec(_Spec):
+    depth: Literal[18, 34, 50] = Field(18, description="ResNet depth of the backbone.")
+    num_classes: int = Field(5, ge=1, le=10_000, description="Object classes (must match the dataset).")
+    neck_channels: tuple[int, int, int] = Field((256, 128, 64), description="Filters of the 3 upsampling stages.")
+    head_channels: int = Field(64, ge=1, description="Hidden filters of each head branch.")
+    dcn: bool = Field(False, description="Modulated deformable convolutions (DCNv2) in the neck's 3x3 convs.")
+    pretrained: Path | None = Field(None, description="torchvision ResNet checkpoint (.pth) for the backbone.")
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per output feature-map cell."""
+        return 4
+
+
+class LossSpec(_Spec):
+    heatmap_weight: float = Field(1.0, ge=0.0, description="Weight of the gaussian focal loss.")
+    wh_weight: float = Field(0.1, ge=0.0, description="Weight of the L1 box-size loss.")
+    offset_weight: float = Field(1.0, ge=0.0, description="Weight of the L1 centre-offset loss.")
+    alpha: float = Field(2.0, ge=0.0, description="Focal loss exponent on the prediction.")
+    gamma: float = Field(4.0, ge=0.0, description="Focal loss exponent on (1 - target) of negatives.")
+    min_overlap: float = Field(0.3, gt=0.0, lt=1.0, description="IoU that sets the gaussian radius.")
+
+
+class OptimSpec(_Spec):
+    name: Literal["sgd", "adam", "adamw"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(2e-3, gt=0.0, le=10.0, description="Peak learning rate at `base_batch` images per step.")
+    base_batch: int | None = Field(None, ge=1, description="Global batch the lr is set for; when the run's "
+                                   "global batch differs the lr is scaled linearly. None: no scaling.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay (coupled for sgd/adam, decoupled adamw).")
+    decay_norm_and_bias: bool = Field(False, description="Also decay norm weights and biases (mmdetection does).")
+    grad_clip: float | None = Field(35.0, gt=0.0, description="Max global gradient norm; None disables.")
+
+
+class ScheduleSpec(_Spec):
+    kind: Literal["constant", "multistep", "cosine"] = Field("cosine", description="LR decay after warmup.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup length, steps.")
+    warmup_ratio: float = Field(0.001, gt=0.0, le=1.0, description="Warmup starts at lr * ratio.")
+    milestones: tuple[int, ...] = Field((), description="Epochs at which multistep multiplies the lr by gamma.")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="Multistep decay factor.")
+    final_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Cosine ends at lr * final_ratio.")
+
+
+class TrainSpec(_Spec):
+    epochs: int = Field(12, ge=1, le=100_000, description="Epochs (full passes over the train set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per device per step.")
+    seed: int = Field(0, ge=0, description="Seed of init, shuffling and augmentation.")
+    log_every: int = Field(20, ge=1, description="Steps between TensorBoard scalar writes.")
+    eval_every: int = Field(4, ge=0, description="Epochs between evaluations (0: only at the end).")
+    checkpoint_every: int = Field(1, ge=0, description="Epochs between kept checkpoints (0: only the last).")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Also save `latest` every N steps (0: off).")
+    keep_last: int = Field(3, ge=1, description="Periodic checkpoints kept besides `latest` and `best`.")
+    nonfinite: Literal["skip", "stop"] = Field("skip", description="A NaN/inf loss or gradient: skip the "
+                                               "update and count it, or stop the run.")
+
+
+class EvalSpec(_Spec):
+    batch_size: int = Field(16, ge=1, le=4096, description="Images per device per inference batch.")
+    topk: int = Field(100, ge=1, le=1000, description="Detections kept per image.")
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Detections below this score are dropped.")
+    backend: Literal["pycocotools", "faster-coco-eval"] = Field("pycocotools", description="COCOeval engine.")
+    flip_test: bool = Field(False, description="Average the heatmaps of the image and its mirror.")
+    max_images: int | None = Field(None, ge=1, description="Evaluate only the first N images (quick checks).")
+    num_visualize: int = Field(4, ge=0, le=64, description="Validation images with boxes sent to TensorBoard.")
+
+
+class RuntimeSpec(_Spec):
+    device: Literal["auto", "cpu", "cuda", "sdaa"] = Field("auto", description="auto: cuda, else sdaa, else cpu.")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the step. auto: on for "
+                                                  "cuda, off for cpu (gains little there) and sdaa.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype on cuda/sdaa.")
+    channels_last: bool = Field(False, description="Channels-last memory format for images and conv weights.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
+
+
+class LoggingSpec(_Spec):
+    workdir: Path = Field(Path("runs/shapes"), description="Run directory: spec, checkpoints, logs, metrics.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class ExperimentSpec(_Spec):
+    name: str = Field("shapes_r18", min_length=1, description="Experiment name.")
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    loss: LossSpec = LossSpec()
+    optim: OptimSpec = OptimSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    logging: LoggingSpec = LoggingSpec()
+
+
+def field_paths(model: type[BaseModel] = ExperimentSpec, prefix: str = "") -> list[str]:
+    """All dotted field paths of a spec class, e.g. 'optim.lr'."""
+    paths = []
+    for name, info in model.model_fields.items():
+        path = prefix + name
+        paths.append(path)
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths.extend(field_paths(ann, path + "."))
+    return paths
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, field_paths(), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{path}'{_suggest(path)}"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {path or 'spec'}: {first['msg']}{shown}{more}"
+
+
+def spec_from_dict(data: dict[str, Any], source: str = "spec") -> ExperimentSpec:
+    """Validate a plain nested dict into an ExperimentSpec; errors name the field path."""
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as err:
+        raise CenterpointError(_format_validation_error(err, source)) from None
+
+
+def read_spec_dict(path: Path) -> dict[str, Any]:
+    """Read a YAML spec file into a nested dict (safe loading only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CenterpointError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise CenterpointError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CenterpointError(f"{path}: a spec file must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split 'a.b=value' into ('a.b', parsed value); the value is parsed as YAML ('3' -> 3, '[1,2]')."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise CenterpointError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.001")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Return a copy of nested dict `data` with dotted `key` set; unknown keys are rejected with a hint."""
+    if key not in field_paths():
+        raise CenterpointError(f"--set {key}: unknown key{_suggest(key)}")
+    out = json.loads(json.dumps(data, default=str))
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def load_spec(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+    """Load a spec file (None: the built-in default experiment) and apply `--set` overrides in order."""
+    data = read_spec_dict(path) if path is not None else {}
+    source = str(path) if path is not None else "default spec"
+    for item in overrides:
+        data = apply_override(data, *parse_override(item))
+    if overrides:
+        source += " with --set"
+    return spec_from_dict(data, source)
+
+
+def with_updates(spec: ExperimentSpec, updates: dict[str, Any]) -> ExperimentSpec:
+    """Return `spec` with dotted-key `updates` applied and re-validated (CLI flags go through here)."""
+    data = spec_to_dict(spec)
+    for key, value in updates.items():
+        data = apply_override(data, key, value)
+    return spec_from_dict(data, "command-line flags")
+
+
+def spec_to_dict(spec: ExperimentSpec) -> dict[str, Any]:
+    """Plain JSON-compatible nested dict (paths as strings, tuples as lists)."""
+    return spec.model_dump(mode="json")
+
+
+def spec_to_yaml(spec: ExperimentSpec) -> str:
+    """The resolved spec as YAML text, in field order."""
+    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+
+
+def spec_to_json(spec: ExperimentSpec) -> str:
+    """Compact JSON of the resolved spec (stored in checkpoint metadata)."""
+    return json.dumps(spec_to_dict(spec), separators=(",", ":"))
+
+
+def spec_from_json(text: str, source: str = "checkpoint") -> ExperimentSpec:
+    """Inverse of `spec_to_json`."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise CenterpointError(f"{source}: spec metadata is not valid JSON") from None
+    return spec_from_dict(data, source)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of spec files, for editor validation."""
+    return ExperimentSpec.model_json_schema()

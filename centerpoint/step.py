@@ -1,0 +1,123 @@
+"""Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+Gradients come from `torch.func.grad` over `functional_call`: the whole step (forward, loss, backward,
+optimizer update, non-finite guard) is one pure function, which `torch.compile` captures as a single
+graph; autograd over leaf tensors would need `requires_grad_()` inside the step, which breaks the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from centerpoint import optim
+from centerpoint.decode import decode_heatmap
+from centerpoint.loss import centernet_loss
+from centerpoint.model import Apply, normalize
+from centerpoint.schedules import Schedule
+from centerpoint.spec import ExperimentSpec
+
+Tree = dict[str, Tensor]
+Reduce = Callable[[Tree], Tree]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training. `step` is a 0-dim int64 tensor (updates applied)."""
+
+    params: Tree
+    buffers: Tree
+    opt_state: Tree
+    step: Tensor
+
+
+def init_state(params: Tree, buffers: Tree, optimizer: optim.Transform) -> TrainState:
+    """A train state at step 0."""
+    device = next(iter(params.values())).device
+    return TrainState(params, buffers, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device))
+
+
+def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
+    """new where keep_new else old, per leaf, without a host sync."""
+    return {k: torch.where(keep_new, v, old[k]) for k, v in new.items()}
+
+
+def make_train_step(
+    apply: Apply,
+    spec: ExperimentSpec,
+    optimizer: optim.Transform,
+    schedule: Schedule,
+    autocast: Callable[[], object] | None = None,
+    reduce: Reduce | None = None,
+) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
+    """Build the pure step for `spec`.
+
+    batch: "images" (B, 3, H, W) uint8 or float RGB 0..255; "heatmap" (B, C, H/4, W/4), "wh", "offset"
+    (B, 2, H/4, W/4) in cells, "reg_weight" (B, 1, H/4, W/4). `reduce` averages a tree over data-parallel
+    ranks (gradients and loss metrics); `autocast` returns the mixed-precision context for the forward.
+    Metrics are 0-dim tensors: the loss terms, grad_norm (before clipping), lr used, and `finite` (1 if
+    the update was applied, 0 if a non-finite loss or gradient made the step keep the old state).
+    """
+    mean, std, lw = spec.data.mean, spec.data.std, spec.loss
+
+    def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor]) -> tuple[Tensor, tuple[Tree, Tree]]:
+        images = normalize(batch["images"], mean, std)
+        if spec.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        ctx = autocast() if autocast is not None else None
+        if ctx is None:
+            outputs, new_buffers = apply(params, buffers, images, True)
+        else:
+            with ctx:  # type: ignore[attr-defined]
+                outputs, new_buffers = apply(params, buffers, images, True)
+        losses = centernet_loss(outputs, batch, lw.heatmap_weight, lw.wh_weight, lw.offset_weight, lw.alpha,
+                                lw.gamma)
+        return losses["loss"], (losses, new_buffers)
+
+    grad_fn = torch.func.grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
+        grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch)
+        if reduce is not None:
+            grads = reduce(grads)
+            losses = reduce(losses)
+        grad_norm = optim.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optim.apply_updates(state.params, updates)
+        finite = torch.isfinite(losses["loss"]) & torch.isfinite(grad_norm)
+        new_state = TrainState(
+            _select(finite, params, state.params),
+            _select(finite, new_buffers, state.buffers),
+            _select(finite, opt_state, state.opt_state),
+            state.step + finite.to(state.step.dtype),
+        )
+        metrics = {**losses, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite.float()}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_predict_step(apply: Apply, spec: ExperimentSpec) -> Callable[[Tree, Tree, Tensor], tuple[Tensor, ...]]:
+    """predict(params, buffers, images) -> boxes (B, k, 4) in input pixels, scores (B, k), labels (B, k).
+
+    images: (B, 3, H, W) RGB 0..255 with H, W multiples of 32. With eval.flip_test the heatmap, wh and
+    offset are averaged with those of the mirrored image (mirrored back).
+    """
+    mean, std, stride, k = spec.data.mean, spec.data.std, spec.model.stride, spec.eval.topk
+
+    def predict(params: Tree, buffers: Tree, images: Tensor) -> tuple[Tensor, ...]:
+        x = normalize(images, mean, std)
+        if spec.eval.flip_test:
+            x = torch.cat([x, x.flip(-1)])
+        out, _ = apply(params, buffers, x, False)
+        heatmap, wh, offset = out["heatmap"].float().sigmoid(), out["wh"].float(), out["offset"].float()
+        if spec.eval.flip_test:
+            b = images.shape[0]
+            heatmap = (heatmap[:b] + heatmap[b:].flip(-1)) / 2
+            wh = (wh[:b] + wh[b:].flip(-1)) / 2
+            offset = offset[:b]  # the mirrored offset is not a mirror of the offset; keep the original
+        return decode_heatmap(heatmap, wh, offset, stride, k=k)
+
+    return predict

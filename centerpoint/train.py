@@ -1,0 +1,262 @@
+"""The training loop: build the run from its spec, step, log, evaluate, checkpoint, resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from centerpoint import distributed
+from centerpoint.build import build_optimizer, data_root, load_split
+from centerpoint.checkpoint import latest_checkpoint, restore_state, save_checkpoint
+from centerpoint.coco_metrics import format_metrics_table
+from centerpoint.data.coco import CocoIndex
+from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
+from centerpoint.devices import Backend, check_precision, select_backend, should_compile
+from centerpoint.errors import CenterpointError
+from centerpoint.evaluate import compute_metrics, predict_split
+from centerpoint.model import build_network, init, make_apply
+from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
+from centerpoint.spec import ExperimentSpec, spec_to_yaml
+from centerpoint.step import TrainState, init_state, make_predict_step, make_train_step
+
+
+@dataclass
+class Run:
+    """What the loop needs, built once from the spec."""
+
+    spec: ExperimentSpec
+    backend: Backend
+    workdir: Path
+    train_index: CocoIndex
+    val_index: CocoIndex
+    state: TrainState
+    step_fn: Any
+    predict_fn: Any
+    steps_per_epoch: int
+    total_steps: int
+    start_epoch: int
+    start_batch: int
+    dist: distributed.Context
+
+
+def check_workdir(path: Path) -> Path:
+    """Create the run directory and make sure it is writable (before any long work starts)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CenterpointError(f"run directory {path} is not writable: {err.strerror or err}") from None
+    return path
+
+
+def to_device(state: TrainState, backend: Backend, channels_last: bool) -> TrainState:
+    """Move a train state to the backend's device (conv weights channels-last if asked)."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(backend.device)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    return TrainState({k: move(v) for k, v in state.params.items()},
+                      {k: move(v) for k, v in state.buffers.items()},
+                      {k: move(v) for k, v in state.opt_state.items()}, state.step.to(backend.device))
+
+
+def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
+    """Everything up to the first step: device, data, model, optimizer, (resumed) state, compiled step."""
+    dist = distributed.context()
+    backend = select_backend(spec.runtime.device, dist.local_rank)
+    check_precision(backend, spec.runtime.precision)
+    if spec.runtime.threads:
+        torch.set_num_threads(spec.runtime.threads)
+    workdir = check_workdir(Path(spec.logging.workdir)) if dist.rank == 0 else Path(spec.logging.workdir)
+    distributed.init_process_group(dist, backend)
+    root = _prepare_data(spec, console, dist)
+    train_index, val_index = load_split(spec, root, True), load_split(spec, root, False)
+    world = dist.world_size
+    spe = steps_per_epoch(len(train_index), spec.train.batch_size, world)
+    if spe == 0:
+        raise CenterpointError(f"train.batch_size={spec.train.batch_size} x {world} is larger than the train set "
+                               f"({len(train_index)} images)")
+    plan = build_optimizer(spec, spe, spec.train.batch_size * world)
+    net = build_network(spec.model).to(backend.device)
+    if spec.runtime.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    params, buffers = init(spec.model, spec.train.seed)
+    if spec.model.pretrained is not None:
+        from centerpoint.imports import load_torchvision_backbone
+
+        params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
+    state = to_device(init_state(params, buffers, plan.transform), backend, spec.runtime.channels_last)
+    start_epoch = start_batch = 0
+    if resume:
+        ckpt = latest_checkpoint(workdir)
+        if ckpt is not None:
+            state = restore_state(ckpt, state)
+            start_epoch, start_batch = ckpt.epoch, ckpt.batch_in_epoch
+            if dist.rank == 0:
+                console.print(f"resuming from {ckpt.path} (step {ckpt.step}, epoch {ckpt.epoch})")
+        elif dist.rank == 0:
+            console.print(f"--resume: no checkpoint in {workdir / 'checkpoints'}; starting fresh")
+    state = distributed.broadcast_state(state, dist)
+    apply = make_apply(net)
+    step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
+                              autocast=lambda: backend.autocast(spec.runtime.precision),
+                              reduce=distributed.make_reduce(dist))
+    predict_fn = make_predict_step(apply, spec)
+    if should_compile(backend, spec.runtime.compile):
+        step_fn = torch.compile(step_fn)
+        predict_fn = torch.compile(predict_fn, dynamic=spec.data.test_mode == "pad")
+    if dist.rank == 0:
+        gb = spec.train.batch_size * world
+        scaled = f" (scaled from {spec.optim.lr:g} for base batch {spec.optim.base_batch})" \
+            if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
+        console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
+                      f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
+                      f"compile {'on' if should_compile(backend, spec.runtime.compile) else 'off'}")
+    return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
+               start_epoch, start_batch, dist)
+
+
+def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
+    """Generate/locate the dataset; with several processes rank 0 goes first, the others wait."""
+    if dist.rank != 0:
+        distributed.barrier(dist)
+        return data_root(spec)
+    progress = make_progress(console, spec.logging.progress)
+    with progress:
+        task = progress.add_task("dataset", total=None, info="")
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, info="writing synthetic images")
+
+        root = data_root(spec, report)
+    distributed.barrier(dist)
+    return root
+
+
+def evaluate_run(run: Run, state: TrainState) -> dict:
+    """Distributed evaluation: each rank predicts its shard, rank 0 computes COCO metrics."""
+    rows, bad = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
+                              run.dist.rank, run.dist.world_size)
+    rows = distributed.gather_rows(rows, run.dist)
+    if run.dist.rank != 0:
+        return {}
+    metrics = compute_metrics(run.val_index, rows, run.spec)
+    metrics["bad_images"] = bad
+    return metrics
+
+
+def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = None) -> dict:
+    """Train `spec` to the end; returns the last evaluation's metrics (rank 0; {} elsewhere)."""
+    console = console or Console()
+    t_start = time.perf_counter()
+    run = build_run(spec, resume, console)
+    is_main = run.dist.rank == 0
+    workdir = run.workdir
+    if is_main:
+        from centerpoint.atomic import atomic_write_text
+
+        atomic_write_text(workdir / "spec.yaml", spec_to_yaml(spec))
+    tb = TensorBoard(workdir / "tensorboard" if is_main and spec.logging.tensorboard else None)
+    tb.text("spec", "```\n" + spec_to_yaml(spec) + "\n```")
+    state, last_metrics = run.state, {}
+    epochs = spec.train.epochs if spec.train.max_steps is None else -(-run.total_steps // run.steps_per_epoch)
+    step = int(state.step)
+    progress = make_progress(console, spec.logging.progress and is_main)
+    meter = Throughput()
+    skipped = torch.zeros((), device=run.backend.device)
+    first_step_s = None
+    with progress:
+        task = progress.add_task("train", total=run.total_steps, completed=step, info="")
+        for epoch in range(run.start_epoch, epochs):
+            batches = epoch_batches(len(run.train_index), spec.train.batch_size, spec.train.seed, epoch,
+                                    run.dist.rank, run.dist.world_size)
+            start = run.start_batch if epoch == run.start_epoch else 0
+            dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True)
+            loader = make_loader(dataset, batches[start:], spec.data.workers, run.backend.pin_memory,
+                                 spec.model.num_classes, spec.model.stride, spec.loss.min_overlap)
+            t_wait = time.perf_counter()
+            for i, batch in enumerate(loader, start=start):
+                if step >= run.total_steps:
+                    break
+                batch = {k: v.to(run.backend.device, non_blocking=True) for k, v in batch.items()}
+                wait = time.perf_counter() - t_wait
+                state, metrics = run.step_fn(state, batch)
+                step += 1
+                skipped += 1 - metrics["finite"]
+                meter.add(spec.train.batch_size * run.dist.world_size, wait)
+                if first_step_s is None:
+                    first_step_s = time.perf_counter() - t_start
+                if step % spec.train.log_every == 0 or step == run.total_steps:
+                    values = {k: float(v) for k, v in metrics.items()}
+                    values.update(meter.read())
+                    values["skipped_steps"] = float(skipped)
+                    if spec.train.nonfinite == "stop" and values["skipped_steps"] > 0:
+                        raise CenterpointError(f"non-finite loss or gradient before step {step}; stopped "
+                                               "(train.nonfinite=stop). Lower optim.lr or enable grad_clip.")
+                    tb.scalars(values, step, "train")
+                    progress.update(task, info=f"ep {epoch + 1}/{epochs} loss {values['loss']:.3f} "
+                                    f"{values['img_per_s']:.0f} img/s")
+                progress.update(task, completed=step)
+                every = spec.train.checkpoint_every_steps
+                if is_main and every and step % every == 0:
+                    save_checkpoint(workdir / "checkpoints" / "latest.safetensors", state, spec, epoch, i + 1)
+                t_wait = time.perf_counter()
+            finished = epoch + 1
+            last = finished == epochs or step >= run.total_steps
+            every_eval = spec.train.eval_every
+            metrics_out: dict = {}
+            if last or (every_eval and finished % every_eval == 0):
+                t_eval = time.perf_counter()
+                metrics_out = evaluate_run(run, state)
+                if is_main:
+                    metrics_out.update(step=step, epoch=finished, eval_s=time.perf_counter() - t_eval,
+                                       elapsed_s=time.perf_counter() - t_start,
+                                       first_step_s=first_step_s)
+                    last_metrics = metrics_out
+                    append_metrics(workdir / "metrics.jsonl", _jsonable(metrics_out))
+                    tb.scalars({k: v for k, v in metrics_out.items() if k.startswith("bbox_")}, step, "val")
+                    console.print(f"epoch {finished}: bbox_mAP {metrics_out['bbox_mAP']:.3f} "
+                                  f"mAP_50 {metrics_out['bbox_mAP_50']:.3f}")
+            if is_main:
+                _save_epoch(workdir, state, spec, finished, metrics_out, last)
+            if last:
+                break
+    tb.close()
+    if is_main and last_metrics:
+        console.print(format_metrics_table(last_metrics))
+    distributed.destroy(run.dist)
+    return last_metrics
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, type(None)))}
+
+
+def _save_epoch(workdir: Path, state: TrainState, spec: ExperimentSpec, epoch: int, metrics: dict,
+                last: bool) -> None:
+    """latest (always), epoch_N every checkpoint_every epochs (keeping keep_last), best by bbox_mAP."""
+    ckpt_dir = workdir / "checkpoints"
+    save_checkpoint(ckpt_dir / "latest.safetensors", state, spec, epoch, 0, metrics)
+    every = spec.train.checkpoint_every
+    if (every and epoch % every == 0) or last:
+        save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, epoch, 0, metrics)
+        periodic = sorted(ckpt_dir.glob("epoch_*.safetensors"))
+        for old in periodic[: -spec.train.keep_last]:
+            old.unlink(missing_ok=True)
+    if "bbox_mAP" in metrics:
+        best_file = ckpt_dir / "best.json"
+        import json
+
+        best = json.loads(best_file.read_text()).get("bbox_mAP", -1.0) if best_file.exists() else -1.0
+        if metrics["bbox_mAP"] > best:
+            save_checkpoint(ckpt_dir / "best.safetensors", state, spec, epoch, 0, metrics)
+            from centerpoint.atomic import atomic_write_text
+
+            atomic_write_text(best_file, json.dumps({"bbox_mAP": metrics["bbox_mAP"], "epoch": epoch}))

@@ -1,0 +1,205 @@
+"""The `centerpoint` command line: parses flags into spec fields, calls the library, prints.
+
+Nothing here imports torch at module level, so `centerpoint --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from centerpoint.errors import CenterpointError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="CenterNet object detection on torch.func: train, evaluate, predict.")
+spec_app = typer.Typer(no_args_is_help=True, help="Show or validate experiment specs.")
+data_app = typer.Typer(no_args_is_help=True, help="Download and check datasets.")
+ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and import checkpoints.")
+app.add_typer(spec_app, name="spec")
+app.add_typer(data_app, name="data")
+app.add_typer(ckpt_app, name="checkpoint")
+
+_DEBUG = {"on": False}
+
+SpecArg = typer.Argument(None, help="Spec YAML file (default: the built-in shapes experiment).")
+SetOpt = typer.Option([], "--set", "-s", help="Override a spec field: --set optim.lr=0.001 (repeatable).")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _DEBUG["on"] = debug
+
+
+def _flag_updates(**flags: object) -> dict[str, object]:
+    """Map CLI flag values (None = not given) to dotted spec keys."""
+    keys = {"workdir": "logging.workdir", "device": "runtime.device", "epochs": "train.epochs",
+            "batch_size": "train.batch_size", "lr": "optim.lr", "data_dir": "data.root",
+            "max_steps": "train.max_steps", "compile": "runtime.compile", "precision": "runtime.precision",
+            "workers": "data.workers", "seed": "train.seed"}
+    return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None}
+
+
+def _resolve(spec_file: Path | None, sets: list[str], **flags: object):  # noqa: ANN202
+    from centerpoint.spec import load_spec, with_updates
+
+    spec = load_spec(spec_file, sets)
+    updates = _flag_updates(**flags)
+    return with_updates(spec, updates) if updates else spec
+
+
+@app.command()
+def train(
+    spec_file: Path | None = SpecArg,
+    sets: list[str] = SetOpt,
+    workdir: Path | None = typer.Option(None, "--workdir", "--work-dir", "--work_dir", help="Run directory."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs to train."),
+    max_steps: int | None = typer.Option(None, "--max-steps", "--max_steps", help="Stop after N steps."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "--batch_size", help="Images per device."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", "--data-root", help="Dataset root."),
+    compile: str | None = typer.Option(None, "--compile", help="auto | on | off."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
+    workers: int | None = typer.Option(None, "--workers", help="Data loader processes per device."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of init, shuffling and augmentation."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
+) -> None:
+    """Train an experiment (default: the built-in shapes experiment, offline, on any device)."""
+    spec = _resolve(spec_file, sets, workdir=workdir, device=device, epochs=epochs, max_steps=max_steps,
+                    batch_size=batch_size, lr=lr, data_dir=data_dir, compile=compile, precision=precision,
+                    workers=workers, seed=seed)
+    from centerpoint.train import train as run_train
+
+    run_train(spec, resume=resume)
+
+
+@app.command("eval")
+def evaluate(
+    spec_file: Path | None = typer.Argument(None, help="Spec YAML (default: the spec stored in the checkpoint)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .safetensors checkpoint."),
+    sets: list[str] = SetOpt,
+    data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", help="Dataset root."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
+    out: Path | None = typer.Option(None, "--out", help="Write metrics JSON here (and detections beside it)."),
+) -> None:
+    """Evaluate a checkpoint on the validation split with COCOeval (bbox)."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from centerpoint.atomic import atomic_write_text
+    from centerpoint.checkpoint import load_checkpoint
+    from centerpoint.coco_metrics import format_metrics_table
+    from centerpoint.evaluate import write_results
+    from centerpoint.inference import evaluate_checkpoint
+    from centerpoint.spec import load_spec, spec_to_dict, with_updates
+
+    ckpt = load_checkpoint(checkpoint)
+    base = load_spec(spec_file) if spec_file is not None else ckpt.spec
+    updates = {**_flag_updates(data_dir=data_dir, device=device)}
+    from centerpoint.spec import apply_override, parse_override, spec_from_dict
+
+    data = spec_to_dict(base)
+    for item in sets:
+        data = apply_override(data, *parse_override(item))
+    spec = with_updates(spec_from_dict(data, "--set"), updates) if updates else spec_from_dict(data, "--set")
+    with Progress(transient=True) as progress:
+        task = progress.add_task("evaluating", total=None)
+        metrics, rows = evaluate_checkpoint(spec, ckpt, lambda n: progress.advance(task, n))
+    Console().print(format_metrics_table(metrics))
+    if out is not None:
+        atomic_write_text(out, json.dumps(metrics, indent=1))
+        write_results(out.with_name(out.stem + ".detections.json"), rows)
+        print(f"wrote {out}")
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files or directories."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .safetensors checkpoint."),
+    out: Path = typer.Option(Path("predictions"), "--out", help="Output directory."),
+    score_thr: float = typer.Option(0.3, "--score-thr", "--score_thr", min=0.0, max=1.0,
+                                    help="Minimum score to keep."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
+) -> None:
+    """Detect objects in images: writes images with boxes drawn and detections.json."""
+    from centerpoint.checkpoint import load_checkpoint
+    from centerpoint.inference import class_names_of, collect_images, predict_files
+    from centerpoint.spec import with_updates
+
+    ckpt = load_checkpoint(checkpoint)
+    spec = with_updates(ckpt.spec, _flag_updates(device=device)) if device else ckpt.spec
+    files = collect_images(inputs)
+    results = predict_files(spec, ckpt, files, out, score_thr, class_names_of(spec))
+    print(f"{len(results)} detections in {len(files)} image(s) -> {out}")
+
+
+@spec_app.command("show")
+def spec_show(spec_file: Path | None = SpecArg, sets: list[str] = SetOpt) -> None:
+    """Print the resolved spec as YAML."""
+    from centerpoint.spec import spec_to_yaml
+
+    sys.stdout.write(spec_to_yaml(_resolve(spec_file, sets)))
+
+
+@spec_app.command("schema")
+def spec_schema() -> None:
+    """Print the JSON schema of spec files."""
+    import json
+
+    from centerpoint.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+@ckpt_app.command("inspect")
+def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors checkpoint.")) -> None:
+    """Print a checkpoint's spec, step, metrics and a parameter summary."""
+    from centerpoint.checkpoint import load_checkpoint
+    from centerpoint.spec import spec_to_yaml
+
+    ckpt = load_checkpoint(path)
+    params = ckpt.group("params")
+    print(f"checkpoint {path}\nstep {ckpt.step}  epoch {ckpt.epoch}  batch_in_epoch {ckpt.batch_in_epoch}")
+    shown = {k: v for k, v in ckpt.metrics.items() if k.startswith("bbox_")}
+    print("metrics " + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "none"))
+    groups: dict[str, int] = {}
+    for k, v in params.items():
+        top = k.split(".")[0]
+        groups[top] = groups.get(top, 0) + v.numel()
+    total = sum(groups.values())
+    print(f"parameters {total:,} in {len(params)} tensors: " + ", ".join(f"{k} {n:,}" for k, n in groups.items()))
+    print("spec:")
+    sys.stdout.write(spec_to_yaml(ckpt.spec))
+
+
+def main() -> None:
+    """Console-script entry: CenterpointError -> one line on stderr, exit 2 (--debug: traceback)."""
+    try:
+        app(standalone_mode=False)
+    except CenterpointError as err:
+        if _DEBUG["on"] or "--debug" in sys.argv:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # click's usage errors and friends
+        import click
+
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(2)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
