@@ -8,21 +8,28 @@ contiguous tensors, so it saves to safetensors as-is.
 
 State key layout (``chain`` prefixes each element's keys with its position, "0.", "1.", ...):
 
-* ``trace.<name>``              momentum buffer (:func:`trace`)
+* ``trace.<name>``                        momentum buffer (:func:`trace`)
 * ``adam.mu.<name>``, ``adam.nu.<name>``  first/second moments (:func:`scale_by_adam`)
-* ``count``                     0-dim int64: number of updates applied so far, 0 before the first one
+* ``count``                               0-dim int64: updates applied so far, 0 before the first
   (:func:`scale_by_adam`, :func:`scale_by_schedule`). All counts in one chain advance together;
   :func:`step_count` finds one, so the train step can log ``schedule(step_count(state))``.
 
 Design rules, because ``update`` runs inside ``torch.compile``:
 
-* Never mutate inputs; in-place ``_foreach_*_`` ops touch only tensors this module just allocated.
-  Returned tensors may alias each other (e.g. a momentum buffer is both the update and the new
-  state), so callers must treat everything returned as immutable too.
+* Never mutate inputs. Returned tensors may alias each other (a momentum buffer can be both the update
+  and the new state), so callers must treat everything returned as immutable too.
 * Whole-tree ``torch._foreach_*`` kernels in the grads' key order, not per-tensor Python loops: on a
   ~100-tensor model the per-tensor loop is dominated by op dispatch overhead.
 * No host syncs: the step count, learning rates, bias corrections and clip coefficients are 0-dim
   tensors, and there is no Python branching on tensor values.
+
+Ownership (internal, why): purity would make every element of a chain allocate a fresh copy of the
+whole update tree. Inside :func:`chain`, each built-in transform therefore also reports which update
+tensors it freshly allocated and nobody else references ("owned" keys); the next element may then
+update those in place. The first element never owns the caller's grads, state tensors are never
+written, and transforms from outside this module are treated as owning nothing, so ``update`` stays
+pure while e.g. ``adamw`` allocates only its new moments, one update buffer and (in
+``apply_updates``) the new params.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ from centerpoint.schedules import SCALAR_DTYPE, Schedule, as_schedule
 
 Tree = dict[str, Tensor]
 DecayMask = Callable[[str, Tensor], bool]
+Owned = frozenset[str]
+# (grads, state, params, owned keys of grads) -> (updates, new state, owned keys of updates)
+OwnedUpdate = Callable[[Tree, Tree, Tree, Owned], tuple[Tree, Tree, Owned]]
+
+_NONE_OWNED: Owned = frozenset()
 
 
 class Transform(NamedTuple):
@@ -44,6 +56,34 @@ class Transform(NamedTuple):
 
     init: Callable[[Tree], Tree]
     update: Callable[[Tree, Tree, Tree], tuple[Tree, Tree]]
+
+
+def _transform(init: Callable[[Tree], Tree], owned_update: OwnedUpdate) -> Transform:
+    """Build a Transform whose public ``update`` owns nothing, keeping the in-place variant for chain."""
+
+    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+        updates, new_state, _ = owned_update(grads, state, params, _NONE_OWNED)
+        return updates, new_state
+
+    update._owned_update = owned_update  # type: ignore[attr-defined]
+    return Transform(init, update)
+
+
+def _owned_update_of(t: Transform) -> OwnedUpdate:
+    """The ownership-aware update of ``t``; a foreign transform is wrapped as owning nothing."""
+    inner = getattr(t.update, "_owned_update", None)
+    if inner is not None:
+        return inner
+
+    def foreign(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
+        updates, new_state = t.update(grads, state, params)
+        return updates, new_state, _NONE_OWNED
+
+    return foreign
+
+
+def _no_state(params: Tree) -> Tree:
+    return {}
 
 
 def _probe_foreach_tensor_scalar() -> bool:
@@ -74,15 +114,35 @@ def _scalar_operands(xs: list[Tensor], s: Tensor) -> Tensor | list[Tensor]:
 
 def _mul_scalar(xs: list[Tensor], s: Tensor) -> list[Tensor]:
     """Out-of-place ``[x * s for x in xs]`` for a 0-dim tensor ``s`` (no host sync)."""
-    if not xs:
-        return []
-    return list(torch._foreach_mul(xs, _scalar_operands(xs, s)))
+    return list(torch._foreach_mul(xs, _scalar_operands(xs, s))) if xs else []
 
 
 def _mul_scalar_(xs: list[Tensor], s: Tensor) -> None:
     """In-place ``x *= s``; only ever called on tensors this module allocated."""
     if xs:
         torch._foreach_mul_(xs, _scalar_operands(xs, s))
+
+
+def _map(
+    grads: Tree,
+    keys: list[str],
+    owned: Owned,
+    inplace: Callable[[list[str]], None],
+    outplace: Callable[[list[str]], list[Tensor]],
+) -> Tree:
+    """Apply one elementwise op to ``grads[keys]``: in place where owned, out of place elsewhere.
+
+    ``inplace(ks)`` must mutate ``grads[k]`` for ``k in ks``; ``outplace(ks)`` returns new tensors.
+    The caller then reports ``owned | set(keys)``: every touched entry is now a private tensor.
+    """
+    mine = [k for k in keys if k in owned]
+    theirs = [k for k in keys if k not in owned]
+    out = dict(grads)
+    if mine:
+        inplace(mine)
+    if theirs:
+        out.update(zip(theirs, outplace(theirs), strict=True))
+    return out
 
 
 def _new_count(params: Tree) -> Tree:
@@ -134,6 +194,8 @@ def step_count(state: Tree) -> Tensor:
 
 def chain(*transforms: Transform) -> Transform:
     """Apply ``transforms`` in order; element ``i``'s state keys are prefixed with ``"<i>."``."""
+    # Resolved once here, outside any trace, so the compiled update sees plain closures.
+    steps = [(f"{i}.", _owned_update_of(t)) for i, t in enumerate(transforms)]
 
     def init(params: Tree) -> Tree:
         state: Tree = {}
@@ -141,26 +203,25 @@ def chain(*transforms: Transform) -> Transform:
             state.update({f"{i}.{k}": v for k, v in t.init(params).items()})
         return state
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         new_state: Tree = {}
-        for i, t in enumerate(transforms):
-            prefix = f"{i}."
+        for prefix, step in steps:
             # Key-string slicing is trace-time work under torch.compile; it costs nothing per step there.
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            grads, sub = t.update(grads, sub, params)
+            grads, sub, owned = step(grads, sub, params, owned)
             new_state.update({prefix + k: v for k, v in sub.items()})
-        return grads, new_state
+        return grads, new_state, owned
 
-    return Transform(init, update)
+    return _transform(init, update)
 
 
 def identity() -> Transform:
     """Pass updates through unchanged (a stateless placeholder that keeps chain positions stable)."""
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
-        return dict(grads), dict(state)
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
+        return dict(grads), dict(state), owned
 
-    return Transform(lambda params: {}, update)
+    return _transform(_no_state, update)
 
 
 def global_norm(tree: Tree) -> Tensor:
@@ -178,16 +239,23 @@ def clip_by_global_norm(max_norm: float) -> Transform:
     if max_norm <= 0:
         raise ValueError(f"clip_by_global_norm max_norm must be > 0, got {max_norm}")
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         keys = list(grads)
         if not keys:
-            return {}, dict(state)
+            return {}, dict(state), owned
         # Always multiply (by exactly 1.0 when under the limit) instead of `if total > max_norm`,
         # which would force a device -> host sync every step.
         coef = torch.clamp(max_norm / (global_norm(grads) + 1e-6), max=1.0)
-        return dict(zip(keys, _mul_scalar([grads[k] for k in keys], coef), strict=True)), dict(state)
+        out = _map(
+            grads,
+            keys,
+            owned,
+            lambda ks: _mul_scalar_([grads[k] for k in ks], coef),
+            lambda ks: _mul_scalar([grads[k] for k in ks], coef),
+        )
+        return out, dict(state), owned | frozenset(keys)
 
-    return Transform(lambda params: {}, update)
+    return _transform(_no_state, update)
 
 
 def default_decay_mask(name: str, tensor: Tensor) -> bool:
@@ -202,14 +270,20 @@ def add_decayed_weights(weight_decay: float, mask: DecayMask | None = None) -> T
     at trace time and never depends on tensor values.
     """
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         keys = [k for k in grads if mask is None or mask(k, params[k])]
         if weight_decay == 0.0 or not keys:
-            return dict(grads), dict(state)
-        decayed = torch._foreach_add([grads[k] for k in keys], [params[k] for k in keys], alpha=weight_decay)
-        return _replace(grads, keys, list(decayed)), dict(state)
+            return dict(grads), dict(state), owned
 
-    return Transform(lambda params: {}, update)
+        def decay_(ks: list[str]) -> None:
+            torch._foreach_add_([grads[k] for k in ks], [params[k] for k in ks], alpha=weight_decay)
+
+        def decay(ks: list[str]) -> list[Tensor]:
+            return list(torch._foreach_add([grads[k] for k in ks], [params[k] for k in ks], alpha=weight_decay))
+
+        return _map(grads, keys, owned, decay_, decay), dict(state), owned | frozenset(keys)
+
+    return _transform(_no_state, update)
 
 
 def trace(momentum: float, nesterov: bool = False) -> Transform:
@@ -223,24 +297,41 @@ def trace(momentum: float, nesterov: bool = False) -> Transform:
     if nesterov and momentum == 0:
         raise ValueError("trace: nesterov momentum requires momentum > 0")
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         keys = list(grads)
         if not keys:
-            return {}, dict(state)
+            return {}, dict(state), owned
         g = [grads[k] for k in keys]
-        bufs = list(torch._foreach_mul([state["trace." + k] for k in keys], momentum))
-        torch._foreach_add_(bufs, g)
-        updates = list(torch._foreach_add(g, bufs, alpha=momentum)) if nesterov else bufs
-        return dict(zip(keys, updates, strict=True)), _replace(state, keys, bufs, "trace.")
+        old = [state["trace." + k] for k in keys]
+        if nesterov or not all(k in owned for k in keys):
+            bufs = list(torch._foreach_mul(old, momentum))
+            torch._foreach_add_(bufs, g)
+        else:
+            # The incoming updates are private and only needed to build the buffer: grow it in place.
+            bufs = g
+            torch._foreach_add_(bufs, old, alpha=momentum)
+        new_state = _replace(state, keys, bufs, "trace.")
+        if not nesterov:
+            # The update *is* the new buffer, which lives in the state: nothing is owned any more.
+            return dict(zip(keys, bufs, strict=True)), new_state, _NONE_OWNED
+        buf_of = dict(zip(keys, bufs, strict=True))
 
-    return Transform(lambda params: _zeros(params, "trace."), update)
+        def look_ahead_(ks: list[str]) -> None:
+            torch._foreach_add_([grads[k] for k in ks], [buf_of[k] for k in ks], alpha=momentum)
+
+        def look_ahead(ks: list[str]) -> list[Tensor]:
+            return list(torch._foreach_add([grads[k] for k in ks], [buf_of[k] for k in ks], alpha=momentum))
+
+        return _map(grads, keys, owned, look_ahead_, look_ahead), new_state, frozenset(keys)
+
+    return _transform(lambda params: _zeros(params, "trace."), update)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
     """Adam direction with torch ``Adam`` semantics: ``m_hat / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
 
     ``m_hat = m / (1 - b1^t)`` with ``t`` the 1-based step; eps is added *after* the bias-corrected
-    square root, exactly as torch does (optax adds it differently). Multiply by ``-lr`` afterwards.
+    square root, exactly as torch does. Multiply by ``-lr`` afterwards.
     State: ``adam.mu.<name>``, ``adam.nu.<name>``, ``count``.
     """
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
@@ -249,53 +340,69 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
     def init(params: Tree) -> Tree:
         return {**_zeros(params, "adam.mu."), **_zeros(params, "adam.nu."), **_new_count(params)}
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         count = state["count"] + 1
         keys = list(grads)
         if not keys:
-            return {}, {**state, "count": count}
+            return {}, {**state, "count": count}, owned
         g = [grads[k] for k in keys]
-        mu = list(torch._foreach_mul([state["adam.mu." + k] for k in keys], b1))
-        torch._foreach_add_(mu, g, alpha=1.0 - b1)
+        # lerp (m + (1 - b1) * (g - m)) is one pass and rounds exactly like torch's own Adam.
+        mu = list(torch._foreach_lerp([state["adam.mu." + k] for k in keys], g, 1.0 - b1))
         nu = list(torch._foreach_mul([state["adam.nu." + k] for k in keys], b2))
         torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
         # Bias corrections as float64 tensors of the step tensor: no Python int step, no recompiles.
         t = count.to(SCALAR_DTYPE)
         bc1 = 1.0 - torch.pow(b1, t)
         bc2 = 1.0 - torch.pow(b2, t)
-        denom = list(torch._foreach_sqrt(nu))
-        _mul_scalar_(denom, torch.rsqrt(bc2))
-        torch._foreach_add_(denom, eps)
-        updates = list(torch._foreach_div(mu, denom))
-        _mul_scalar_(updates, 1.0 / bc1)
+        # One fresh buffer becomes the update: denom, then its reciprocal, then times mu / bc1.
+        out = list(torch._foreach_sqrt(nu))
+        _mul_scalar_(out, torch.rsqrt(bc2))
+        torch._foreach_add_(out, eps)
+        torch._foreach_reciprocal_(out)
+        torch._foreach_mul_(out, mu)
+        _mul_scalar_(out, 1.0 / bc1)
         new_state = _replace(state, keys, mu, "adam.mu.")
         new_state = _replace(new_state, keys, nu, "adam.nu.")
         new_state["count"] = count
-        return dict(zip(keys, updates, strict=True)), new_state
+        return dict(zip(keys, out, strict=True)), new_state, frozenset(keys)
 
-    return Transform(init, update)
+    return _transform(init, update)
 
 
 def scale(factor: float) -> Transform:
     """Multiply every update by the constant ``factor``."""
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         keys = list(grads)
-        return dict(zip(keys, torch._foreach_mul([grads[k] for k in keys], factor), strict=True)), dict(state)
+        out = _map(
+            grads,
+            keys,
+            owned,
+            lambda ks: torch._foreach_mul_([grads[k] for k in ks], factor),
+            lambda ks: list(torch._foreach_mul([grads[k] for k in ks], factor)),
+        )
+        return out, dict(state), owned | frozenset(keys)
 
-    return Transform(lambda params: {}, update)
+    return _transform(_no_state, update)
 
 
 def scale_by_schedule(schedule: Schedule) -> Transform:
     """Multiply updates by ``schedule(count)``, ``count`` = updates applied before this one (from 0)."""
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         count = state["count"]
         keys = list(grads)
-        scaled = _mul_scalar([grads[k] for k in keys], schedule(count))
-        return dict(zip(keys, scaled, strict=True)), {**state, "count": count + 1}
+        s = schedule(count)
+        out = _map(
+            grads,
+            keys,
+            owned,
+            lambda ks: _mul_scalar_([grads[k] for k in ks], s),
+            lambda ks: _mul_scalar([grads[k] for k in ks], s),
+        )
+        return out, {**state, "count": count + 1}, owned | frozenset(keys)
 
-    return Transform(_new_count, update)
+    return _transform(_new_count, update)
 
 
 def scale_by_learning_rate(lr: float | Schedule) -> Transform:
@@ -320,7 +427,8 @@ def sgd(
 ) -> Transform:
     """torch ``SGD`` (dampening 0) with coupled weight decay: ``g + wd * p`` goes into the momentum.
 
-    Order: clip (optional) -> weight decay -> momentum -> ``-lr``. State: ``2.trace.<name>``, ``3.count``.
+    Order: clip (optional) -> weight decay -> momentum -> ``-lr``. ``decay_mask=None`` decays all
+    params. State: ``2.trace.<name>`` (absent when ``momentum == 0``), ``3.count``.
     """
     # momentum == 0 is plain SGD (torch keeps no buffer then); skip the zero buffer entirely.
     momentum_slot = trace(momentum, nesterov) if momentum > 0 or nesterov else identity()
@@ -343,7 +451,8 @@ def adam(
 ) -> Transform:
     """torch ``Adam`` with coupled (L2) weight decay added to the gradient before the moments.
 
-    State: ``2.adam.mu.<name>``, ``2.adam.nu.<name>``, ``2.count``, ``3.count``.
+    ``decay_mask=None`` decays all params. State: ``2.adam.mu.<name>``, ``2.adam.nu.<name>``,
+    ``2.count``, ``3.count``.
     """
     return chain(
         _clip_slot(max_grad_norm),
@@ -365,7 +474,8 @@ def adamw(
     """torch ``AdamW``: decoupled decay ``p *= 1 - lr * wd`` followed by the Adam step.
 
     Equivalent update: ``-lr * (adam_direction + wd * p)``, so the decay follows the lr schedule.
-    State: ``1.adam.mu.<name>``, ``1.adam.nu.<name>``, ``1.count``, ``3.count``.
+    ``decay_mask=None`` decays all params. State: ``1.adam.mu.<name>``, ``1.adam.nu.<name>``,
+    ``1.count``, ``3.count``.
     """
     return chain(
         _clip_slot(max_grad_norm),
@@ -373,26 +483,3 @@ def adamw(
         add_decayed_weights(weight_decay, decay_mask),
         scale_by_learning_rate(lr),
     )
-
-
-__all__ = [
-    "DecayMask",
-    "Transform",
-    "Tree",
-    "adam",
-    "adamw",
-    "add_decayed_weights",
-    "apply_updates",
-    "chain",
-    "clip_by_global_norm",
-    "default_decay_mask",
-    "global_norm",
-    "identity",
-    "scale",
-    "scale_by_adam",
-    "scale_by_learning_rate",
-    "scale_by_schedule",
-    "sgd",
-    "step_count",
-    "trace",
-]

@@ -230,7 +230,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                 break
     tb.close()
     if is_main and last_metrics:
-        console.print(format_metrics_table(last_metrics))
+        console.print(format_metrics_table(last_metrics), markup=False, highlight=False)
     distributed.destroy(run.dist)
     return last_metrics
 

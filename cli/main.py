@@ -87,7 +87,6 @@ def evaluate(
     """Evaluate a checkpoint on the validation split with COCOeval (bbox)."""
     import json
 
-    from rich.console import Console
     from rich.progress import Progress
 
     from centerpoint.atomic import atomic_write_text
@@ -109,7 +108,7 @@ def evaluate(
     with Progress(transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
         metrics, rows = evaluate_checkpoint(spec, ckpt, lambda n: progress.advance(task, n))
-    Console().print(format_metrics_table(metrics))
+    print(format_metrics_table(metrics))
     if out is not None:
         atomic_write_text(out, json.dumps(metrics, indent=1))
         write_results(out.with_name(out.stem + ".detections.json"), rows)

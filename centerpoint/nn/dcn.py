@@ -30,7 +30,7 @@ def _tap_coords(
     """
     b, _, ho, wo = offset.shape
     k = kh * kw
-    off = offset.view(b, k, 2, ho, wo)
+    off = offset.reshape(b, k, 2, ho, wo)  # reshape: callers may pass non-contiguous slices
     opts = {"dtype": offset.dtype, "device": offset.device}
     # Regular conv grid: output row/col origin plus the tap's dilated displacement.
     base_y = torch.arange(ho, **opts) * stride - padding  # (Ho,)
@@ -88,7 +88,7 @@ def modulated_deform_conv2d(
     grid = torch.stack((gx, gy), dim=-1).view(b, k * ho, wo, 2)
     cols = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     # (B, Cin, K*Ho, Wo) -> modulate per tap -> (B, Cin*K, Ho*Wo); Cin-major then tap matches weight.view.
-    cols = cols.view(b, cin, k, ho, wo) * mask.view(b, 1, k, ho, wo).to(x.dtype)
+    cols = cols.view(b, cin, k, ho, wo) * mask.reshape(b, 1, k, ho, wo).to(x.dtype)
     cols = cols.view(b, cin * k, ho * wo)
     # bmm against an expanded (not copied) weight: torch.matmul on (Cout, N) @ (B, N, L) instead folds the
     # batch by materialising cols transposed, an extra full copy of the largest tensor (measured slower).
@@ -123,8 +123,12 @@ class ModulatedDeformConv2dPack(nn.Module):
         self.padding = padding
         self.dilation = dilation
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        # A plain None attribute keeps "bias" out of the state_dict, as in mmcv with bias=False.
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            # Registered as None (as mmcv does) so "bias" is absent from the state_dict.
+            self.register_parameter("bias", None)
         k2 = kernel_size * kernel_size
         self.conv_offset = nn.Conv2d(
             in_channels, 3 * k2, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=True

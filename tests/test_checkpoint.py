@@ -1,0 +1,85 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from centerpoint.build import build_optimizer
+from centerpoint.checkpoint import latest_checkpoint, load_checkpoint, restore_state, save_checkpoint
+from centerpoint.errors import CenterpointError
+from centerpoint.model import init
+from centerpoint.spec import load_spec
+from centerpoint.step import init_state
+
+
+def _state(spec, seed=0):
+    plan = build_optimizer(spec, 10, 8)
+    params, buffers = init(spec.model, seed)
+    st = init_state(params, buffers, plan.transform)
+    # Make optimizer state non-trivial so the round trip means something.
+    opt = {k: torch.randn_like(v) if v.is_floating_point() else v + 3 for k, v in st.opt_state.items()}
+    return st._replace(opt_state=opt, step=torch.tensor(7))
+
+
+def test_round_trip_is_bit_exact_with_metadata(tmp_path):
+    spec = load_spec(None, ["optim.name=adamw", "train.epochs=5"])
+    state = _state(spec)
+    path = save_checkpoint(tmp_path / "c.safetensors", state, spec, epoch=2, batch_in_epoch=5,
+                           metrics={"bbox_mAP": 0.25})
+    ckpt = load_checkpoint(path)
+    assert ckpt.spec == spec and ckpt.step == 7 and ckpt.epoch == 2 and ckpt.batch_in_epoch == 5
+    assert ckpt.metrics == {"bbox_mAP": 0.25}
+    restored = restore_state(ckpt, _state(spec, seed=1))
+    for a, b in ((state.params, restored.params), (state.buffers, restored.buffers),
+                 (state.opt_state, restored.opt_state)):
+        assert set(a) == set(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert int(restored.step) == 7
+    assert restored.buffers["backbone.bn1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    spec = load_spec(None)
+    with pytest.raises(CenterpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CenterpointError, match="not a readable"):
+        load_checkpoint(junk)
+    good = save_checkpoint(tmp_path / "good.safetensors", _state(spec), spec, 1)
+    data = good.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CenterpointError, match="not a readable"):
+        load_checkpoint(trunc)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CenterpointError, match="not a centerpoint checkpoint"):
+        load_checkpoint(foreign)
+    other = load_spec(None, ["model.num_classes=7"])
+    with pytest.raises(CenterpointError, match=r"bbox_head\.heatmap_head\.2\.bias.*\(7,\), expected \(5,\)"):
+        restore_state(load_checkpoint(save_checkpoint(tmp_path / "o.safetensors", _state(other), other, 1)),
+                      _state(spec))
+
+
+def test_refuses_non_finite_and_keeps_previous(tmp_path):
+    spec = load_spec(None)
+    state = _state(spec)
+    path = save_checkpoint(tmp_path / "latest.safetensors", state, spec, 1)
+    before = path.read_bytes()
+    bad = state._replace(params={**state.params, "backbone.conv1.weight": torch.full((64, 3, 7, 7), float("nan"))})
+    with pytest.raises(CenterpointError, match="non-finite"):
+        save_checkpoint(path, bad, spec, 2)
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_latest_skips_truncated_newest(tmp_path):
+    spec = load_spec(None)
+    ckpt_dir = tmp_path / "checkpoints"
+    save_checkpoint(ckpt_dir / "epoch_0001.safetensors", _state(spec), spec, 1)
+    latest = save_checkpoint(ckpt_dir / "latest.safetensors", _state(spec)._replace(step=torch.tensor(9)), spec, 2)
+    data = latest.read_bytes()
+    latest.write_bytes(data[:100])
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        found = latest_checkpoint(tmp_path)
+    assert found is not None and found.step == 7

@@ -1,0 +1,75 @@
+import torch
+
+from centerpoint.model import build_network, init, make_apply, normalize
+from centerpoint.nn.neck import CTResNetNeck
+from centerpoint.spec import ModelSpec
+from centerpoint.tree import num_elements
+
+
+def test_names_match_mmdetection_layout():
+    params, buffers = init(ModelSpec(num_classes=80), 0)
+    keys = set(params) | set(buffers)
+    # mmdetection's CenterNet-R18 state_dict (without DCN) has 168 keys including num_batches_tracked.
+    assert len(keys) == 168
+    for name in ["backbone.conv1.weight", "backbone.layer4.1.bn2.running_var", "backbone.layer2.0.downsample.0.weight",
+                 "neck.deconv_layers.0.conv.weight", "neck.deconv_layers.5.bn.num_batches_tracked",
+                 "bbox_head.heatmap_head.0.weight", "bbox_head.heatmap_head.2.bias", "bbox_head.wh_head.2.weight",
+                 "bbox_head.offset_head.0.bias"]:
+        assert name in keys, name
+    assert params["bbox_head.heatmap_head.2.weight"].shape == (80, 64, 1, 1)
+    assert params["neck.deconv_layers.1.conv.weight"].shape == (256, 256, 4, 4)
+    assert 14_000_000 < num_elements(params) < 14_300_000
+
+
+def test_init_is_deterministic_and_follows_recipe():
+    p1, _ = init(ModelSpec(), 3)
+    p2, _ = init(ModelSpec(), 3)
+    p3, _ = init(ModelSpec(), 4)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    assert not torch.equal(p1["backbone.conv1.weight"], p3["backbone.conv1.weight"])
+    assert torch.allclose(p1["bbox_head.heatmap_head.2.bias"], torch.full((5,), -2.1972), atol=1e-4)
+    assert p1["bbox_head.wh_head.2.weight"].std() < 0.002
+    assert torch.count_nonzero(p1["bbox_head.offset_head.2.bias"]) == 0
+    ramp = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    deconv = p1["neck.deconv_layers.3.conv.weight"]
+    assert torch.allclose(deconv[:, 0], torch.outer(ramp, ramp).expand_as(deconv[:, 0]))
+
+
+def test_dcn_adds_exactly_the_offset_convs():
+    plain, _ = init(ModelSpec(), 0)
+    dcn, _ = init(ModelSpec(dcn=True), 0)
+    extra = set(dcn) - set(plain)
+    assert extra == {f"neck.deconv_layers.{i}.conv.conv_offset.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+
+
+def test_apply_matches_module_and_threads_bn_stats():
+    spec = ModelSpec()
+    params, buffers = init(spec, 0)
+    net = build_network(spec)
+    net.load_state_dict({**params, **buffers})
+    x = normalize(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), (120.0,) * 3, (60.0,) * 3)
+    apply = make_apply(build_network(spec))
+    before = {k: v.clone() for k, v in buffers.items()}
+    out, new_buffers = apply(params, buffers, x, True)
+    net.train()
+    ref = net(x)
+    for k in ("heatmap", "wh", "offset"):
+        assert out[k].shape == ref[k].shape
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5)
+    sd = net.state_dict()
+    for k in buffers:
+        assert torch.equal(buffers[k], before[k])  # inputs untouched
+        torch.testing.assert_close(new_buffers[k], sd[k], rtol=1e-6, atol=1e-6)
+    assert int(new_buffers["backbone.bn1.num_batches_tracked"]) == 1
+    out_eval, same = apply(params, buffers, x, False)
+    assert same is buffers and out_eval["heatmap"].shape == (2, 5, 16, 16)
+
+
+def test_resnet_depths_output_shapes():
+    for depth, channels in ((34, 512), (50, 2048)):
+        spec = ModelSpec(depth=depth)
+        net = build_network(spec)
+        assert net.backbone.out_channels == channels
+        out = net.eval()(torch.zeros(1, 3, 64, 64))
+        assert out["heatmap"].shape == (1, 5, 16, 16)
+    assert isinstance(build_network(ModelSpec()).neck, CTResNetNeck)

@@ -1,0 +1,122 @@
+import torch
+
+from centerpoint import optim
+from centerpoint.build import build_optimizer
+from centerpoint.loss import centernet_loss
+from centerpoint.model import build_network, init, make_apply, normalize
+from centerpoint.spec import load_spec
+from centerpoint.step import init_state, make_predict_step, make_train_step
+from centerpoint.targets import make_targets
+
+
+def _batch(b=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(b, 3, 2, generator=g) * (size - 24)
+    boxes = torch.cat([xy, xy + 8 + torch.rand(b, 3, 2, generator=g) * 14], -1)
+    labels = torch.randint(0, 5, (b, 3), generator=g)
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g)
+    return {"images": images, **make_targets(boxes, labels, 5, (size // 4, size // 4), 4)}
+
+
+def _setup(*sets):
+    spec = load_spec(None, ["optim.name=sgd", "optim.grad_clip=null", "schedule.warmup_steps=0",
+                            "schedule.kind=constant", "optim.lr=0.01", *sets])
+    plan = build_optimizer(spec, 10, 2)
+    params, buffers = init(spec.model, 0)
+    step = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule)
+    return spec, plan, params, buffers, step
+
+
+def test_step_equals_module_backward_and_torch_sgd():
+    spec, plan, params, buffers, step = _setup("optim.weight_decay=0.0")
+    batch = _batch()
+    net = build_network(spec.model)
+    net.load_state_dict({**params, **buffers})
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    state = init_state(params, buffers, plan.transform)
+    state, metrics = step(state, batch)
+    loss = centernet_loss(net(normalize(batch["images"], spec.data.mean, spec.data.std)), batch)["loss"]
+    opt.zero_grad()
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1e9)
+    opt.step()
+    torch.testing.assert_close(metrics["loss"], loss.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(metrics["grad_norm"], gnorm, rtol=1e-5, atol=1e-6)
+    sd = net.state_dict()
+    for k, v in state.params.items():
+        torch.testing.assert_close(v, sd[k], rtol=1e-6, atol=1e-6)
+    for k, v in state.buffers.items():
+        torch.testing.assert_close(v, sd[k], rtol=1e-6, atol=1e-6)
+    # A second step exercises the momentum buffer; the loss (computed before the update) still agrees.
+    state, metrics = step(state, batch)
+    loss = centernet_loss(net(normalize(batch["images"], spec.data.mean, spec.data.std)), batch)["loss"]
+    torch.testing.assert_close(metrics["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    assert int(state.step) == 2 and float(metrics["finite"]) == 1.0
+
+
+def test_step_is_pure():
+    _, plan, params, buffers, step = _setup()
+    state = init_state(params, buffers, plan.transform)
+    snapshot = {k: v.clone() for k, v in {**state.params, **state.buffers, **state.opt_state}.items()}
+    batch = _batch()
+    new, _ = step(state, batch)
+    for k, v in {**state.params, **state.buffers, **state.opt_state}.items():
+        assert torch.equal(v, snapshot[k]), k
+    assert int(state.step) == 0 and int(new.step) == 1
+    again, _ = step(state, batch)
+    for k in new.params:
+        assert torch.equal(new.params[k], again.params[k])  # same inputs, same outputs
+
+
+def test_non_finite_step_keeps_old_state():
+    _, plan, params, buffers, step = _setup()
+    state = init_state(params, buffers, plan.transform)
+    batch = _batch()
+    batch["wh"] = batch["wh"].clone()
+    batch["wh"][0, 0, 0, 0] = float("nan")
+    batch["reg_weight"] = torch.ones_like(batch["reg_weight"])
+    new, metrics = step(state, batch)
+    assert float(metrics["finite"]) == 0.0
+    assert int(new.step) == 0
+    for k in state.params:
+        assert torch.equal(new.params[k], state.params[k])
+    assert all(bool(torch.isfinite(v).all()) for v in new.params.values())
+
+
+def test_compiled_step_compiles_once_and_matches_eager():
+    torch._dynamo.reset()
+    _, plan, params, buffers, step = _setup()
+    counts = {"n": 0}
+
+    def counting_backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm.forward
+
+    compiled = torch.compile(step, backend=counting_backend)
+    state_c = state_e = init_state(params, buffers, plan.transform)
+    for i in range(3):
+        batch = _batch(seed=i)
+        state_c, m_c = compiled(state_c, batch)
+        state_e, m_e = step(state_e, batch)
+    assert counts["n"] == 1, f"compiled {counts['n']} graphs over 3 steps"
+    torch.testing.assert_close(m_c["loss"], m_e["loss"], rtol=1e-4, atol=1e-5)
+    for k in ("backbone.conv1.weight", "bbox_head.heatmap_head.2.bias"):
+        torch.testing.assert_close(state_c.params[k], state_e.params[k], rtol=1e-4, atol=1e-5)
+
+
+def test_predict_step_shapes_and_flip():
+    spec, _, params, buffers, _ = _setup("eval.topk=7")
+    images = _batch()["images"]
+    net = build_network(spec.model)
+    boxes, scores, labels = make_predict_step(make_apply(net), spec)(params, buffers, images)
+    assert boxes.shape == (2, 7, 4) and scores.shape == (2, 7) and labels.dtype == torch.int64
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+    spec_f, *_ = _setup("eval.topk=7", "eval.flip_test=true")
+    fb, fs, _ = make_predict_step(make_apply(net), spec_f)(params, buffers, images)
+    assert fb.shape == boxes.shape and bool(torch.isfinite(fs).all())
+
+
+def test_global_norm_matches_metric_definition():
+    g = {"a": torch.tensor([3.0]), "b": torch.tensor([[4.0]])}
+    assert float(optim.global_norm(g)) == 5.0
