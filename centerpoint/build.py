@@ -48,6 +48,7 @@ class OptimizerPlan:
     schedule: schedules.Schedule
     lr: float  # peak lr after linear scaling
     total_steps: int
+    max_grad_norm: float | None  # clipping is done by the step, which computes the norm anyway
 
 
 def scaled_lr(spec: ExperimentSpec, global_batch: int) -> float:
@@ -71,9 +72,9 @@ def build_optimizer(spec: ExperimentSpec, steps_per_epoch: int, global_batch: in
         sched = schedules.linear_warmup(sched, s.warmup_steps, s.warmup_ratio)
     mask = None if o.decay_norm_and_bias else optim.default_decay_mask
     if o.name == "sgd":
-        tx = optim.sgd(sched, o.momentum, o.nesterov, o.weight_decay, mask, o.grad_clip)
+        tx = optim.sgd(sched, o.momentum, o.nesterov, o.weight_decay, mask, None)
     elif o.name == "adam":
-        tx = optim.adam(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, o.grad_clip)
+        tx = optim.adam(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, None)
     else:
-        tx = optim.adamw(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, o.grad_clip)
-    return OptimizerPlan(tx, sched, lr, total)
+        tx = optim.adamw(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, None)
+    return OptimizerPlan(tx, sched, lr, total, o.grad_clip)

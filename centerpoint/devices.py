@@ -31,6 +31,7 @@ class Backend:
     dist_backend: str  # torch.distributed process-group backend
     compile_by_default: bool  # what runtime.compile=auto means here
     pin_memory: bool  # pinned host memory speeds host->device copies
+    free_sync: bool  # reading a device scalar on the host costs nothing (no asynchronous queue to drain)
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for the forward pass; fp32 (and cpu) is a no-op."""
@@ -91,17 +92,39 @@ def resolve_name(requested: str, probe: Callable[[DeviceName], bool] = available
 def make_backend(name: DeviceName, local_rank: int = 0) -> Backend:
     """The backend for device kind `name`, using the card/core group `local_rank` of this machine."""
     if name == "cuda":
-        return Backend("cuda", torch.device("cuda", local_rank), "nccl", True, True)
+        return Backend("cuda", torch.device("cuda", local_rank), "nccl", True, True, False)
     if name == "sdaa":
         # torch_sdaa runs eager (no inductor backend), and its collectives go through TCCL.
-        return Backend("sdaa", torch.device("sdaa", local_rank), "tccl", False, False)
-    return Backend("cpu", torch.device("cpu"), "gloo", False, False)
+        return Backend("sdaa", torch.device("sdaa", local_rank), "tccl", False, False, False)
+    return Backend("cpu", torch.device("cpu"), "gloo", False, False, True)
+
+
+def keep_freed_host_memory() -> bool:
+    """Ask glibc to keep freed large blocks for reuse instead of unmapping them at once.
+
+    A pure train step allocates fresh tensors for the new state every step; with glibc's defaults each
+    large block is mmap'd and unmapped again, and every page is faulted in anew (measured: ~40% of the
+    optimizer update's time on cpu). Raising the mmap and trim thresholds lets malloc recycle them.
+    Returns whether the setting took (False off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = any(libc.mallopt(m_mmap_threshold, size) == 1 for size in (1 << 28, 1 << 25))
+        return bool(ok and libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+    except (OSError, AttributeError):
+        return False
 
 
 def select_backend(requested: str = "auto", local_rank: int = 0) -> Backend:
     """Resolve and build the backend in one call."""
     name = resolve_name(requested)
     backend = make_backend(name, local_rank)
+    if name == "cpu":
+        keep_freed_host_memory()
     if name == "cuda":
         torch.cuda.set_device(backend.device)
     elif name == "sdaa":

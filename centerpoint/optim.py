@@ -69,6 +69,14 @@ def _transform(init: Callable[[Tree], Tree], owned_update: OwnedUpdate) -> Trans
     return Transform(init, update)
 
 
+def update_consuming(t: Transform, grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    """``t.update`` for a caller that hands over ``grads`` and never reads them again (e.g. the train
+    step's freshly computed gradients): the transform may then reuse their memory for its updates
+    instead of allocating. State and params are still never modified."""
+    updates, new_state, _ = _owned_update_of(t)(grads, state, params, frozenset(grads))
+    return updates, new_state
+
+
 def _owned_update_of(t: Transform) -> OwnedUpdate:
     """The ownership-aware update of ``t``; a foreign transform is wrapped as owning nothing."""
     inner = getattr(t.update, "_owned_update", None)
@@ -234,6 +242,17 @@ def global_norm(tree: Tree) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(xs[0].device) for n in norms]))
 
 
+def scale_tree(tree: Tree, factor: Tensor) -> Tree:
+    """Every leaf times the 0-dim tensor ``factor`` (new tensors, one foreach kernel)."""
+    keys = list(tree)
+    return dict(zip(keys, _mul_scalar([tree[k] for k in keys], factor), strict=True))
+
+
+def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
+    """``min(max_norm / (norm + 1e-6), 1)``: the factor torch ``clip_grad_norm_`` scales gradients by."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
 def clip_by_global_norm(max_norm: float) -> Transform:
     """Scale all updates by ``min(max_norm / (global_norm + 1e-6), 1)`` (torch ``clip_grad_norm_``)."""
     if max_norm <= 0:
@@ -245,7 +264,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
             return {}, dict(state), owned
         # Always multiply (by exactly 1.0 when under the limit) instead of `if total > max_norm`,
         # which would force a device -> host sync every step.
-        coef = torch.clamp(max_norm / (global_norm(grads) + 1e-6), max=1.0)
+        coef = clip_coefficient(global_norm(grads), max_norm)
         out = _map(
             grads,
             keys,
@@ -279,7 +298,8 @@ def add_decayed_weights(weight_decay: float, mask: DecayMask | None = None) -> T
             torch._foreach_add_([grads[k] for k in ks], [params[k] for k in ks], alpha=weight_decay)
 
         def decay(ks: list[str]) -> list[Tensor]:
-            return list(torch._foreach_add([grads[k] for k in ks], [params[k] for k in ks], alpha=weight_decay))
+            ps = [params[k] for k in ks]
+            return list(torch._foreach_add([grads[k] for k in ks], ps, alpha=weight_decay))
 
         return _map(grads, keys, owned, decay_, decay), dict(state), owned | frozenset(keys)
 

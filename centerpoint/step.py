@@ -51,6 +51,8 @@ def make_train_step(
     schedule: Schedule,
     autocast: Callable[[], object] | None = None,
     reduce: Reduce | None = None,
+    max_grad_norm: float | None = None,
+    guard_by_sync: bool = False,
 ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
     """Build the pure step for `spec`.
 
@@ -59,6 +61,11 @@ def make_train_step(
     ranks (gradients and loss metrics); `autocast` returns the mixed-precision context for the forward.
     Metrics are 0-dim tensors: the loss terms, grad_norm (before clipping), lr used, and `finite` (1 if
     the update was applied, 0 if a non-finite loss or gradient made the step keep the old state).
+
+    Gradients are clipped to `max_grad_norm` here (the norm is computed once, for clipping and logging).
+    The non-finite guard is a tensor select over the new state (no host sync; fused away when compiled).
+    With `guard_by_sync` it is a Python branch instead, which skips the update entirely; only for eager
+    steps on devices where reading a scalar costs nothing (cpu), since it waits for the device.
     """
     mean, std, lw = spec.data.mean, spec.data.std, spec.loss
 
@@ -84,16 +91,23 @@ def make_train_step(
             grads = reduce(grads)
             losses = reduce(losses)
         grad_norm = optim.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optim.apply_updates(state.params, updates)
         finite = torch.isfinite(losses["loss"]) & torch.isfinite(grad_norm)
+        metrics = {**losses, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite.float()}
+        if guard_by_sync and not bool(finite):
+            return state, metrics
+        if max_grad_norm is not None:
+            grads = optim.scale_tree(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
+        # The gradients are this step's own, fresh tensors: let the optimizer build updates in them.
+        updates, opt_state = optim.update_consuming(optimizer, grads, state.opt_state, state.params)
+        params = optim.apply_updates(state.params, updates)
+        if guard_by_sync:
+            return TrainState(params, new_buffers, opt_state, state.step + 1), metrics
         new_state = TrainState(
             _select(finite, params, state.params),
             _select(finite, new_buffers, state.buffers),
             _select(finite, opt_state, state.opt_state),
             state.step + finite.to(state.step.dtype),
         )
-        metrics = {**losses, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite.float()}
         return new_state, metrics
 
     return train_step

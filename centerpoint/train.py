@@ -105,11 +105,13 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
             console.print(f"--resume: no checkpoint in {workdir / 'checkpoints'}; starting fresh")
     state = distributed.broadcast_state(state, dist)
     apply = make_apply(net)
+    compiled = should_compile(backend, spec.runtime.compile)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
                               autocast=lambda: backend.autocast(spec.runtime.precision),
-                              reduce=distributed.make_reduce(dist))
+                              reduce=distributed.make_reduce(dist), max_grad_norm=plan.max_grad_norm,
+                              guard_by_sync=backend.free_sync and not compiled)
     predict_fn = make_predict_step(apply, spec)
-    if should_compile(backend, spec.runtime.compile):
+    if compiled:
         step_fn = torch.compile(step_fn)
         predict_fn = torch.compile(predict_fn, dynamic=spec.data.test_mode == "pad")
     if dist.rank == 0:
@@ -118,7 +120,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
         console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
-                      f"compile {'on' if should_compile(backend, spec.runtime.compile) else 'off'}")
+                      f"compile {'on' if compiled else 'off'}")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
                start_epoch, start_batch, dist)
 
@@ -201,8 +203,10 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                         raise CenterpointError(f"non-finite loss or gradient before step {step}; stopped "
                                                "(train.nonfinite=stop). Lower optim.lr or enable grad_clip.")
                     tb.scalars(values, step, "train")
-                    progress.update(task, info=f"ep {epoch + 1}/{epochs} loss {values['loss']:.3f} "
-                                    f"{values['img_per_s']:.0f} img/s")
+                    info = f"ep {epoch + 1}/{epochs} loss {values['loss']:.3f} {values['img_per_s']:.0f} img/s"
+                    progress.update(task, info=info)
+                    if is_main and not console.is_terminal and step % (spec.train.log_every * 5) == 0:
+                        console.print(f"step {step}/{run.total_steps} {info}")  # logs without a live bar
                 progress.update(task, completed=step)
                 every = spec.train.checkpoint_every_steps
                 if is_main and every and step % every == 0:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from centerpoint import optim
 from centerpoint import schedules as sch
+from centerpoint.schedules import Schedule
 
 Tree = dict[str, Tensor]
 TorchOptFactory = Callable[[list[dict]], torch.optim.Optimizer]
@@ -37,10 +38,11 @@ def _params(dtype: torch.dtype = torch.float32, seed: int = 0) -> Tree:
 
 def _grad_sequence(params: Tree, steps: int = STEPS, seed: int = 1, scale: float = 1.0) -> list[Tree]:
     g = torch.Generator().manual_seed(seed)
-    return [
-        {k: scale * torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in params.items()}
-        for _ in range(steps)
-    ]
+
+    def draw(p: Tensor) -> Tensor:
+        return scale * torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+    return [{k: draw(p) for k, p in params.items()} for _ in range(steps)]
 
 
 def _run_functional(opt: optim.Transform, params: Tree, grads_seq: list[Tree]) -> list[Tree]:
@@ -181,16 +183,37 @@ def test_adam_matches_torch(dtype: torch.dtype) -> None:
     _assert_matches(ours, ref)
 
 
-def test_adamw_with_clipping_and_schedule_matches_torch() -> None:
-    params = _params(torch.float64)
-    grads = _grad_sequence(params, scale=10.0)  # global norm ~ 100 >> 1: clipping is active
-    ours = _run_functional(
-        optim.adamw(sch.multistep(1e-2, [3, 7], gamma=0.1), weight_decay=0.05, max_grad_norm=1.0),
-        params,
-        grads,
-    )
-    ref = _run_torch(
+CLIP_CASES: dict[str, tuple[Callable[[Schedule], optim.Transform], TorchOptFactory]] = {
+    "adamw": (
+        lambda lr: optim.adamw(lr, weight_decay=0.05, max_grad_norm=1.0),
         lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.05),
+    ),
+    "adam": (
+        lambda lr: optim.adam(lr, weight_decay=0.05, max_grad_norm=1.0),
+        lambda g: torch.optim.Adam(g, lr=1e-2, weight_decay=0.05),
+    ),
+    "sgd": (
+        lambda lr: optim.sgd(lr, momentum=0.9, weight_decay=0.05, max_grad_norm=1.0),
+        lambda g: torch.optim.SGD(g, lr=1e-2, momentum=0.9, weight_decay=0.05),
+    ),
+    "sgd_nesterov": (
+        lambda lr: optim.sgd(lr, momentum=0.9, nesterov=True, weight_decay=0.05, max_grad_norm=1.0),
+        lambda g: torch.optim.SGD(g, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.05),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CLIP_CASES))
+def test_clipping_mask_and_schedule_match_torch(name: str, dtype: torch.dtype) -> None:
+    # Clipping makes the later elements of the chain work in place on private copies: this checks
+    # that path (and the default mask, and a schedule stepping on the 0-based count) against torch.
+    make_ours, make_torch = CLIP_CASES[name]
+    params = _params(dtype)
+    grads = _grad_sequence(params, scale=10.0)  # global norm ~ 100 >> 1: clipping is active
+    ours = _run_functional(make_ours(sch.multistep(1e-2, [3, 7], gamma=0.1)), params, grads)
+    ref = _run_torch(
+        make_torch,
         params,
         grads,
         decay_mask=optim.default_decay_mask,
@@ -275,9 +298,8 @@ def test_cosine_schedule() -> None:
     s = sch.cosine(1.0, total_steps=100, final_lr=0.1)
     assert s(torch.tensor(0)).item() == pytest.approx(1.0, rel=1e-12)
     assert s(torch.tensor(50)).item() == pytest.approx(0.55, rel=1e-12)
-    assert s(torch.tensor(25)).item() == pytest.approx(
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12
-    )
+    quarter = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert s(torch.tensor(25)).item() == pytest.approx(quarter, rel=1e-12)
     assert s(torch.tensor(100)).item() == pytest.approx(0.1, rel=1e-12)
     assert s(torch.tensor(150)).item() == pytest.approx(0.1, rel=1e-12)  # held at final_lr
 
@@ -422,3 +444,23 @@ def test_schedule_sees_zero_based_step_count() -> None:
     history = _run_functional(opt, params, [{"w": torch.ones(2, 2)}] * 3)
     assert torch.equal(history[0]["w"], torch.zeros(2, 2))
     assert torch.equal(history[2]["w"], torch.zeros(2, 2))
+
+
+def test_chain_never_writes_into_a_foreign_transforms_tensors() -> None:
+    # A user transform (not from centerpoint.optim) that keeps its input updates in its state: the
+    # elements after it in the chain must not scale those tensors in place.
+    def remember_init(params: Tree) -> Tree:
+        return {f"last.{k}": torch.zeros_like(p) for k, p in params.items()}
+
+    def remember_update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+        return grads, {f"last.{k}": g for k, g in grads.items()}
+
+    remember = optim.Transform(remember_init, remember_update)
+    params = _params()
+    grads = _grad_sequence(params, steps=1, scale=10.0)[0]
+    opt = optim.chain(optim.clip_by_global_norm(1.0), remember, optim.scale_by_learning_rate(0.5))
+    updates, state = opt.update(grads, opt.init(params), params)
+    clipped, _ = optim.clip_by_global_norm(1.0).update(grads, {}, params)
+    for k in params:
+        assert torch.allclose(state[f"1.last.{k}"], clipped[k]), k
+        assert torch.allclose(updates[k], -0.5 * clipped[k]), k

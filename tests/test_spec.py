@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import (
@@ -78,7 +79,7 @@ def test_malformed_override_and_files(tmp_path):
 
 def test_specs_are_frozen():
     spec = ExperimentSpec()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.optim.lr = 1.0  # type: ignore[misc]
 
 

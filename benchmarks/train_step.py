@@ -1,0 +1,154 @@
+"""Train-step throughput: the project's functional step (eager, compiled) against a plain stateful
+baseline (the same network as an nn.Module, torch.optim.AdamW, loss.backward()) on the same inputs.
+
+Prints one JSON line: images/s per variant, ratios to the baseline, peak memory, achieved FLOP/s and
+its fraction of the machine's measured dense fp32 matmul FLOP/s.
+
+    python benchmarks/train_step.py --size 128 --batch 16 [--compile] [--device cuda] [--precision bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from centerpoint.build import build_optimizer
+from centerpoint.devices import select_backend
+from centerpoint.loss import centernet_loss
+from centerpoint.model import build_network, init, make_apply, normalize
+from centerpoint.spec import load_spec
+from centerpoint.step import init_state, make_train_step
+from centerpoint.targets import make_targets
+
+
+def make_batch(batch: int, size: int, classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random uint8 images with 6 random boxes each and their targets."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(batch, 6, 2, generator=g) * size * 0.7
+    boxes = torch.cat([xy, xy + 8 + torch.rand(batch, 6, 2, generator=g) * size * 0.25], -1)
+    labels = torch.randint(0, classes, (batch, 6), generator=g)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+    out = {"images": images, **make_targets(boxes, labels, classes, (size // 4, size // 4), 4)}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def timed(fn, steps: int, warmup: int, sync) -> float:  # noqa: ANN001
+    """Median seconds per call after warmup."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sync) -> float:  # noqa: ANN001
+    """Measured dense matmul FLOP/s of this device."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    s = timed(lambda: a @ b, 5, 2, sync)
+    return 2 * n**3 / s
+
+
+def step_flops(spec, batch) -> float:  # noqa: ANN001
+    """FLOPs of one forward+backward (counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_network(spec.model)
+    images = normalize(batch["images"].cpu(), spec.data.mean, spec.data.std)
+    with FlopCounterMode(display=False) as counter:
+        out = net(images)
+        centernet_loss(out, {k: v.cpu() for k, v in batch.items()})["loss"].backward()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled step (slow to compile on cpu)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--precision", default="fp32")
+    args = ap.parse_args()
+    backend = select_backend(args.device)
+    dev = backend.device
+    spec = load_spec(None, [f"data.input_size={args.size}", f"runtime.channels_last={args.channels_last}",
+                            f"runtime.precision={args.precision}"])
+    batch = make_batch(args.batch, args.size, spec.model.num_classes, dev)
+    plan = build_optimizer(spec, 100, args.batch)
+    params, buffers = init(spec.model, 0)
+    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    # Baseline: stateful module + torch.optim + backward.
+    net = build_network(spec.model).to(dev, memory_format=mf)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+
+    def baseline() -> None:
+        with backend.autocast(args.precision):
+            out = net(normalize(batch["images"], spec.data.mean, spec.data.std).contiguous(memory_format=mf))
+        loss = centernet_loss(out, batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 35.0)
+        opt.step()
+
+    apply = make_apply(build_network(spec.model).to(dev, memory_format=mf))
+    def make_step(compiled: bool):  # noqa: ANN202
+        return make_train_step(apply, spec, plan.transform, plan.schedule,
+                               autocast=lambda: backend.autocast(args.precision),
+                               max_grad_norm=plan.max_grad_norm, guard_by_sync=backend.free_sync and not compiled)
+
+    step = make_step(False)
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dev)
+        return t.contiguous(memory_format=mf) if t.dim() == 4 else t
+
+    holder = {"state": init_state({k: to_dev(v) for k, v in params.items()},
+                                  {k: to_dev(v) for k, v in buffers.items()}, plan.transform)}
+
+    def functional(fn=step) -> None:  # noqa: ANN001
+        holder["state"], _ = fn(holder["state"], batch)
+
+    sync = backend.synchronize
+    result = {"bench": "train_step", "device": str(dev), "size": args.size, "batch": args.batch,
+              "precision": args.precision, "channels_last": args.channels_last,
+              "threads": torch.get_num_threads()}
+    # Interleave to share any drift in machine load between the variants.
+    base_s, func_s = [], []
+    for _ in range(2):
+        base_s.append(timed(baseline, args.steps, 2, sync))
+        func_s.append(timed(functional, args.steps, 2, sync))
+    base, func = min(base_s), min(func_s)
+    result.update(baseline_img_s=args.batch / base, eager_img_s=args.batch / func, eager_ratio=base / func)
+    if args.compile:
+        compiled = torch.compile(make_step(True))
+        t = time.perf_counter()
+        functional(compiled)
+        sync()
+        result["compile_s"] = time.perf_counter() - t
+        comp = timed(lambda: functional(compiled), args.steps, 2, sync)
+        result.update(compiled_img_s=args.batch / comp, compiled_ratio=base / comp)
+    result["peak_mem_mb"] = backend.max_memory_mb()
+    flops = step_flops(spec, batch)
+    peak = matmul_peak(dev, torch.float32 if args.precision == "fp32" else torch.bfloat16, sync)
+    result.update(step_gflop=flops / 1e9, matmul_peak_gflop_s=peak / 1e9,
+                  eager_gflop_s=flops / func / 1e9, eager_peak_fraction=flops / func / peak)
+    if "compiled_img_s" in result:
+        result["compiled_peak_fraction"] = flops * result["compiled_img_s"] / args.batch / peak
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
