@@ -14,7 +14,7 @@ from centerpoint.checkpoint import Checkpoint, check_compatible
 from centerpoint.data.loader import read_image
 from centerpoint.data.transforms import invert, pad_affine, resize_affine, warp
 from centerpoint.decode import boxes_to_original
-from centerpoint.devices import Backend, select_backend
+from centerpoint.devices import Backend, resolve_precision, select_backend
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, detections_to_rows, predict_split
 from centerpoint.model import build_network, init, make_apply
@@ -35,8 +35,11 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
     dev = backend.device
     params = {k: v.to(dev) for k, v in ckpt.group("params").items()}
     buffers = {k: v.to(dev) for k, v in ckpt.group("buffers").items()}
+    if spec.runtime.channels_last:
+        params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
     net = build_network(spec.model).to(dev)
-    return make_predict_step(make_apply(net), spec), params, buffers
+    precision = resolve_precision(backend, spec.runtime.precision)
+    return make_predict_step(make_apply(net), spec, lambda: backend.autocast(precision)), params, buffers
 
 
 def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None

@@ -138,9 +138,14 @@ class RuntimeSpec(_Spec):
     device: Literal["auto", "cpu", "cuda", "sdaa"] = Field("auto", description="auto: cuda, else sdaa, else cpu.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the step. auto: on for "
                                                   "cuda, off for cpu (gains little there) and sdaa.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype on cuda/sdaa.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype of the forward pass (loss stays fp32). auto: bf16 where the device "
+        "computes it natively (recent cpus, cuda), else fp32.")
     channels_last: bool = Field(False, description="Channels-last memory format for images and conv weights.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
+    sync_bn: bool = Field(False, description="Synchronised BatchNorm with several processes: training batch "
+                          "statistics over the global batch (all ranks) instead of each rank's own images; two "
+                          "small all-reduces per BatchNorm layer in the forward and two in the backward.")
 
 
 class LoggingSpec(_Spec):

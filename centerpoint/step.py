@@ -113,7 +113,8 @@ def make_train_step(
     return train_step
 
 
-def make_predict_step(apply: Apply, spec: ExperimentSpec) -> Callable[[Tree, Tree, Tensor], tuple[Tensor, ...]]:
+def make_predict_step(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None
+                      ) -> Callable[[Tree, Tree, Tensor], tuple[Tensor, ...]]:
     """predict(params, buffers, images) -> boxes (B, k, 4) in input pixels, scores (B, k), labels (B, k).
 
     images: (B, 3, H, W) RGB 0..255 with H, W multiples of 32. With eval.flip_test the heatmap, wh and
@@ -123,9 +124,15 @@ def make_predict_step(apply: Apply, spec: ExperimentSpec) -> Callable[[Tree, Tre
 
     def predict(params: Tree, buffers: Tree, images: Tensor) -> tuple[Tensor, ...]:
         x = normalize(images, mean, std)
+        if spec.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if spec.eval.flip_test:
             x = torch.cat([x, x.flip(-1)])
-        out, _ = apply(params, buffers, x, False)
+        if autocast is None:
+            out, _ = apply(params, buffers, x, False)
+        else:
+            with autocast():  # type: ignore[attr-defined]
+                out, _ = apply(params, buffers, x, False)
         heatmap, wh, offset = out["heatmap"].float().sigmoid(), out["wh"].float(), out["offset"].float()
         if spec.eval.flip_test:
             b = images.shape[0]

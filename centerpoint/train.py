@@ -12,11 +12,17 @@ from rich.console import Console
 
 from centerpoint import distributed
 from centerpoint.build import build_optimizer, data_root, load_split
-from centerpoint.checkpoint import latest_checkpoint, restore_state, save_checkpoint
+from centerpoint.checkpoint import (
+    latest_checkpoint,
+    remove_partial_writes,
+    restore_state,
+    resume_position,
+    save_checkpoint,
+)
 from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
-from centerpoint.devices import Backend, check_precision, select_backend, should_compile
+from centerpoint.devices import Backend, resolve_precision, select_backend, should_compile
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.model import build_network, init, make_apply
@@ -42,6 +48,7 @@ class Run:
     start_epoch: int
     start_batch: int
     dist: distributed.Context
+    finished: dict | None = None  # resumed from the end of a completed run: its last evaluation
 
 
 def check_workdir(path: Path) -> Path:
@@ -70,8 +77,9 @@ def to_device(state: TrainState, backend: Backend, channels_last: bool) -> Train
 def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     """Everything up to the first step: device, data, model, optimizer, (resumed) state, compiled step."""
     dist = distributed.context()
+    resume = resume or dist.restart_count > 0  # a restarted worker continues from the latest checkpoint
     backend = select_backend(spec.runtime.device, dist.local_rank)
-    check_precision(backend, spec.runtime.precision)
+    precision = resolve_precision(backend, spec.runtime.precision)
     if spec.runtime.threads:
         torch.set_num_threads(spec.runtime.threads)
     workdir = check_workdir(Path(spec.logging.workdir)) if dist.rank == 0 else Path(spec.logging.workdir)
@@ -85,6 +93,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                                f"({len(train_index)} images)")
     plan = build_optimizer(spec, spe, spec.train.batch_size * world)
     net = build_network(spec.model).to(backend.device)
+    if spec.runtime.sync_bn:
+        net = distributed.sync_batchnorm(net, dist)
     if spec.runtime.channels_last:
         net = net.to(memory_format=torch.channels_last)
     params, buffers = init(spec.model, spec.train.seed)
@@ -93,24 +103,33 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
 
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
     state = to_device(init_state(params, buffers, plan.transform), backend, spec.runtime.channels_last)
+    if dist.rank == 0:
+        remove_partial_writes(workdir)
     start_epoch = start_batch = 0
+    finished = None
     if resume:
         ckpt = latest_checkpoint(workdir)
         if ckpt is not None:
+            done = resume_position(ckpt, spec, spe, plan.total_steps)
+            if done == plan.total_steps and ckpt.metrics.get("step") == done:
+                finished = ckpt.metrics
             state = restore_state(ckpt, state)
             start_epoch, start_batch = ckpt.epoch, ckpt.batch_in_epoch
             if dist.rank == 0:
                 console.print(f"resuming from {ckpt.path} (step {ckpt.step}, epoch {ckpt.epoch})")
         elif dist.rank == 0:
             console.print(f"--resume: no checkpoint in {workdir / 'checkpoints'}; starting fresh")
+    start_epoch, start_batch, finished = distributed.broadcast_object((start_epoch, start_batch, finished), dist)
     state = distributed.broadcast_state(state, dist)
+    distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
+                                 "step": {"step": state.step}}, dist)
     apply = make_apply(net)
     compiled = should_compile(backend, spec.runtime.compile)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
-                              autocast=lambda: backend.autocast(spec.runtime.precision),
+                              autocast=lambda: backend.autocast(precision),
                               reduce=distributed.make_reduce(dist), max_grad_norm=plan.max_grad_norm,
                               guard_by_sync=backend.free_sync and not compiled)
-    predict_fn = make_predict_step(apply, spec)
+    predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:
         step_fn = torch.compile(step_fn)
         predict_fn = torch.compile(predict_fn, dynamic=spec.data.test_mode == "pad")
@@ -120,9 +139,9 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
         console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
-                      f"compile {'on' if compiled else 'off'}")
+                      f"compile {'on' if compiled else 'off'} | {precision}")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist)
+               start_epoch, start_batch, dist, finished)
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
@@ -161,6 +180,12 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
     run = build_run(spec, resume, console)
     is_main = run.dist.rank == 0
     workdir = run.workdir
+    if run.finished is not None:
+        if is_main:
+            console.print(f"{workdir} already trained all {run.total_steps} steps; nothing to do (raise "
+                          "train.max_steps or train.epochs to continue)")
+        distributed.destroy(run.dist)
+        return run.finished
     if is_main:
         from centerpoint.atomic import atomic_write_text
 
@@ -169,10 +194,12 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
     tb.text("spec", "```\n" + spec_to_yaml(spec) + "\n```")
     state, last_metrics = run.state, {}
     epochs = spec.train.epochs if spec.train.max_steps is None else -(-run.total_steps // run.steps_per_epoch)
-    step = int(state.step)
+    # Steps taken so far, skipped ones included (state.step counts applied updates only).
+    step = run.start_epoch * run.steps_per_epoch + run.start_batch
     progress = make_progress(console, spec.logging.progress and is_main)
     meter = Throughput()
-    skipped = torch.zeros((), device=run.backend.device)
+    skipped = torch.full((), float(step - int(state.step)), device=run.backend.device)
+    bad_images = 0
     first_step_s = None
     with progress:
         task = progress.add_task("train", total=run.total_steps, completed=step, info="")
@@ -184,9 +211,11 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
             loader = make_loader(dataset, batches[start:], spec.data.workers, run.backend.pin_memory,
                                  spec.model.num_classes, spec.model.stride, spec.loss.min_overlap)
             t_wait = time.perf_counter()
+            position = (epoch, start)  # (epoch, batches of it done) for the checkpoint
             for i, batch in enumerate(loader, start=start):
                 if step >= run.total_steps:
                     break
+                bad_images += int(batch.pop("bad_images"))  # unreadable images, data.on_bad_image=skip
                 batch = {k: v.to(run.backend.device, non_blocking=True) for k, v in batch.items()}
                 wait = time.perf_counter() - t_wait
                 state, metrics = run.step_fn(state, batch)
@@ -199,6 +228,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                     values = {k: float(v) for k, v in metrics.items()}
                     values.update(meter.read())
                     values["skipped_steps"] = float(skipped)
+                    values["bad_images"] = float(bad_images)
                     if spec.train.nonfinite == "stop" and values["skipped_steps"] > 0:
                         raise CenterpointError(f"non-finite loss or gradient before step {step}; stopped "
                                                "(train.nonfinite=stop). Lower optim.lr or enable grad_clip.")
@@ -211,7 +241,10 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                 every = spec.train.checkpoint_every_steps
                 if is_main and every and step % every == 0:
                     save_checkpoint(workdir / "checkpoints" / "latest.safetensors", state, spec, epoch, i + 1)
+                position = (epoch, i + 1)
                 t_wait = time.perf_counter()
+            if position[1] == len(batches):
+                position = (epoch + 1, 0)
             finished = epoch + 1
             last = finished == epochs or step >= run.total_steps
             every_eval = spec.train.eval_every
@@ -220,7 +253,8 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                 t_eval = time.perf_counter()
                 metrics_out = evaluate_run(run, state)
                 if is_main:
-                    metrics_out.update(step=step, epoch=finished, eval_s=time.perf_counter() - t_eval,
+                    metrics_out.update(step=step, epoch=finished, bad_train_images=bad_images,
+                                       eval_s=time.perf_counter() - t_eval,
                                        elapsed_s=time.perf_counter() - t_start,
                                        first_step_s=first_step_s)
                     last_metrics = metrics_out
@@ -229,7 +263,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                     console.print(f"epoch {finished}: bbox_mAP {metrics_out['bbox_mAP']:.3f} "
                                   f"mAP_50 {metrics_out['bbox_mAP_50']:.3f}")
             if is_main:
-                _save_epoch(workdir, state, spec, finished, metrics_out, last)
+                _save_epoch(workdir, state, spec, finished, metrics_out, last, position)
             if last:
                 break
     tb.close()
@@ -244,13 +278,17 @@ def _jsonable(metrics: dict) -> dict:
 
 
 def _save_epoch(workdir: Path, state: TrainState, spec: ExperimentSpec, epoch: int, metrics: dict,
-                last: bool) -> None:
-    """latest (always), epoch_N every checkpoint_every epochs (keeping keep_last), best by bbox_mAP."""
+                last: bool, position: tuple[int, int] | None = None) -> None:
+    """latest (always), epoch_N every checkpoint_every epochs (keeping keep_last), best by bbox_mAP.
+
+    `position`: (epochs completed, batches of the next one done) stored for resuming; (epoch, 0) unless
+    the run stopped inside an epoch (train.max_steps)."""
     ckpt_dir = workdir / "checkpoints"
-    save_checkpoint(ckpt_dir / "latest.safetensors", state, spec, epoch, 0, metrics)
+    at_epoch, at_batch = position or (epoch, 0)
+    save_checkpoint(ckpt_dir / "latest.safetensors", state, spec, at_epoch, at_batch, metrics)
     every = spec.train.checkpoint_every
     if (every and epoch % every == 0) or last:
-        save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, epoch, 0, metrics)
+        save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, at_epoch, at_batch, metrics)
         periodic = sorted(ckpt_dir.glob("epoch_*.safetensors"))
         for old in periodic[: -spec.train.keep_last]:
             old.unlink(missing_ok=True)
@@ -260,7 +298,7 @@ def _save_epoch(workdir: Path, state: TrainState, spec: ExperimentSpec, epoch: i
 
         best = json.loads(best_file.read_text()).get("bbox_mAP", -1.0) if best_file.exists() else -1.0
         if metrics["bbox_mAP"] > best:
-            save_checkpoint(ckpt_dir / "best.safetensors", state, spec, epoch, 0, metrics)
+            save_checkpoint(ckpt_dir / "best.safetensors", state, spec, at_epoch, at_batch, metrics)
             from centerpoint.atomic import atomic_write_text
 
             atomic_write_text(best_file, json.dumps({"bbox_mAP": metrics["bbox_mAP"], "epoch": epoch}))
