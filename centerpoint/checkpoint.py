@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from centerpoint.atomic import atomic_path
@@ -67,10 +67,31 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
     }
     try:
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            # Serialised here and written into our own temp file: safetensors' save_file would create a
+            # second temp file of its own (left behind by a kill, and with mode 0600 instead of the umask).
+            tmp.write_bytes(_serialize(tensors, meta))
     except OSError as err:
         raise CenterpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     return path
+
+
+def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """The bytes of a .safetensors file."""
+    return save(tensors, metadata=metadata)
+
+
+def remove_partial_writes(run_dir: Path) -> int:
+    """Delete the temp files that killed checkpoint writes left in `run_dir/checkpoints`; returns how many.
+
+    Only for the run's single writer, before it starts: a concurrent writer's temp file would go too.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return 0
+    stale = list(ckpt_dir.glob(".*.safetensors.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -119,10 +140,44 @@ def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
     groups = unflatten({k: v for k, v in ckpt.tensors.items() if k != "step"}, GROUPS)
 
     def like(tree: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v.to(device=ref[k].device, dtype=ref[k].dtype) for k, v in tree.items()}
+        # empty_like keeps the template's memory format (channels-last weights stay channels-last, so a
+        # resumed run computes exactly what the uninterrupted one did).
+        return {k: torch.empty_like(ref[k]).copy_(v) for k, v in tree.items()}
 
     return TrainState(like(groups["params"], template.params), like(groups["buffers"], template.buffers),
                       like(groups["opt"], template.opt_state), ckpt.tensors["step"].to(template.step.device))
+
+
+# Fields that fix the data order a checkpoint's position (epoch, batch_in_epoch) refers to.
+RESUME_FIXED = ("train.seed", "train.batch_size", "data.dataset", "data.shapes_train", "data.shapes_seed")
+
+
+def resume_position(ckpt: Checkpoint, spec: ExperimentSpec, steps_per_epoch: int, total_steps: int) -> int:
+    """Steps the checkpoint's run had taken (skipped ones included), checked against this run's spec.
+
+    Raises a CenterpointError when resuming cannot continue that run exactly: the spec changed a field
+    that decides which batch comes next, or the run is set to stop before the checkpoint's step.
+    """
+    from centerpoint.spec import spec_to_dict
+
+    def get(data: dict, key: str) -> object:
+        for part in key.split("."):
+            data = data[part]
+        return data
+
+    old, new = spec_to_dict(ckpt.spec), spec_to_dict(spec)
+    changed = [f"{k} {get(old, k)} -> {get(new, k)}" for k in RESUME_FIXED if get(old, k) != get(new, k)]
+    if changed:
+        raise CenterpointError(f"--resume: {ckpt.path} was trained with other data settings ({'; '.join(changed)}); "
+                               "resume with the same values or train into a new --workdir")
+    if ckpt.batch_in_epoch > steps_per_epoch:
+        raise CenterpointError(f"--resume: {ckpt.path} stopped at batch {ckpt.batch_in_epoch} of an epoch, but an "
+                               f"epoch now has {steps_per_epoch}: the train set changed; use a new --workdir")
+    done = ckpt.epoch * steps_per_epoch + ckpt.batch_in_epoch
+    if done > total_steps:
+        raise CenterpointError(f"--resume: {ckpt.path} has already trained {done} steps, more than the {total_steps} "
+                               "this run is set to (train.max_steps / train.epochs); raise them to continue")
+    return done
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -66,6 +66,8 @@ class DataSpec(_Spec):
 
 class ModelSpec(_Spec):
     depth: Literal[18, 34, 50] = Field(18, description="ResNet depth of the backbone.")
+    width: int = Field(64, ge=8, le=256, multiple_of=8, description="Filters of the ResNet stem; its stages "
+                       "use 1, 2, 4, 8 times this. 64 is the standard network (and what pretrained weights need).")
     num_classes: int = Field(5, ge=1, le=10_000, description="Object classes (must match the dataset).")
     neck_channels: tuple[int, int, int] = Field((256, 128, 64), description="Filters of the 3 upsampling stages.")
     head_channels: int = Field(64, ge=1, description="Hidden filters of each head branch.")

@@ -65,14 +65,46 @@ def train(
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes per device."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of init, shuffling and augmentation."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", "--nproc_per_node",
+                                       help="Worker processes (devices) on this machine; >1 starts them here."),
+    nnodes: int = typer.Option(1, "--nnodes", "--nnode", help="Machines in the job."),
+    node_rank: int = typer.Option(0, "--node-rank", "--node_rank", help="This machine's index, 0..nnodes-1."),
+    master_addr: str | None = typer.Option(None, "--master-addr", "--master_addr",
+                                           help="Address of node 0 (needed with --nnodes > 1)."),
+    master_port: int | None = typer.Option(None, "--master-port", "--master_port",
+                                           help="Port of node 0 (default: a free one on one machine, 29500 on several)."),
+    max_restarts: int = typer.Option(0, "--max-restarts", "--max_restarts",
+                                     help="Restart all workers up to K times after a failure; they resume from "
+                                     "the latest checkpoint."),
 ) -> None:
-    """Train an experiment (default: the built-in shapes experiment, offline, on any device)."""
+    """Train an experiment (default: the built-in shapes experiment, offline, on any device).
+
+    With --nproc-per-node N (or --nnodes M) the elastic launcher starts N workers running this same
+    command, one per device; under torchrun or srun the process just joins its job.
+    """
+    if epochs is not None and max_steps is not None:
+        raise CenterpointError(f"--epochs {epochs} and --max-steps {max_steps} contradict each other (--max-steps "
+                               "would silently override --epochs); give one of them")
     spec = _resolve(spec_file, sets, workdir=workdir, device=device, epochs=epochs, max_steps=max_steps,
                     batch_size=batch_size, lr=lr, data_dir=data_dir, compile=compile, precision=precision,
                     workers=workers, seed=seed)
+    from centerpoint.launch import LaunchPlan, check_plan, launch_workers, needs_launch
+
+    plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port, max_restarts)
+    check_plan(plan)
+    if needs_launch(plan):
+        launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])
+        return
+    from centerpoint.distributed import context
     from centerpoint.train import train as run_train
 
-    run_train(spec, resume=resume)
+    try:
+        run_train(spec, resume=resume)
+    except CenterpointError as err:
+        ctx = context()
+        if ctx.distributed:
+            raise CenterpointError(f"rank {ctx.rank}: {err}") from None
+        raise
 
 
 @app.command("eval")
@@ -105,6 +137,8 @@ def evaluate(
     for item in sets:
         data = apply_override(data, *parse_override(item))
     spec = with_updates(spec_from_dict(data, "--set"), updates) if updates else spec_from_dict(data, "--set")
+    if out is not None:
+        _check_output_dir(out.parent, out)
     with Progress(transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
         metrics, rows = evaluate_checkpoint(spec, ckpt, lambda n: progress.advance(task, n))
@@ -132,6 +166,7 @@ def predict(
     ckpt = load_checkpoint(checkpoint)
     spec = with_updates(ckpt.spec, _flag_updates(device=device)) if device else ckpt.spec
     files = collect_images(inputs)
+    _check_output_dir(out, out)
     results = predict_files(spec, ckpt, files, out, score_thr, class_names_of(spec))
     print(f"{len(results)} detections in {len(files)} image(s) -> {out}")
 
@@ -175,30 +210,65 @@ def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors che
     sys.stdout.write(spec_to_yaml(ckpt.spec))
 
 
+def _check_output_dir(directory: Path, target: Path) -> None:
+    """Create `directory` now (before any long work) or fail naming `target`."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CenterpointError(f"cannot write {target}: a parent of it is a file, not a directory") from None
+    except OSError as err:
+        raise CenterpointError(f"cannot write {target}: {err.strerror or err}") from None
+
+
+def _one_line(err: BaseException | str) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker arrives re-raised with the
+    worker's traceback inside its message; its last line holds the original message."""
+    text = str(err).strip()
+    if "Caught " in text and "Original Traceback" in text:
+        last = text.splitlines()[-1]  # "centerpoint.errors.CenterpointError: <message>"
+        text = text.split("Caught ", 1)[0] + (last.split(": ", 1)[1] if ": " in last else last)
+    return " ".join(text.split())
+
+
 def main() -> None:
-    """Console-script entry: CenterpointError -> one line on stderr, exit 2 (--debug: traceback)."""
+    """Console-script entry: CenterpointError, OSError and usage errors -> one line on stderr, exit 2
+    (--debug: traceback)."""
+    debug = _DEBUG["on"] or "--debug" in sys.argv
     try:
         app(standalone_mode=False)
     except CenterpointError as err:
-        if _DEBUG["on"] or "--debug" in sys.argv:
+        if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:  # disk full, permissions, a path that is a file: the user's environment
+        if debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or _one_line(err)}{where}", file=sys.stderr)
+        sys.exit(2)
     except Exception as err:  # click's usage errors and friends
         import click
 
         if isinstance(err, click.exceptions.Exit):
             sys.exit(err.exit_code)
+        if isinstance(err, click.UsageError):
+            ctx = err.ctx
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"error: {_one_line(err.format_message())}{hint}", file=sys.stderr)
+            sys.exit(2)
         if isinstance(err, click.ClickException):
-            err.show()
+            print(f"error: {_one_line(err.format_message())}", file=sys.stderr)
             sys.exit(2)
         if isinstance(err, click.exceptions.Abort):
             sys.exit(130)
         raise
 
+
+from cli import checkpoint_cmds, data_cmds  # noqa: E402,F401  (registers commands)
 
 if __name__ == "__main__":
     main()

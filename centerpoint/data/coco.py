@@ -44,6 +44,20 @@ class CocoIndex:
         return len(self.cat_ids)
 
 
+def _boxes(ann_file: Path, anns: list[dict]) -> np.ndarray:
+    """(n, 4) float32 xywh of an image's annotations; a bbox that is not 4 numbers is an error."""
+    try:
+        return np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+    except (TypeError, ValueError):
+        for a in anns:
+            try:
+                np.array(a["bbox"], dtype=np.float32).reshape(4)
+            except (TypeError, ValueError):
+                raise CenterpointError(f"{ann_file}: annotation id {a.get('id')!r}: bbox must be 4 numbers "
+                                       f"[x, y, w, h], got {a['bbox']!r}") from None
+        raise
+
+
 def load_index(ann_file: Path, image_dir: Path, train: bool, min_box_size: float = 1.0,
                min_image_size: int = 0) -> CocoIndex:
     """Index a split. In training, images without usable boxes or smaller than `min_image_size`
@@ -66,7 +80,7 @@ def load_index(ann_file: Path, image_dir: Path, train: bool, min_box_size: float
         except (KeyError, TypeError, ValueError):
             raise CenterpointError(f"{ann_file}: image {img_id} needs file_name, width and height") from None
         anns = [a for a in coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        xywh = _boxes(ann_file, anns)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
         keep = ((boxes[:, 2] - boxes[:, 0]) >= max(min_box_size, 1e-3)) & (

@@ -42,7 +42,8 @@ def read_image(path: str, shrink_to: float | None = None) -> Image.Image:
         if shrink_to is not None and shrink_to < 0.5 and img.format == "JPEG":
             w, h = img.size
             img.draft("RGB", (max(1, int(w * shrink_to)), max(1, int(h * shrink_to))))
-        return img.convert("RGB")
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
     except FileNotFoundError:
         raise CenterpointError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError) as err:
@@ -95,12 +96,14 @@ class DetectionDataset(Dataset):
         if img.size != (w, h):  # decoded at a reduced size (JPEG draft): rescale the map accordingly
             a = a @ np.diag([w / img.size[0], h / img.size[1], 1.0])
         pixels = warp(img, a, out_size)
-        if self.train and spec.photometric:
-            pixels = photometric_distort(pixels, np.random.default_rng([self.seed, epoch, i, 1]))
+        if self.train and spec.photometric:  # (3, H, W) straight away, no transposing copy
+            planes = photometric_distort(pixels, np.random.default_rng([self.seed, epoch, i, 1]), True)
+        else:
+            planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         if img.size != (w, h):
             a = a @ np.diag([img.size[0] / w, img.size[1] / h, 1.0])
         boxes, keep = transform_boxes(idx.boxes[i], a, out_size, spec.min_box_size if self.train else 0.0)
-        image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        image = torch.from_numpy(planes)
         return Sample(image, torch.from_numpy(boxes), torch.from_numpy(idx.labels[i][keep]),
                       torch.from_numpy(invert(a)), idx.image_ids[i])
 

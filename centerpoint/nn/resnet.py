@@ -67,17 +67,21 @@ LAYOUTS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 
 
 class ResNet(nn.Module):
-    """ResNet trunk: (B, 3, H, W) -> (B, C, H/32, W/32), C = 512 (18/34) or 2048 (50)."""
+    """ResNet trunk: (B, 3, H, W) -> (B, C, H/32, W/32), C = 8 * width (18/34) or 32 * width (50).
 
-    def __init__(self, depth: int = 18) -> None:
+    `width` is the stem's filter count (64 in the standard networks); the stages use 1, 2, 4, 8 times it.
+    """
+
+    def __init__(self, depth: int = 18, width: int = 64) -> None:
         super().__init__()
         block, counts = LAYOUTS[depth]
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = 64
-        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts, strict=True)):
+        inplanes = width
+        stages = (width, 2 * width, 4 * width, 8 * width)
+        for i, (planes, count) in enumerate(zip(stages, counts, strict=True)):
             blocks = []
             for j in range(count):
                 blocks.append(block(inplanes, planes, stride=2 if (j == 0 and i > 0) else 1))
@@ -96,11 +100,11 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def resnet(depth: int) -> ResNet:
-    """The ResNet of the given depth (18, 34 or 50), randomly initialised."""
+def resnet(depth: int, width: int = 64) -> ResNet:
+    """The ResNet of the given depth (18, 34 or 50) and stem width, randomly initialised."""
     if depth not in LAYOUTS:
         raise ValueError(f"ResNet depth must be one of {sorted(LAYOUTS)}, got {depth}")
-    return ResNet(depth)
+    return ResNet(depth, width)
 
 
 

@@ -1,0 +1,140 @@
+"""Foreign weights into the model: mmdetection CenterNet checkpoints and torchvision ResNet backbones.
+
+The project's parameter and buffer names are mmdetection's, so an mmdetection state_dict maps one to one,
+and a torchvision ResNet maps by prefixing `backbone.` (its classifier `fc.*` is dropped). `.pth` files
+are read with `torch.load(weights_only=True)`: tensors and plain containers only, never code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from centerpoint.checkpoint import check_compatible, save_checkpoint
+from centerpoint.errors import CenterpointError
+from centerpoint.spec import ExperimentSpec, load_spec
+from centerpoint.weights import resolve_weights, verify_name_hash
+
+__all__ = ["ImportResult", "default_recipe", "import_mmdet", "load_torchvision_backbone", "read_state_dict"]
+
+Params = dict[str, Tensor]
+RECIPES = {False: "centernet_r18_coco.yaml", True: "centernet_r18_dcn_coco.yaml"}
+_OPTIONAL = ".num_batches_tracked"  # a BatchNorm counter older torchvision files lack; unused in training
+
+
+def read_state_dict(path: Path) -> tuple[Params, dict[str, Any]]:
+    """(state_dict, meta) of a `.pth` file: mmdetection's {"state_dict": ..., "meta": ...} or a bare
+    state_dict (torchvision). A pickle that needs code to load is refused, naming what it asked for."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if needed:
+            raise CenterpointError(f"{path}: refusing to load, the file needs code to unpickle ({needed.group(1)}); "
+                                   "only plain tensors and containers are read. Re-save its state_dict with "
+                                   "plain types (torch.save({'state_dict': sd}, ...)) where you trust it") from None
+        raise CenterpointError(f"{path}: not a readable PyTorch checkpoint (corrupt, truncated or another "
+                               "format?)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CenterpointError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0][:100]})") \
+            from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        sd, meta = obj["state_dict"], obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    elif isinstance(obj, dict):
+        sd, meta = obj, {}
+    else:
+        raise CenterpointError(f"{path}: expected a dict of tensors or {{'state_dict': ...}}, got "
+                               f"{type(obj).__name__}")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise CenterpointError(f"{path}: state_dict entry {bad[0]!r} is not a named tensor "
+                               f"({len(bad)} such entries); is this a model checkpoint?")
+    return dict(sd), meta
+
+
+def _fill(source: str, got: Params, params: Params, buffers: Params, optional: str | None = None
+          ) -> tuple[Params, Params]:
+    """Check `got` against the union of `params` and `buffers` (names and shapes) and return copies of
+    both with every tensor of `got` put in, cast to the template's dtype and device."""
+    expected = {**params, **buffers}
+    if optional:
+        expected = {k: v for k, v in expected.items() if k in got or not k.endswith(optional)}
+    check_compatible(source, got, expected)
+
+    def put(tree: Params) -> Params:
+        return {k: got[k].to(dtype=v.dtype, device=v.device).contiguous() if k in got else v
+                for k, v in tree.items()}
+
+    return put(params), put(buffers)
+
+
+def load_torchvision_backbone(path: Path | str, params: Params, buffers: Params) -> tuple[Params, Params]:
+    """ImageNet initialisation: put a torchvision ResNet state_dict into `backbone.*` of (params, buffers).
+
+    `path` is a local file, an http(s) URL, or the bare name of a published file
+    (`resnet18-f37072fd.pth`), fetched into the cache when missing. The sha256 prefix in the file name
+    is checked; every backbone tensor must be present with the right shape (`fc.*` is ignored).
+    """
+    file = resolve_weights(path, "model.pretrained")
+    verify_name_hash(file)
+    sd, _ = read_state_dict(file)
+    mapped = {"backbone." + k: v for k, v in sd.items() if not k.startswith("fc.")}
+    backbone_params = {k: v for k, v in params.items() if k.startswith("backbone.")}
+    backbone_buffers = {k: v for k, v in buffers.items() if k.startswith("backbone.")}
+    new_p, new_b = _fill(f"model.pretrained {file} (torchvision ResNet)", mapped, backbone_params,
+                         backbone_buffers, optional=_OPTIONAL)
+    return {**params, **new_p}, {**buffers, **new_b}
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What `import_mmdet` read and wrote."""
+
+    source: Path
+    destination: Path
+    spec_path: Path
+    spec: ExperimentSpec
+    num_tensors: int
+    sha256_prefix: str | None  # checked against the file name; None when the name carries none
+
+
+def default_recipe(dcn: bool) -> Path:
+    """The project's COCO recipe for the plain or DCN model (`experiments/centernet_r18[_dcn]_coco.yaml`)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / RECIPES[dcn]
+    if not path.is_file():
+        raise CenterpointError(f"recipe {RECIPES[dcn]} not found next to the package ({path}); pass --spec")
+    return path
+
+
+def import_mmdet(src: Path | str, dst: Path, spec_path: Path | None = None) -> ImportResult:
+    """Convert an mmdetection CenterNet checkpoint into a centerpoint checkpoint at step 0.
+
+    The model is built from `spec_path` (default: the COCO recipe, the DCN one when the file has
+    `conv_offset` tensors); every tensor name and shape must match it exactly. The result carries that
+    spec and a fresh optimizer state, so `eval` and `predict` use it directly.
+    """
+    from centerpoint.build import build_optimizer
+    from centerpoint.model import init
+    from centerpoint.step import init_state
+
+    file = resolve_weights(src, "checkpoint import")
+    if Path(dst).resolve() == file.resolve():
+        raise CenterpointError(f"{dst}: the destination is the source file; choose another name")
+    prefix = verify_name_hash(file)
+    sd, _ = read_state_dict(file)
+    dcn = any(".conv_offset." in k for k in sd)
+    spec_path = Path(spec_path) if spec_path is not None else default_recipe(dcn)
+    spec = load_spec(spec_path)
+    params, buffers = init(spec.model, spec.train.seed)
+    what = (f"{file} (checked against {spec_path}: model.dcn={spec.model.dcn}, "
+            f"num_classes={spec.model.num_classes})")
+    params, buffers = _fill(what, sd, params, buffers)
+    plan = build_optimizer(spec, steps_per_epoch=1, global_batch=spec.train.batch_size)
+    save_checkpoint(Path(dst), init_state(params, buffers, plan.transform), spec, epoch=0)
+    return ImportResult(file, Path(dst), spec_path, spec, len(sd), prefix)

@@ -1,0 +1,258 @@
+"""Every bad input through the real CLI: exit code 2, one stderr line naming the problem, no traceback,
+and no file that existed before the command changed. Plus the inputs that are not errors by design
+(unreadable images with data.on_bad_image=skip, degenerate boxes) and a full disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = [x for o in TINY for x in ("--set", o)]
+COCO = ["--set", "data.dataset=coco"]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
+    return subprocess.run([sys.executable, "-m", "centerpoint", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def snapshot(*dirs: Path) -> dict[str, str]:
+    """Content digest of every file (big files: size, mtime and inode, which any write or replace changes)."""
+    out = {}
+    for d in dirs:
+        for p in sorted(d.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if st.st_size < 4 << 20 else \
+                    f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return out
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Inputs the cases start from: a small COCO-format dataset, a checkpoint, a run stopped at step 3."""
+
+    data: Path
+    ckpt: Path
+    run: Path
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
+    import torch
+
+    from centerpoint.build import build_optimizer, data_root
+    from centerpoint.checkpoint import save_checkpoint
+    from centerpoint.model import init
+    from centerpoint.spec import load_spec
+    from centerpoint.step import init_state
+
+    base = tmp_path_factory.mktemp("shared")
+    spec = load_spec(None, [*TINY, f"logging.workdir={base / 'run'}"])
+    shapes = data_root(spec)
+    data = base / "data"
+    for part in ("train", "val", "annotations"):
+        shutil.copytree(shapes / part, data / part)
+    params, buffers = init(spec.model, 0)
+    state = init_state(params, buffers, build_optimizer(spec, 3, 8).transform)._replace(step=torch.tensor(3))
+    ckpt = save_checkpoint(base / "ckpt.safetensors", state, spec, epoch=1)
+    run = base / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    os.link(ckpt, run / "checkpoints" / "latest.safetensors")  # 3 steps done = epoch 1, batch 0
+    return Shared(data, ckpt, run)
+
+
+# --- setups: each gets the case's own directory and returns the command line ----------------------------
+
+def _spec_file(text: str) -> Callable[[Path, Shared], list[str]]:
+    def setup(d: Path, s: Shared) -> list[str]:
+        (d / "spec.yaml").write_text(text)
+        return ["spec", "show", str(d / "spec.yaml")]
+    return setup
+
+
+def _data(edit: Callable[[Path], None], *extra: str) -> Callable[[Path, Shared], list[str]]:
+    """Train on a copy of the dataset changed by `edit`."""
+    def setup(d: Path, s: Shared) -> list[str]:
+        shutil.copytree(s.data, d / "data")
+        edit(d / "data")
+        return ["train", *SETS, *COCO, "--data-dir", str(d / "data"), "--workdir", str(d / "run"), *extra]
+    return setup
+
+
+def _edit_json(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        path = root / "annotations" / "instances_train.json"
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+def _first_train_image(root: Path) -> Path:
+    return sorted((root / "train").iterdir())[0]
+
+
+def _write(rel: str, content: bytes) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        (root / rel).write_bytes(content)
+    return edit
+
+
+def _eval_ckpt(make: Callable[[Path, Shared], Path], *extra: str) -> Callable[[Path, Shared], list[str]]:
+    def setup(d: Path, s: Shared) -> list[str]:
+        return ["eval", "--checkpoint", str(make(d, s)), *extra]
+    return setup
+
+
+def _truncated(d: Path, s: Shared) -> Path:
+    (d / "t.safetensors").write_bytes(s.ckpt.read_bytes()[: 50_000_000])
+    return d / "t.safetensors"
+
+
+def _foreign(d: Path, s: Shared) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3)}, str(d / "f.safetensors"))
+    return d / "f.safetensors"
+
+
+def _pickle_as_safetensors(d: Path, s: Shared) -> Path:
+    (d / "model.safetensors").write_bytes(pickle.dumps({"weight": [1.0, 2.0]}))
+    return d / "model.safetensors"
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious .pth does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def _evil_pth(d: Path, s: Shared) -> list[str]:
+    import torch
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": _Payload(d / "PWNED")}, d / "evil.pth")
+    return ["checkpoint", "import", "mmdet", str(d / "evil.pth"), str(d / "out.safetensors")]
+
+
+def _a_file(d: Path) -> Path:
+    (d / "afile").write_text("a regular file, so nothing can be created under it\n")
+    return d / "afile"
+
+
+def _resume(*extra: str) -> Callable[[Path, Shared], list[str]]:
+    def setup(d: Path, s: Shared) -> list[str]:
+        return ["train", *SETS, "--workdir", str(s.run), "--resume", *extra]
+    return setup
+
+
+CASES: dict[str, tuple[Callable[[Path, Shared], list[str]], list[str]]] = {
+    # spec files and overrides
+    "spec unknown key": (_spec_file("optim:\n  lrr: 0.1\n"), ["unknown key 'optim.lrr'", "did you mean 'optim.lr'"]),
+    "spec wrong type": (_spec_file("train:\n  batch_size: eight\n"), ["train.batch_size", "integer", "'eight'"]),
+    "spec out of range": (_spec_file("optim:\n  lr: -1\n"), ["optim.lr", "greater than 0"]),
+    "spec not yaml": (_spec_file("train: [1, 2\n"), ["spec.yaml: not valid YAML"]),
+    "spec not a mapping": (_spec_file("- 1\n- 2\n"), ["must be a YAML mapping"]),
+    "spec missing": (lambda d, s: ["train", str(d / "nope.yaml")], ["nope.yaml: spec file not found"]),
+    "set unknown key": (lambda d, s: ["spec", "show", "--set", "train.epochz=3"],
+                        ["--set train.epochz: unknown key", "did you mean 'train.epochs'"]),
+    "set out of range": (lambda d, s: ["spec", "show", "--set", "data.input_size=100"],
+                         ["data.input_size", "multiple of 32"]),
+    "set without value": (lambda d, s: ["spec", "show", "--set", "optim.lr"], ["expected KEY=VALUE"]),
+    "unknown flag": (lambda d, s: ["train", "--epoch", "3"], ["No such option: --epoch", "centerpoint train --help"]),
+    "flag of the wrong type": (lambda d, s: ["train", "--epochs", "many"], ["'--epochs'", "'many' is not a valid integer"]),
+    # datasets
+    "data dir missing": (lambda d, s: ["train", *SETS, *COCO, "--data-dir", str(d / "nope"), "--workdir",
+                                       str(d / "run")], ["data directory not found", "nope"]),
+    "annotations not json": (_data(_write("annotations/instances_train.json", b"{'images': [")),
+                             ["instances_train.json is not valid JSON"]),
+    "annotations missing key": (_data(_edit_json(lambda j: j.pop("annotations"))),
+                                ["instances_train.json: missing required key(s) annotations"]),
+    "annotation lacks bbox": (_data(_edit_json(lambda j: j["annotations"][0].pop("bbox"))),
+                              ["annotations[0] lacks 'bbox'"]),
+    "bbox not numbers": (_data(_edit_json(lambda j: j["annotations"][0].update(bbox=["a", 1, 2, 3]))),
+                         ["instances_train.json: annotation id 1: bbox must be 4 numbers", "'a'"]),
+    "unknown category id": (_data(_edit_json(lambda j: j["annotations"][0].update(category_id=99))),
+                            ["annotations[0] refers to unknown category_id 99"]),
+    "image missing": (_data(lambda r: _first_train_image(r).unlink()), ["image file not found", "000000.jpg"]),
+    "image not decodable": (_data(lambda r: _first_train_image(r).write_bytes(b"\xff\xd8 not a jpeg")),
+                            ["cannot decode image", "000000.jpg"]),
+    "image not decodable in a worker": (
+        _data(lambda r: _first_train_image(r).write_bytes(b"GIF89a broken"), "--workers", "1"),
+        ["cannot decode image", "000000.jpg"]),
+    "classes do not match the model": (_data(lambda r: None, "--set", "model.num_classes=3"),
+                                       ["5 categories but model.num_classes=3"]),
+    # checkpoints
+    "checkpoint missing": (_eval_ckpt(lambda d, s: d / "nope.safetensors"), ["checkpoint not found"]),
+    "checkpoint truncated": (_eval_ckpt(_truncated), ["t.safetensors: not a readable .safetensors checkpoint"]),
+    "checkpoint not safetensors": (_eval_ckpt(_pickle_as_safetensors), ["not a readable .safetensors"]),
+    "checkpoint of no centerpoint run": (_eval_ckpt(_foreign), ["not a centerpoint checkpoint"]),
+    "checkpoint of another architecture": (
+        _eval_ckpt(lambda d, s: s.ckpt, "--set", "model.head_channels=32"),
+        ["does not fit this model", "params.bbox_head.heatmap_head.0.bias is (64,), expected (32,)"]),
+    "pth that needs code to unpickle": (_evil_pth, ["evil.pth: "]),  # refused by torch.load(weights_only)
+    # outputs
+    "workdir under a file": (lambda d, s: ["train", *SETS, "--workdir", str(_a_file(d) / "run")],
+                             ["afile/run", "not writable"]),
+    "eval --out under a file": (
+        lambda d, s: ["eval", "--checkpoint", str(s.ckpt), "--set", "eval.max_images=1", "--out",
+                      str(_a_file(d) / "m.json")], ["afile/m.json", "cannot write"]),
+    "predict --out under a file": (
+        lambda d, s: ["predict", "--checkpoint", str(s.ckpt), str(_first_train_image(s.data)), "--out",
+                      str(_a_file(d) / "pred")], ["afile/pred", "cannot write"]),
+    "predict an undecodable image": (
+        lambda d, s: ["predict", "--checkpoint", str(s.ckpt), str(_write_file(d / "x.jpg", b"nope")),
+                      "--out", str(d / "pred")], ["cannot decode image", "x.jpg"]),
+    # contradictions
+    "epochs and max-steps": (lambda d, s: ["train", *SETS, "--epochs", "2", "--max-steps", "5", "--workdir",
+                                           str(d / "run")], ["--epochs", "--max-steps"]),
+    "resume beyond max-steps": (_resume("--max-steps", "2"), ["already trained 3 steps", "more than the 2"]),
+    "resume with another batch size": (_resume("--batch-size", "4"), ["train.batch_size 8 -> 4"]),
+}
+
+
+def _write_file(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2_nothing_changed(name: str, shared: Shared, tmp_path: Path) -> None:
+    setup, fragments = CASES[name]
+    args = setup(tmp_path, shared)
+    before = snapshot(tmp_path, shared.data.parent)
+    res = run_cli(*args)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    after = snapshot(tmp_path, shared.data.parent)
+    changed = [p for p, digest in before.items() if after.get(p) != digest]
+    assert not changed, changed
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    res = run_cli("--debug", "spec", "show", "--set", "train.epochz=3")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "CenterpointError" in res.stderr

@@ -1,0 +1,358 @@
+"""Data parallelism on cpu + gloo with 2 processes on 127.0.0.1: equivalence with one process, sharded
+evaluation, the elastic launcher through the real CLI (a killed worker, a restart), and the device
+selection logic of cuda/sdaa without the hardware."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from centerpoint import devices, distributed, launch
+from centerpoint.errors import CenterpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+B = 4  # images per process per step in the 2-process runs
+STEPS = 3  # one epoch of 24 images at a global batch of 8
+
+
+# ---------------------------------------------------------------- 2 processes vs 1 process (spawned)
+
+
+def _one_box_dataset(root: Path) -> Path:
+    """A COCO-format set with exactly one object per image (24 train, 8 val): every image then has one
+    heatmap peak, so each rank's loss normaliser (its count of peaks) is B and the 2-process gradient
+    average equals the 1-process gradient of the concatenated batch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (root / "annotations").mkdir(parents=True)
+    for split, n in (("train", 24), ("val", 8)):
+        (root / split).mkdir()
+        images, anns = [], []
+        for i in range(n):
+            w, h = int(rng.integers(48, 96)), int(rng.integers(48, 96))
+            bw, bh = int(rng.integers(14, w // 2)), int(rng.integers(14, h // 2))
+            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+            pixels[y : y + bh, x : x + bw] = rng.integers(140, 256, 3, dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / f"{i}.png")
+            images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+            anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, bw, bh],
+                         "area": bw * bh, "iscrowd": 0})
+        doc = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+    return root
+
+
+def _spec(root: Path, workdir: Path, batch: int) -> str:
+    from centerpoint.spec import load_spec, spec_to_json
+
+    sets = [f"data.dataset=coco", f"data.root={root}", "model.num_classes=1", "data.input_size=64",
+            "data.scale_range=[1.0,1.0]", "data.workers=0", f"train.batch_size={batch}", "eval.batch_size=8",
+            "optim.name=sgd", "optim.lr=0.02", "schedule.kind=constant", "schedule.warmup_steps=0",
+            "runtime.device=cpu", "runtime.precision=fp32", "runtime.sync_bn=true", "logging.progress=false",
+            "logging.tensorboard=false", f"logging.workdir={workdir}"]
+    return spec_to_json(load_spec(None, sets))
+
+
+def _worker(rank: int, world: int, port: int, spec_json: str, out: str, eval_ckpt: str | None) -> None:
+    """Train STEPS steps as rank `rank` of `world`, save the state, evaluate `eval_ckpt` (or the state)."""
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from rich.console import Console
+
+    from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint, state_tensors
+    from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader
+    from centerpoint.evaluate import predict_split
+    from centerpoint.spec import spec_from_json
+    from centerpoint.train import build_run, evaluate_run
+
+    spec = spec_from_json(spec_json)
+    run = build_run(spec, False, Console(quiet=True))
+    batches = epoch_batches(len(run.train_index), spec.train.batch_size, spec.train.seed, 0, rank, world)
+    dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True)
+    state, peaks = run.state, []
+    for batch in make_loader(dataset, batches[:STEPS], 0, False, 1, 4, spec.loss.min_overlap):
+        peaks.append(int((batch["heatmap"] == 1).sum()))
+        state, _ = run.step_fn(state, batch)
+    torch.save(state_tensors(state), Path(out) / f"state{world}_{rank}.pt")
+    if world == 1:
+        save_checkpoint(Path(out) / "one.safetensors", state, spec, 1)
+    else:
+        state = restore_state(load_checkpoint(Path(eval_ckpt)), state)
+    metrics = evaluate_run(run, state)
+    rows, _ = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, spec, run.backend, rank,
+                            world)
+    rows = distributed.gather_rows(rows, run.dist)
+    if rank == 0:
+        report = {"metrics": metrics, "peaks": peaks, "rows": rows.tolist()}
+        (Path(out) / f"eval{world}.json").write_text(json.dumps(report, sort_keys=True))
+    distributed.destroy(run.dist)
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch.multiprocessing as mp
+
+    base = tmp_path_factory.mktemp("dp")
+    root = _one_box_dataset(base / "data")
+    mp.spawn(_worker, args=(1, 0, _spec(root, base / "w1", 2 * B), str(base), None), nprocs=1)
+    mp.spawn(_worker, args=(2, launch.free_port(), _spec(root, base / "w2", B), str(base),
+                            str(base / "one.safetensors")), nprocs=2)
+    return base
+
+
+def test_two_processes_train_like_one_with_the_concatenated_batch(equivalence_runs: Path) -> None:
+    one = torch.load(equivalence_runs / "state1_0.pt")
+    r0, r1 = (torch.load(equivalence_runs / f"state2_{r}.pt") for r in (0, 1))
+    assert int(one["step"]) == int(r0["step"]) == STEPS
+    for k in r0:  # every rank holds exactly the same state
+        assert torch.equal(r0[k], r1[k]), k
+    for k, v in one.items():  # ... and the state of one process with the concatenated batch
+        if not v.is_floating_point():
+            assert torch.equal(r0[k], v), k
+            continue
+        scale = float(v.abs().max()) or 1.0
+        torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-5 * scale, msg=k)
+    init = _initial_params(equivalence_runs)
+    moved = max(float((one[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-3  # the steps really changed the parameters
+
+
+def _initial_params(base: Path) -> dict[str, torch.Tensor]:
+    from centerpoint.model import init
+    from centerpoint.spec import spec_from_json
+
+    spec = spec_from_json(_spec(base / "data", base / "w1", 2 * B))
+    params, _ = init(spec.model, spec.train.seed)
+    return {"params." + k: v for k, v in params.items()}
+
+
+def test_two_process_evaluation_gives_the_same_metrics(equivalence_runs: Path) -> None:
+    one = json.loads((equivalence_runs / "eval1.json").read_text())
+    two = json.loads((equivalence_runs / "eval2.json").read_text())
+    assert one["peaks"] == [2 * B] * STEPS and two["peaks"] == [B] * STEPS  # one peak per image, as built
+    assert json.dumps(one["metrics"], sort_keys=True) == json.dumps(two["metrics"], sort_keys=True)
+    rows1, rows2 = np.array(one["rows"]), np.array(two["rows"])
+    assert len(rows1) == 8 * 100 and sorted(map(tuple, rows1)) == sorted(map(tuple, rows2))
+
+
+# ---------------------------------------------------------------- the launcher through the real CLI
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the launcher's child processes (read from /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != launcher_pid:
+                continue
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(entry)
+    return found
+
+
+def _start_cli(work: Path, cache: Path, steps: int, restarts: int, overrides: list[str]) -> subprocess.Popen:
+    sets = [x for o in [*overrides, "train.batch_size=4", "runtime.precision=fp32",
+                        "train.checkpoint_every_steps=2", "logging.tensorboard=false"] for x in ("--set", o)]
+    args = [sys.executable, "-m", "centerpoint", "train", *sets, "--max-steps", str(steps), "--workdir", str(work),
+            "--device", "cpu", "--nproc_per_node", "2", "--nnode", "1", "--node_rank", "0",
+            "--master_addr", "127.0.0.1", "--master_port", str(launch.free_port()),
+            "--max-restarts", str(restarts)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CENTERPOINT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=open(work.with_suffix(".out"), "w"),
+                            stderr=open(work.with_suffix(".err"), "w"))
+
+
+def _kill_rank1_after_first_checkpoint(proc: subprocess.Popen, work: Path) -> float:
+    """Wait for the run's first checkpoint, SIGKILL the rank-1 worker; returns the time of the kill."""
+    latest = work / "checkpoints" / "latest.safetensors"
+    deadline = time.monotonic() + 240
+    while not latest.exists():
+        assert proc.poll() is None, work.with_suffix(".err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    workers = _worker_pids(proc.pid)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGKILL)
+    return time.monotonic()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        for pid in _worker_pids(proc.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker processes through /proc")
+def test_killed_worker_ends_the_job_with_an_error_naming_it(tmp_path, tiny_overrides, cache_dir) -> None:
+    proc = _start_cli(tmp_path / "run", cache_dir, 300, 0, tiny_overrides)
+    try:
+        killed_at = _kill_rank1_after_first_checkpoint(proc, tmp_path / "run")
+        rc = proc.wait(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        _stop(proc)
+    err = (tmp_path / "run.err").read_text()
+    assert rc == 2, err[-3000:]
+    assert "error: worker rank 1 (pid" in err and "killed by SIGKILL" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker processes through /proc")
+def test_restarted_workers_resume_and_finish(tmp_path, tiny_overrides, cache_dir) -> None:
+    from centerpoint.checkpoint import load_checkpoint
+
+    steps = 12
+    proc = _start_cli(tmp_path / "run", cache_dir, steps, 1, tiny_overrides)
+    try:
+        _kill_rank1_after_first_checkpoint(proc, tmp_path / "run")
+        rc = proc.wait(timeout=300)
+    finally:
+        _stop(proc)
+    out, err = (tmp_path / "run.out").read_text(), (tmp_path / "run.err").read_text()
+    assert rc == 0, err[-3000:]
+    assert "resuming from" in out
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.safetensors").step == steps
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == steps
+
+
+# ---------------------------------------------------------------- pieces, without processes
+
+
+def test_context_from_launcher_and_slurm_environments() -> None:
+    ctx = distributed.context({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "TORCHELASTIC_RESTART_COUNT": "2"})
+    assert (ctx.rank, ctx.local_rank, ctx.world_size, ctx.restart_count, ctx.distributed) == (3, 1, 4, 2, True)
+    ctx = distributed.context({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"})
+    assert (ctx.rank, ctx.local_rank, ctx.world_size, ctx.restart_count) == (5, 1, 8, 0)
+    assert distributed.context({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == distributed.Context()
+    assert distributed.launched({"WORLD_SIZE": "1"}) and distributed.launched({"SLURM_PROCID": "1",
+                                                                                "SLURM_NTASKS": "2"})
+    assert not distributed.launched({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+
+
+def test_launch_plan_decides_and_configures_the_elastic_agent() -> None:
+    assert launch.needs_launch(launch.LaunchPlan(2), {})
+    assert not launch.needs_launch(launch.LaunchPlan(1), {})
+    assert not launch.needs_launch(launch.LaunchPlan(3), {"WORLD_SIZE": "3", "RANK": "0"})  # under torchrun
+    assert launch.needs_launch(launch.LaunchPlan(1, nnodes=2, master_addr="h"), {})
+    cfg = launch.launch_config(launch.LaunchPlan(3, 2, 1, "node0", 1234, 2))
+    assert (cfg.min_nodes, cfg.max_nodes, cfg.nproc_per_node, cfg.max_restarts) == (2, 2, 3, 2)
+    assert (cfg.rdzv_backend, cfg.rdzv_endpoint, cfg.rdzv_configs["rank"]) == ("static", "node0:1234", 1)
+    single = launch.launch_config(launch.LaunchPlan(2))
+    assert single.rdzv_endpoint.startswith("127.0.0.1:") and int(single.rdzv_endpoint.split(":")[1]) > 0
+    for bad, flag in ((launch.LaunchPlan(0), "--nproc-per-node"), (launch.LaunchPlan(2, 2), "--master-addr"),
+                      (launch.LaunchPlan(2, 2, 2, "h"), "--node-rank"),
+                      (launch.LaunchPlan(2, max_restarts=-1), "--max-restarts")):
+        with pytest.raises(CenterpointError, match=flag):
+            launch.check_plan(bad)
+    assert launch.describe_failure(1, -9, 42) == "worker rank 1 (pid 42) was killed by SIGKILL"
+    assert launch.describe_failure(0, 2, 7) == "worker rank 0 (pid 7) exited with code 2"
+
+
+def test_bit_checksum_sees_one_ulp_and_reads_integer_buffers() -> None:
+    x = torch.randn(1000)
+    y = x.clone()
+    y[500] = torch.nextafter(y[500], torch.tensor(float("inf")))
+    assert int(distributed.bit_checksum(x)) == int(distributed.bit_checksum(x.clone()))
+    assert int(distributed.bit_checksum(x)) != int(distributed.bit_checksum(y))
+    assert int(distributed.bit_checksum(torch.tensor(7, dtype=torch.int64))) == 7
+    assert int(distributed.bit_checksum(torch.ones(3, dtype=torch.bfloat16))) == 3 * 0x3F80
+
+
+def test_sync_batchnorm_keeps_names_and_is_native_outside_a_group() -> None:
+    from centerpoint.model import build_network
+    from centerpoint.spec import ModelSpec
+
+    net = build_network(ModelSpec())
+    before = {k: v.shape for k, v in net.state_dict().items()}
+    assert distributed.sync_batchnorm(net, distributed.Context()) is net  # one process: untouched
+    assert not any(isinstance(m, distributed.SyncBatchNorm2d) for m in net.modules())
+    distributed.sync_batchnorm(net, distributed.Context(0, 0, 2))
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(type(m) is distributed.SyncBatchNorm2d for m in bns)
+    assert {k: v.shape for k, v in net.state_dict().items()} == before
+    bn, native = bns[0], torch.nn.BatchNorm2d(bns[0].num_features)
+    native.load_state_dict(bn.state_dict())
+    x = torch.randn(2, bn.num_features, 5, 5)
+    torch.testing.assert_close(bn.train()(x), native.train()(x))  # no process group: the native path
+
+
+def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    have = {"cuda": False, "sdaa": True}
+    assert devices.resolve_name("auto", lambda n: have[n]) == "sdaa"
+    have["cuda"] = True
+    assert devices.resolve_name("auto", lambda n: have[n]) == "cuda"
+    assert devices.resolve_name("auto", lambda n: False) == "cpu"
+    with pytest.raises(CenterpointError, match="--device sdaa"):
+        devices.resolve_name("sdaa", lambda n: False)
+    cuda, sdaa, cpu = devices.make_backend("cuda", 2), devices.make_backend("sdaa", 1), devices.make_backend("cpu", 3)
+    assert (cuda.device, cuda.dist_backend, cuda.compile_by_default) == (torch.device("cuda", 2), "nccl", True)
+    assert (sdaa.device_string, sdaa.dist_backend, sdaa.compile_by_default) == ("sdaa:1", "tccl", False)
+    assert (cpu.device, cpu.dist_backend) == (torch.device("cpu"), "gloo")
+    with pytest.raises(CenterpointError, match="sdaa"):
+        devices.should_compile(sdaa, "on")
+    amp = cuda.autocast("bf16")
+    assert isinstance(amp, torch.autocast) and (amp.device, amp.fast_dtype) == ("cuda", torch.bfloat16)
+    assert cuda.autocast("fp32").__class__ is not torch.autocast
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    assert devices.select_backend("cuda", 1).device == torch.device("cuda", 1) and set_to == [torch.device("cuda", 1)]
+    joined = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: joined.append(backend))
+    monkeypatch.setitem(sys.modules, "torch_sdaa", type(sys)("torch_sdaa"))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    for backend in (cuda, sdaa, cpu):
+        distributed.init_process_group(distributed.Context(0, 0, 2), backend)
+    assert joined == ["nccl", "tccl", "gloo"]
+
+
+def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path) -> None:
+    """In a fresh process: a stand-in `torch_sdaa` registers the 'sdaa' device name the way the real one
+    does; selection then sets sdaa:<local_rank> and mixed precision autocasts on 'sdaa'. Selecting cpu
+    never imports torch_sdaa."""
+    (tmp_path / "torch_sdaa.py").write_text(textwrap.dedent("""
+        import types
+        import torch
+        torch.utils.rename_privateuse1_backend("sdaa")
+        calls = []
+        torch.sdaa = types.SimpleNamespace(is_available=lambda: True, set_device=calls.append,
+                                           get_amp_supported_dtype=lambda: [torch.float16, torch.bfloat16])
+    """))
+    code = textwrap.dedent("""
+        import sys
+        from centerpoint import devices
+        devices.select_backend("cpu")
+        assert "torch_sdaa" not in sys.modules
+        backend = devices.select_backend("sdaa", 1)
+        import torch, torch_sdaa
+        amp = backend.autocast(devices.resolve_precision(backend, "fp16"))
+        print(backend.device, torch_sdaa.calls, amp.device, amp.fast_dtype, devices.resolve_precision(backend, "auto"))
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["sdaa:1", "[device(type='sdaa',", "index=1)]", "sdaa", "torch.float16", "fp32"]

@@ -1,0 +1,317 @@
+"""Nothing lost: a training run SIGKILLed at a random moment and resumed ends bit-identical to an
+uninterrupted one; a checkpoint writer killed mid-write never leaves a corrupt `latest`; retention keeps
+the last K periodic checkpoints plus the best."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from centerpoint.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_writes,
+    save_checkpoint,
+)
+from centerpoint.errors import CenterpointError
+from centerpoint.spec import load_spec
+from centerpoint.step import TrainState
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 6  # 24 images / batch 8 = 3 steps per epoch: the run crosses an epoch boundary
+DETERMINISTIC = ["runtime.threads=1", "train.checkpoint_every_steps=1", "logging.tensorboard=false"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
+
+
+def _train_args(work: Path, *extra: str) -> list[str]:
+    sets = [x for o in [*TINY, *DETERMINISTIC] for x in ("--set", o)]
+    return [sys.executable, "-m", "centerpoint", "train", *sets, "--max-steps", str(TOTAL_STEPS),
+            "--workdir", str(work), "--device", "cpu", *extra]
+
+
+def _run(work: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_train_args(work, *extra), capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=600)
+
+
+def _saved_step(path: Path) -> int:
+    """The step recorded in a checkpoint's metadata (-1 when there is none yet)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("step", -1))
+    except Exception:  # not written yet
+        return -1
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """An uninterrupted run (also generates the tiny dataset once for the runs below)."""
+    work = tmp_path_factory.mktemp("reference")
+    res = _run(work)
+    assert res.returncode == 0, res.stderr
+    return work
+
+
+def _assert_same_final_state(got: Path, want: Path) -> None:
+    a = load_file(str(got / "checkpoints" / "latest.safetensors"))
+    b = load_file(str(want / "checkpoints" / "latest.safetensors"))
+    assert set(a) == set(b)
+    assert any(k.startswith("opt.") for k in a) and any(k.startswith("buffers.") for k in a)
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert int(a["step"]) == TOTAL_STEPS
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_killed_run_resumes_bit_identical(seed: int, reference: Path, tmp_path: Path) -> None:
+    rng = random.Random(seed)
+    kill_after = rng.randint(1, TOTAL_STEPS - 2)  # kill once `latest` holds at least this step...
+    delay = rng.uniform(0.0, 0.3)  # ...plus a random delay, to land in a step, a write or the loader
+    latest = tmp_path / "checkpoints" / "latest.safetensors"
+    proc = subprocess.Popen(_train_args(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while _saved_step(latest) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+    proc.stderr.close()
+    killed_at = _saved_step(latest)
+    assert 1 <= killed_at < TOTAL_STEPS, killed_at  # it really was interrupted mid-run
+
+    res = _run(tmp_path, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from {latest} (step {killed_at}," in " ".join(res.stdout.split())
+    _assert_same_final_state(tmp_path, reference)
+    # The same parameters give the same evaluation.
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    want = json.loads((reference / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {k: v for k, v in last.items() if k.startswith("bbox_")} == \
+        {k: v for k, v in want.items() if k.startswith("bbox_")}
+    assert last["step"] == TOTAL_STEPS
+
+
+def test_resume_of_a_finished_run_does_nothing(reference: Path, tmp_path: Path) -> None:
+    work = tmp_path / "run"
+    (work / "checkpoints").mkdir(parents=True)
+    src = reference / "checkpoints" / "latest.safetensors"
+    (work / "checkpoints" / "latest.safetensors").write_bytes(src.read_bytes())
+    res = _run(work, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "already" in res.stdout and not (work / "metrics.jsonl").exists()
+    _assert_same_final_state(work, reference)
+
+
+class _Crash(Exception):
+    """Stands in for a kill between two steps of an in-process run."""
+
+
+def _poisoned_train(monkeypatch: pytest.MonkeyPatch, spec, resume: bool, poison: set[int],
+                    crash_at: int | None) -> list[int]:
+    """Train in-process; batches whose image sum is in `poison` get NaN images (a non-finite step that
+    the run skips); with `crash_at` the run dies before its crash_at-th step. Returns the batch keys seen."""
+    import centerpoint.train as train_mod
+
+    from centerpoint.step import make_train_step as make
+
+    seen: list[int] = []
+
+    def factory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        step = make(*args, **kwargs)
+
+        def wrapped(state, batch):  # noqa: ANN001, ANN202
+            key = int(batch["images"].sum())
+            seen.append(key)
+            if crash_at is not None and len(seen) == crash_at:
+                raise _Crash
+            if key in poison:
+                batch = {**batch, "images": batch["images"].float() * float("nan")}
+            return step(state, batch)
+
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "make_train_step", factory)
+    from rich.console import Console
+
+    try:
+        train_mod.train(spec, resume=resume, console=Console(quiet=True))
+    except _Crash:
+        pass
+    return seen
+
+
+def _batch_keys(spec) -> list[int]:  # noqa: ANN001
+    """The image sums of the run's batches, in training order, straight from the data pipeline."""
+    from centerpoint.build import data_root, load_split
+    from centerpoint.data.loader import DetectionDataset, epoch_batches
+
+    index = load_split(spec, data_root(spec), True)
+    data = DetectionDataset(index, spec.data, spec.train.seed, train=True)
+    t = spec.train
+    batches = [b for e in range(2) for b in epoch_batches(len(index), t.batch_size, t.seed, e)]
+    return [sum(int(data[k].image.sum()) for k in b) for b in batches][: t.max_steps]
+
+
+def test_resume_after_skipped_non_finite_step_is_exact(tmp_path: Path, cache_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def spec_for(work: Path):  # noqa: ANN202
+        # 5 steps: the run ends inside its second epoch, so the step count (not the epochs) stops it.
+        return load_spec(None, [*TINY, *DETERMINISTIC, "train.max_steps=5", "runtime.device=cpu",
+                                f"logging.workdir={work}", "train.nonfinite=skip"])
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    keys = _batch_keys(spec_for(ref))
+    assert len(keys) == 5 and len(set(keys)) == 5
+    poison = {keys[1]}  # the second step goes non-finite and is skipped
+    assert _poisoned_train(monkeypatch, spec_for(ref), False, poison, None) == keys
+    assert int(load_file(str(ref / "checkpoints" / "latest.safetensors"))["step"]) == 4  # 5 taken, 1 skipped
+    # Die before step 4: `latest` holds 3 steps taken, 2 updates applied.
+    _poisoned_train(monkeypatch, spec_for(cut), False, poison, crash_at=4)
+    assert load_checkpoint(cut / "checkpoints" / "latest.safetensors").step == 2
+    resumed = _poisoned_train(monkeypatch, spec_for(cut), True, poison, None)
+    assert resumed == keys[3:]  # exactly the remaining batches, no extra step for the skipped one
+    end = load_checkpoint(cut / "checkpoints" / "latest.safetensors")
+    assert (end.epoch, end.batch_in_epoch) == (1, 2)  # stopped inside epoch 2, after 2 of its 3 batches
+    a = load_file(str(cut / "checkpoints" / "latest.safetensors"))
+    b = load_file(str(ref / "checkpoints" / "latest.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- killing the writer ---------------------------------------------------------------------------------
+
+# Imports torch once, then per round forks a child that saves checkpoints in a loop, SIGKILLs it after a
+# random delay and reports; the test checks the run directory between rounds.
+_HARNESS = """
+import os, random, signal, sys, time, torch
+from pathlib import Path
+from centerpoint.checkpoint import save_checkpoint
+from centerpoint.spec import load_spec
+from centerpoint.step import TrainState
+spec, path = load_spec(None), Path(sys.argv[1]) / "checkpoints" / "latest.safetensors"
+rng = random.Random(int(sys.argv[2]))
+for line in sys.stdin:
+    start = int(line)  # the step of the newest complete checkpoint, as the test read it
+    pid = os.fork()
+    if pid == 0:
+        step = start
+        while True:
+            step += 1
+            full = lambda n: torch.full((n,), float(step))
+            state = TrainState({"w": full(2_000_000)}, {"b": full(1000)}, {"m": full(2_000_000)}, torch.tensor(step))
+            save_checkpoint(path, state, spec, epoch=step // 10, batch_in_epoch=step % 10)
+    time.sleep(rng.uniform(0.02, 0.5))
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    print("killed", flush=True)
+"""
+
+
+def _check_consistent(ckpt_step: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the harness's checkpoint for step s is filled with s: a mix means corruption."""
+    for name, t in tensors.items():
+        assert torch.all(t == ckpt_step), name
+
+
+def test_kill_during_checkpoint_writes_never_corrupts(tmp_path: Path) -> None:
+    rounds = 30
+    harness = subprocess.Popen([sys.executable, "-c", _HARNESS, str(tmp_path), "1234"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT, text=True)
+    assert harness.stdin is not None and harness.stdout is not None
+    last_step = 0
+    try:
+        for _ in range(rounds):
+            harness.stdin.write(f"{last_step}\n")
+            harness.stdin.flush()
+            assert harness.stdout.readline() == "killed\n", harness.stderr.read() if harness.stderr else ""
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a skipped (unreadable) checkpoint would fail here
+                ckpt = latest_checkpoint(tmp_path)
+            if ckpt is None:  # killed before its first complete write
+                assert last_step == 0
+                continue
+            assert ckpt.step >= last_step  # never goes back
+            _check_consistent(ckpt.step, ckpt.tensors)
+            assert ckpt.epoch == ckpt.step // 10 and ckpt.batch_in_epoch == ckpt.step % 10
+            last_step = ckpt.step
+    finally:
+        harness.stdin.close()
+        harness.wait(timeout=60)
+        harness.stdout.close()
+        if harness.stderr:
+            harness.stderr.close()
+    assert harness.returncode == 0
+    assert last_step >= 2  # writes did complete between kills
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    partial = [f for f in files if f.endswith(".tmp")]
+    assert partial, "no kill landed inside a write; the test proved nothing"
+    assert [f for f in files if not f.endswith(".tmp")] == ["latest.safetensors"]
+    # The temp files of interrupted writes are what the next run cleans up, and only those.
+    assert remove_partial_writes(tmp_path) == len(partial)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.safetensors"]
+
+
+def _small_state(step: int) -> TrainState:
+    return TrainState({"w": torch.full((10,), float(step))}, {}, {"m": torch.zeros(10)}, torch.tensor(step))
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import centerpoint.checkpoint as checkpoint
+
+    spec = load_spec(None)
+    path = save_checkpoint(tmp_path / "latest.safetensors", _small_state(1), spec, 0, 1)
+    before = path.read_bytes()
+
+    def full_disk(tensors: dict, metadata: dict) -> bytes:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_serialize", full_disk)
+    with pytest.raises(CenterpointError, match="No space left on device"):
+        save_checkpoint(path, _small_state(2), spec, 0, 2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.safetensors"]
+    assert load_checkpoint(path).step == 1
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "c.safetensors", _small_state(1), load_spec(None), 0)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_keeps_last_k_plus_best(tmp_path: Path) -> None:
+    from centerpoint.train import _save_epoch
+
+    spec = load_spec(None, ["train.keep_last=2", "train.checkpoint_every=1"])
+    maps = [0.1, 0.5, 0.3, 0.2]  # the best is epoch 2, which falls out of the last two
+    for epoch, m in enumerate(maps, start=1):
+        _save_epoch(tmp_path, _small_state(epoch), spec, epoch, {"bbox_mAP": m}, epoch == len(maps))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best.json", "best.safetensors", "epoch_0003.safetensors", "epoch_0004.safetensors",
+                     "latest.safetensors"]
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.safetensors")
+    assert best.step == 2 and best.metrics["bbox_mAP"] == 0.5
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.safetensors").step == 4
