@@ -112,7 +112,8 @@ def all_sum(t: Tensor) -> Tensor:
 
 
 def make_reduce(ctx: Context) -> Callable[[Tree], Tree] | None:
-    """A function averaging a tree over ranks through one flat buffer (None for a single process).
+    """A function averaging a tree over ranks through one flat buffer (None for a single process). The
+    buffer is float32 (float64 if any leaf is); each leaf comes back in its own dtype.
 
     Uses the functional (out-of-place, compile-traceable) all_reduce when torch has it, else the
     in-place `dist.all_reduce` (eager only, e.g. on torch 2.0 / sdaa).
@@ -124,7 +125,8 @@ def make_reduce(ctx: Context) -> Callable[[Tree], Tree] | None:
 
     def reduce(tree: Tree) -> Tree:
         keys = list(tree)
-        flat = torch.cat([tree[k].reshape(-1).float() for k in keys])
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in tree.values()) else torch.float32
+        flat = torch.cat([tree[k].reshape(-1).to(dtype) for k in keys])
         if functional is not None:
             flat = functional(flat)
         else:
@@ -164,7 +166,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     Same parameters and buffers (names, shapes) as nn.BatchNorm2d, so it is a drop-in for the network
     structure. In training each forward all-reduces [per-channel sum, element count] and then the
-    per-channel sum of squared deviations (two passes, like the native kernel, float32); the running
+    per-channel sum of squared deviations (two passes, like the native kernel, at least float32); the running
     statistics are updated in place in the buffers it is given, as nn.BatchNorm2d does (the train step
     hands it clones). In eval mode, or outside a process group, it is the native BatchNorm.
     """
@@ -173,7 +175,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not self.training or not (dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         c = x.shape[1]
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 (or float64)
         local = torch.cat([xf.sum((0, 2, 3)), xf.new_full((1,), x.numel() // c)])
         total = _AllSum.apply(local)
         count = total[c]

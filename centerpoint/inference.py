@@ -87,7 +87,10 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
     for i, path in enumerate(files):
         img = read_image(str(path))
         w, h = img.size
-        a, size = resize_affine(w, h, spec.data.input_size) if spec.data.test_mode == "resize" else pad_affine(w, h)
+        if spec.data.test_mode == "resize":
+            a, size = resize_affine(w, h, spec.data.test_size or spec.data.input_size)
+        else:
+            a, size = pad_affine(w, h)
         pixels = torch.from_numpy(np.ascontiguousarray(warp(img, a, size).transpose(2, 0, 1)))[None]
         with torch.no_grad():
             boxes, scores, labels = predict(params, buffers, pixels.to(backend.device))

@@ -48,7 +48,8 @@ def check_plan(plan: LaunchPlan) -> None:
     if plan.nnodes < 1:
         raise CenterpointError(f"--nnodes {plan.nnodes}: must be at least 1")
     if not 0 <= plan.node_rank < plan.nnodes:
-        raise CenterpointError(f"--node-rank {plan.node_rank}: must be in 0..{plan.nnodes - 1} (--nnodes {plan.nnodes})")
+        raise CenterpointError(f"--node-rank {plan.node_rank}: must be in 0..{plan.nnodes - 1} "
+                               f"(--nnodes {plan.nnodes})")
     if plan.nnodes > 1 and not plan.master_addr:
         raise CenterpointError(f"--nnodes {plan.nnodes}: pass --master-addr HOST, the address of node 0 that "
                                "every node can reach (and the same --master-port on every node)")

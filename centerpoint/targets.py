@@ -8,10 +8,15 @@ Units: boxes come in INPUT pixels (the network input after resize/pad); every ou
 feature map, in feature-map CELLS (``cell = pixel / stride``).
 """
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from centerpoint.errors import CenterpointError
+
+Allocator = Callable[[tuple[int, ...]], Tensor]  # shape -> uninitialised float32 tensor
 
 
 def gaussian_radius(h: Tensor, w: Tensor, min_overlap: float = 0.3) -> Tensor:
@@ -68,8 +73,8 @@ def _check_inputs(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tupl
 
 
 def _render_heatmap(cx_int: Tensor, cy_int: Tensor, radius: Tensor, labels: Tensor, num_classes: int,
-                    feat_hw: tuple[int, int]) -> Tensor:
-    """Per-class max of all objects' gaussians, ``(B, C, H, W)`` float32.
+                    feat_hw: tuple[int, int], heat: Tensor) -> None:
+    """Write the per-class max of all objects' gaussians into ``heat``, a zeroed ``(B, C, H, W)`` float32.
 
     ``cx_int``/``cy_int`` ``(B, N)`` int64 centre cells inside the map, ``radius`` ``(B, N)`` float32
     whole cells, ``labels`` ``(B, N)`` with ``< 0`` for padding. Each object gets
@@ -100,19 +105,18 @@ def _render_heatmap(cx_int: Tensor, cy_int: Tensor, radius: Tensor, labels: Tens
     keep = (in_y[..., :, None] & in_x[..., None, :] & (labels >= 0)[..., None, None]
             & (gauss >= torch.finfo(torch.float32).eps))
 
-    # One flat scatter-amax over (image, class, y, x); dropped cells go to a dump slot past the
-    # end, so there is no data-dependent boolean indexing.
+    # One flat scatter-amax over (image, class, y, x), straight into the output. A dropped cell sends 0
+    # to cell 0, which changes nothing (every value is >= 0), so there is no data-dependent boolean
+    # indexing and no extra slot (the output can be any preallocated buffer).
     plane = torch.arange(b, device=dev)[:, None] * num_classes + labels.clamp(min=0)  # (B, N)
     flat = (plane[..., None, None] * h_map + ys[..., :, None]) * w_map + xs[..., None, :]
-    dump = b * num_classes * h_map * w_map
-    flat = torch.where(keep, flat, torch.full_like(flat, dump))
-    heat = torch.zeros(dump + 1, dtype=torch.float32, device=dev)
-    heat.scatter_reduce_(0, flat.reshape(-1), gauss.reshape(-1), "amax")
-    return heat[:dump].reshape(b, num_classes, h_map, w_map)
+    flat = torch.where(keep, flat, torch.zeros_like(flat))
+    gauss = torch.where(keep, gauss, torch.zeros_like(gauss))
+    heat.view(-1).scatter_reduce_(0, flat.reshape(-1), gauss.reshape(-1), "amax")
 
 
 def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple[int, int], stride: int,
-                 min_overlap: float = 0.3) -> dict[str, Tensor]:
+                 min_overlap: float = 0.3, empty: Allocator | None = None) -> dict[str, Tensor]:
     """Render CenterNet targets for a padded batch of boxes.
 
     Args:
@@ -123,6 +127,9 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
         feat_hw: feature-map size ``(H, W)`` in cells.
         stride: input pixels per feature-map cell.
         min_overlap: IoU used by :func:`gaussian_radius`.
+        empty: ``empty(shape)`` returns the uninitialised float32 tensor an output is written into (e.g. one
+            in shared memory, saving a data loader worker a copy of every batch); default ``torch.empty``
+            on the boxes' device.
 
     Returns:
         ``heatmap`` ``(B, C, H, W)`` float32 in [0, 1], exactly 1 at each object's centre cell;
@@ -160,7 +167,10 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
     cy_int = cy_floor.clamp(0, h_map - 1).long()
     # torch.trunc == Python int() for the non-negative radii; negatives clamp to 0 like max(0, .).
     radius = torch.trunc(gaussian_radius(bh, bw, min_overlap)).clamp(min=0).to(torch.float32)
-    heatmap = _render_heatmap(cx_int, cy_int, radius, labels, num_classes, feat_hw)
+    if empty is None:
+        empty = partial(torch.empty, dtype=torch.float32, device=dev)
+    heatmap = empty((b, num_classes, h_map, w_map)).zero_()
+    _render_heatmap(cx_int, cy_int, radius, labels, num_classes, feat_hw, heatmap)
 
     # Regression maps: scatter into one extra dump slot that absorbs padding objects, so no
     # data-dependent boolean indexing (and no host sync) is needed.
@@ -175,7 +185,7 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
 
     def _to_map(t: Tensor) -> Tensor:
         """(K, B*H*W + 1) -> (B, K, H, W), dropping the dump slot."""
-        return t[:, : b * hw].reshape(-1, b, h_map, w_map).transpose(0, 1).contiguous()
+        return empty((b, t.shape[0], h_map, w_map)).copy_(t[:, : b * hw].reshape(-1, b, h_map, w_map).transpose(0, 1))
 
     return {
         "heatmap": heatmap,

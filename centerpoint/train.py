@@ -140,6 +140,11 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
         console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
                       f"compile {'on' if compiled else 'off'} | {precision}")
+        dropped = train_index.dropped_boxes + val_index.dropped_boxes
+        if dropped or train_index.dropped_images:
+            console.print(f"dropped {dropped} boxes of zero, negative or below data.min_box_size size and "
+                          f"{train_index.dropped_images} train images left without boxes "
+                          "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
                start_epoch, start_batch, dist, finished)
 

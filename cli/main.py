@@ -38,7 +38,10 @@ def _flag_updates(**flags: object) -> dict[str, object]:
             "batch_size": "train.batch_size", "lr": "optim.lr", "data_dir": "data.root",
             "max_steps": "train.max_steps", "compile": "runtime.compile", "precision": "runtime.precision",
             "workers": "data.workers", "seed": "train.seed"}
-    return {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None}
+    updates = {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None}
+    if flags.get("lr") is not None:
+        updates["optim.base_batch"] = None  # --lr is the lr actually used: no linear batch scaling on top
+    return updates
 
 
 def _resolve(spec_file: Path | None, sets: list[str], **flags: object):  # noqa: ANN202
@@ -58,7 +61,7 @@ def train(
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs to train."),
     max_steps: int | None = typer.Option(None, "--max-steps", "--max_steps", help="Stop after N steps."),
     batch_size: int | None = typer.Option(None, "--batch-size", "--batch_size", help="Images per device."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate, used as given (no batch scaling)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", "--data-root", help="Dataset root."),
     compile: str | None = typer.Option(None, "--compile", help="auto | on | off."),
     precision: str | None = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
@@ -72,15 +75,15 @@ def train(
     master_addr: str | None = typer.Option(None, "--master-addr", "--master_addr",
                                            help="Address of node 0 (needed with --nnodes > 1)."),
     master_port: int | None = typer.Option(None, "--master-port", "--master_port",
-                                           help="Port of node 0 (default: a free one on one machine, 29500 on several)."),
+                                           help="Port of node 0 (default: a free one on one machine, 29500 "
+                                           "on several)."),
     max_restarts: int = typer.Option(0, "--max-restarts", "--max_restarts",
                                      help="Restart all workers up to K times after a failure; they resume from "
                                      "the latest checkpoint."),
 ) -> None:
     """Train an experiment (default: the built-in shapes experiment, offline, on any device).
 
-    With --nproc-per-node N (or --nnodes M) the elastic launcher starts N workers running this same
-    command, one per device; under torchrun or srun the process just joins its job.
+    --nproc-per-node N starts N workers (one per device) running this same command; under torchrun or srun it joins.
     """
     if epochs is not None and max_steps is not None:
         raise CenterpointError(f"--epochs {epochs} and --max-steps {max_steps} contradict each other (--max-steps "
@@ -250,25 +253,27 @@ def main() -> None:
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: {err.strerror or _one_line(err)}{where}", file=sys.stderr)
         sys.exit(2)
-    except Exception as err:  # click's usage errors and friends
-        import click
-
-        if isinstance(err, click.exceptions.Exit):
+    except Exception as err:  # click's usage errors and friends (typer may vendor its own click: duck-typed)
+        if isinstance(err, typer.Exit):
             sys.exit(err.exit_code)
-        if isinstance(err, click.UsageError):
-            ctx = err.ctx
-            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-            print(f"error: {_one_line(err.format_message())}{hint}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(err, click.ClickException):
-            print(f"error: {_one_line(err.format_message())}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(err, click.exceptions.Abort):
+        if isinstance(err, typer.Abort):
             sys.exit(130)
+        if type(err).__name__ == "NoArgsIsHelpError":  # a group without its subcommand: show its help
+            err.show()  # type: ignore[attr-defined]
+            sys.exit(getattr(err, "exit_code", 2))
+        if callable(getattr(err, "format_message", None)) and hasattr(err, "exit_code"):
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"error: {_one_line(err.format_message())}{hint}", file=sys.stderr)  # type: ignore[attr-defined]
+            sys.exit(2)
         raise
 
 
-from cli import checkpoint_cmds, data_cmds  # noqa: E402,F401  (registers commands)
+from cli import (  # noqa: E402,F401  (registers commands)
+    checkpoint_cmds,
+    data_cmds,
+    doctor_cmd,  # noqa: E402,F401  (registers commands)
+)
 
 if __name__ == "__main__":
     main()

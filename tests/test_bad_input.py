@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from centerpoint.spec import load_spec
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = [x for o in TINY for x in ("--set", o)]
 COCO = ["--set", "data.dataset=coco"]
+HEAD = load_spec(None).model.head_channels
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -58,7 +60,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
     from centerpoint.build import build_optimizer, data_root
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.model import init
-    from centerpoint.spec import load_spec
     from centerpoint.step import init_state
 
     base = tmp_path_factory.mktemp("shared")
@@ -120,7 +121,7 @@ def _eval_ckpt(make: Callable[[Path, Shared], Path], *extra: str) -> Callable[[P
 
 
 def _truncated(d: Path, s: Shared) -> Path:
-    (d / "t.safetensors").write_bytes(s.ckpt.read_bytes()[: 50_000_000])
+    (d / "t.safetensors").write_bytes(s.ckpt.read_bytes()[: s.ckpt.stat().st_size // 2])
     return d / "t.safetensors"
 
 
@@ -178,8 +179,10 @@ CASES: dict[str, tuple[Callable[[Path, Shared], list[str]], list[str]]] = {
     "set out of range": (lambda d, s: ["spec", "show", "--set", "data.input_size=100"],
                          ["data.input_size", "multiple of 32"]),
     "set without value": (lambda d, s: ["spec", "show", "--set", "optim.lr"], ["expected KEY=VALUE"]),
-    "unknown flag": (lambda d, s: ["train", "--epoch", "3"], ["No such option: --epoch", "centerpoint train --help"]),
-    "flag of the wrong type": (lambda d, s: ["train", "--epochs", "many"], ["'--epochs'", "'many' is not a valid integer"]),
+    "unknown flag": (lambda d, s: ["train", "--epoch", "3"],
+                     ["No such option: --epoch", "centerpoint train --help"]),
+    "flag of the wrong type": (lambda d, s: ["train", "--epochs", "many"],
+                               ["Invalid value for '--epochs'", "valid integer"]),
     # datasets
     "data dir missing": (lambda d, s: ["train", *SETS, *COCO, "--data-dir", str(d / "nope"), "--workdir",
                                        str(d / "run")], ["data directory not found", "nope"]),
@@ -207,8 +210,8 @@ CASES: dict[str, tuple[Callable[[Path, Shared], list[str]], list[str]]] = {
     "checkpoint not safetensors": (_eval_ckpt(_pickle_as_safetensors), ["not a readable .safetensors"]),
     "checkpoint of no centerpoint run": (_eval_ckpt(_foreign), ["not a centerpoint checkpoint"]),
     "checkpoint of another architecture": (
-        _eval_ckpt(lambda d, s: s.ckpt, "--set", "model.head_channels=32"),
-        ["does not fit this model", "params.bbox_head.heatmap_head.0.bias is (64,), expected (32,)"]),
+        _eval_ckpt(lambda d, s: s.ckpt, "--set", f"model.head_channels={2 * HEAD}"),
+        ["does not fit this model", f"params.bbox_head.heatmap_head.0.bias is ({HEAD},), expected ({2 * HEAD},)"]),
     "pth that needs code to unpickle": (_evil_pth, ["evil.pth: "]),  # refused by torch.load(weights_only)
     # outputs
     "workdir under a file": (lambda d, s: ["train", *SETS, "--workdir", str(_a_file(d) / "run")],
@@ -256,3 +259,169 @@ def test_bad_input_is_one_line_exit_2_nothing_changed(name: str, shared: Shared,
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     res = run_cli("--debug", "spec", "show", "--set", "train.epochz=3")
     assert res.returncode != 0 and "Traceback" in res.stderr and "CenterpointError" in res.stderr
+
+
+# --- inputs that are not errors by design ---------------------------------------------------------------
+
+def _last_metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_unreadable_images_are_skipped_and_counted(shared: Shared, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(shared.data, data)
+    train_images = sorted((data / "train").iterdir())
+    train_images[0].unlink()
+    train_images[1].write_bytes(b"\xff\xd8 not a jpeg")
+    sorted((data / "val").iterdir())[0].write_bytes(b"")
+    run = tmp_path / "run"
+    res = run_cli("train", *SETS, *COCO, "--data-dir", str(data), "--workdir", str(run), "--max-steps", "3",
+                  "--set", "data.on_bad_image=skip")
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = _last_metrics(run)
+    # 24 images / batch 8: every train image is used once in the 3 steps, every val image evaluated once.
+    assert record["bad_train_images"] == 2 and record["bad_images"] == 1
+
+
+def test_degenerate_boxes_are_dropped_and_counted(shared: Shared, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(shared.data, data)
+    path = data / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["bbox"][2] = 0.0  # zero width
+    coco["annotations"][1]["bbox"][3] = -5.0  # negative height
+    coco["annotations"][2]["bbox"] = [1e6, 1e6, 10.0, 10.0]  # entirely outside the image
+    path.write_text(json.dumps(coco))
+    res = run_cli("train", *SETS, *COCO, "--data-dir", str(data), "--workdir", str(tmp_path / "run"),
+                  "--max-steps", "1", "--set", "eval.max_images=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dropped 3 boxes of zero, negative or below data.min_box_size size" in " ".join(res.stdout.split())
+
+
+# --- a full disk ----------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def small_disk(tmp_path: Path, shared: Shared):  # noqa: ANN201
+    """A tmpfs with room for one checkpoint but not two (needs root and CAP_SYS_ADMIN, else skipped)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    size = shared.ckpt.stat().st_size * 3 // 2
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_while_training_keeps_the_last_checkpoint(small_disk: Path) -> None:
+    from centerpoint.checkpoint import load_checkpoint
+
+    run = small_disk / "run"
+    res = run_cli("train", *SETS, "--workdir", str(run), "--max-steps", "3", "--set",
+                  "train.checkpoint_every_steps=1", "--set", "logging.tensorboard=false")
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "No space left on device" in lines[0]
+    assert load_checkpoint(run / "checkpoints" / "latest.safetensors").step == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.safetensors"]  # no temp file
+
+
+def test_disk_full_in_process_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same without a mount: the write raises ENOSPC; the previous file stays, no temp file is left."""
+    import errno
+
+    import torch
+
+    import centerpoint.checkpoint as checkpoint
+    from centerpoint.errors import CenterpointError
+    from centerpoint.step import TrainState
+
+    def state(step: int) -> TrainState:
+        return TrainState({"w": torch.full((10,), float(step))}, {}, {}, torch.tensor(step))
+
+    spec = load_spec(None)
+    path = checkpoint.save_checkpoint(tmp_path / "latest.safetensors", state(1), spec, 0, 1)
+    before = path.read_bytes()
+    real = checkpoint._serialize
+
+    def half_then_full(tensors: dict, metadata: dict) -> bytes:
+        data = real(tensors, metadata)
+        temp = next(tmp_path.glob(".latest.safetensors.*.tmp"))
+        temp.write_bytes(data[: len(data) // 2])  # what a write cut short leaves behind
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_serialize", half_then_full)
+    with pytest.raises(CenterpointError, match=r"cannot write checkpoint .*latest.safetensors: No space left"):
+        checkpoint.save_checkpoint(path, state(2), spec, 0, 2)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["latest.safetensors"]
+    assert checkpoint.load_checkpoint(path).step == 1
+
+
+# --- centerpoint data check -----------------------------------------------------------------------------
+
+def _broken_dataset(shared: Shared, root: Path) -> Path:
+    """The dataset with known faults: 1 missing and 1 truncated train image, 1 garbage val image, a train
+    image whose json size is wrong, 2 degenerate boxes, 1 box sticking out, 1 tiny box."""
+    data = root / "data"
+    shutil.copytree(shared.data, data)
+    train = sorted((data / "train").iterdir())
+    train[0].unlink()
+    train[1].write_bytes(train[1].read_bytes()[: train[1].stat().st_size * 2 // 3])  # header intact, pixels cut
+    sorted((data / "val").iterdir())[0].write_bytes(b"GIF89a garbage")
+    path = data / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    coco["images"][2]["width"] += 1
+    anns = coco["annotations"]
+    anns[0]["bbox"][2] = 0.0
+    anns[1]["bbox"][3] = -3.0
+    anns[2]["bbox"][0] = -5.0
+    anns[3]["bbox"][2:] = [0.5, 0.5]
+    path.write_text(json.dumps(coco))
+    return data
+
+
+def test_check_finds_every_planted_fault(shared: Shared, tmp_path: Path) -> None:
+    from centerpoint.doctor import blocking_problems, check_split
+
+    data = _broken_dataset(shared, tmp_path)
+    spec = load_spec(None, ["data.dataset=coco", f"data.root={data}"])
+    train = check_split(spec, data, "train", decode=False)
+    coco = json.loads((data / "annotations" / "instances_train.json").read_text())
+    assert (train.images, train.boxes, train.crowd) == (len(coco["images"]), len(coco["annotations"]), 0)
+    assert train.missing == ["000000.jpg"] and train.undecodable == []  # the header check passes a cut file
+    assert [s.split()[0] for s in train.size_mismatch] == [coco["images"][2]["file_name"]]
+    assert (train.degenerate_boxes, train.clipped_boxes, train.small_boxes) == (2, 1, 1)
+    assert sum(train.class_boxes.values()) == len(coco["annotations"]) - 3
+    decoded = check_split(spec, data, "train", decode=True)
+    assert [s.split()[0] for s in decoded.undecodable] == ["000001.jpg"]  # full decoding finds it
+    val = check_split(spec, data, "val")
+    assert val.undecodable and val.undecodable[0].startswith("000000.jpg (cannot identify image file")
+    problems = blocking_problems([train, val])
+    assert len(problems) == 2 and "1 missing image(s): 000000.jpg" in problems[0]
+    skip = load_spec(None, ["data.dataset=coco", f"data.root={data}", "data.on_bad_image=skip"])
+    assert blocking_problems([check_split(skip, data, "train"), check_split(skip, data, "val")]) == []
+    wrong = load_spec(None, ["data.dataset=coco", "model.num_classes=3"])
+    assert "5 categories in instances_val.json but model.num_classes=3" in blocking_problems(
+        [check_split(wrong, data, "val")])[0]
+
+
+def test_check_cli_exit_codes_and_read_only(shared: Shared, tmp_path: Path) -> None:
+    res = run_cli("data", "check", "--data-dir", str(shared.data))
+    assert res.returncode == 0, res.stderr
+    assert "no blocking problems" in res.stdout and "circle" in res.stdout and res.stderr == ""
+    data = _broken_dataset(shared, tmp_path)
+    before = snapshot(tmp_path)
+    res = run_cli("data", "check", "--data-dir", str(data))
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "train: 1 missing image(s): 000000.jpg" in lines[0] and "(+1 more above)" in lines[0]
+    assert "blocking: val: 1 undecodable image(s): 000000.jpg" in res.stdout
+    assert "warning: train: 2 box(es) of zero, negative" in res.stdout
+    assert snapshot(tmp_path) == before
+    res = run_cli("data", "check", "--data-dir", str(data), "--split", "val", "--set", "data.on_bad_image=skip")
+    assert res.returncode == 0 and "warning: val: 1 undecodable" in res.stdout and "train" not in res.stdout
+    res = run_cli("data", "check", "--data-dir", str(data), "--split", "test")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --split test: choose from train, val, both"

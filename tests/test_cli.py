@@ -57,7 +57,7 @@ def test_inspect_eval_and_predict(trained, tmp_path, cache_dir):
     work, _ = trained
     ckpt = work / "checkpoints" / "latest.safetensors"
     res = run_cli("checkpoint", "inspect", str(ckpt))
-    assert res.returncode == 0 and "step 3" in res.stdout and "parameters 14," in res.stdout
+    assert res.returncode == 0 and "step 3" in res.stdout and "parameters 3,5" in res.stdout
     out = tmp_path / "metrics.json"
     res = run_cli("eval", "--checkpoint", str(ckpt), "--out", str(out))
     assert res.returncode == 0, res.stderr

@@ -26,7 +26,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.imports import import_mmdet, load_torchvision_backbone
 from centerpoint.inference import load_model
 from centerpoint.model import build_network, init, make_apply, normalize
-from centerpoint.spec import ModelSpec
+from centerpoint.spec import MMDET_R18, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -300,7 +300,7 @@ def torchvision_resnet18(seed: int) -> dict[str, Tensor]:
 def test_torchvision_backbone_fills_backbone_only(tmp_path):
     tv = torchvision_resnet18(seed=5)
     path = save_pth(tv, tmp_path, "resnet18", mmdet=False)
-    params, buffers = init(ModelSpec(num_classes=80), 0)
+    params, buffers = init(ModelSpec(**MMDET_R18, num_classes=80), 0)
     new_p, new_b = load_torchvision_backbone(path, params, buffers)
     assert new_p.keys() == params.keys() and new_b.keys() == buffers.keys()
     merged = {**new_p, **new_b}
@@ -316,7 +316,7 @@ def test_torchvision_backbone_fills_backbone_only(tmp_path):
 
 def test_torchvision_without_bn_counters_is_accepted_but_a_wrong_depth_is_not(tmp_path):
     tv = {k: v for k, v in torchvision_resnet18(seed=6).items() if not k.endswith("num_batches_tracked")}
-    params, buffers = init(ModelSpec(), 0)
+    params, buffers = init(ModelSpec(**MMDET_R18), 0)
     _, new_b = load_torchvision_backbone(save_pth(tv, tmp_path, "resnet18", mmdet=False), params, buffers)
     assert torch.equal(new_b["backbone.bn1.running_var"], tv["bn1.running_var"])
     assert new_b["backbone.bn1.num_batches_tracked"] is buffers["backbone.bn1.num_batches_tracked"]
@@ -362,7 +362,7 @@ def test_published_name_is_fetched_into_the_cache_once_and_verified(tmp_path, ht
     monkeypatch.setitem(weights.KNOWN_WEIGHTS, name, f"{url}/{name}")
     monkeypatch.setenv("CENTERPOINT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # the bare name is not a file here
-    params, buffers = init(ModelSpec(), 0)
+    params, buffers = init(ModelSpec(**MMDET_R18), 0)
     new_p, _ = load_torchvision_backbone(name, params, buffers)
     cached = tmp_path / "cache" / "weights" / name
     assert cached.read_bytes() == (served / name).read_bytes() and hits == [f"/{name}"]

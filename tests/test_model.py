@@ -2,12 +2,12 @@ import torch
 
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.nn.neck import CTResNetNeck
-from centerpoint.spec import ModelSpec
+from centerpoint.spec import MMDET_R18, ModelSpec
 from centerpoint.tree import num_elements
 
 
 def test_names_match_mmdetection_layout():
-    params, buffers = init(ModelSpec(num_classes=80), 0)
+    params, buffers = init(ModelSpec(**MMDET_R18, num_classes=80), 0)
     keys = set(params) | set(buffers)
     # mmdetection's CenterNet-R18 state_dict (without DCN) has 168 keys including num_batches_tracked.
     assert len(keys) == 168
@@ -18,6 +18,8 @@ def test_names_match_mmdetection_layout():
         assert name in keys, name
     assert params["bbox_head.heatmap_head.2.weight"].shape == (80, 64, 1, 1)
     assert params["neck.deconv_layers.1.conv.weight"].shape == (256, 256, 4, 4)
+    half, _ = init(ModelSpec(), 0)
+    assert set(half) == set(params) and 3_400_000 < num_elements(half) < 3_700_000
     assert 14_000_000 < num_elements(params) < 14_300_000
 
 
@@ -66,8 +68,9 @@ def test_apply_matches_module_and_threads_bn_stats():
 
 
 def test_resnet_depths_output_shapes():
+    assert build_network(ModelSpec()).backbone.out_channels == 256  # the half-width default
     for depth, channels in ((34, 512), (50, 2048)):
-        spec = ModelSpec(depth=depth)
+        spec = ModelSpec(**MMDET_R18, depth=depth)
         net = build_network(spec)
         assert net.backbone.out_channels == channels
         out = net.eval()(torch.zeros(1, 3, 64, 64))

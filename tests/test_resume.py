@@ -25,7 +25,6 @@ from centerpoint.checkpoint import (
     remove_partial_writes,
     save_checkpoint,
 )
-from centerpoint.errors import CenterpointError
 from centerpoint.spec import load_spec
 from centerpoint.step import TrainState
 from tests.conftest import TINY
@@ -129,7 +128,6 @@ def _poisoned_train(monkeypatch: pytest.MonkeyPatch, spec, resume: bool, poison:
     """Train in-process; batches whose image sum is in `poison` get NaN images (a non-finite step that
     the run skips); with `crash_at` the run dies before its crash_at-th step. Returns the batch keys seen."""
     import centerpoint.train as train_mod
-
     from centerpoint.step import make_train_step as make
 
     seen: list[int] = []
@@ -273,26 +271,6 @@ def _small_state(step: int) -> TrainState:
     return TrainState({"w": torch.full((10,), float(step))}, {}, {"m": torch.zeros(10)}, torch.tensor(step))
 
 
-def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
-
-    import centerpoint.checkpoint as checkpoint
-
-    spec = load_spec(None)
-    path = save_checkpoint(tmp_path / "latest.safetensors", _small_state(1), spec, 0, 1)
-    before = path.read_bytes()
-
-    def full_disk(tensors: dict, metadata: dict) -> bytes:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(checkpoint, "_serialize", full_disk)
-    with pytest.raises(CenterpointError, match="No space left on device"):
-        save_checkpoint(path, _small_state(2), spec, 0, 2)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["latest.safetensors"]
-    assert load_checkpoint(path).step == 1
-
-
 def test_checkpoint_files_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -315,3 +293,21 @@ def test_keeps_last_k_plus_best(tmp_path: Path) -> None:
     best = load_checkpoint(tmp_path / "checkpoints" / "best.safetensors")
     assert best.step == 2 and best.metrics["bbox_mAP"] == 0.5
     assert load_checkpoint(tmp_path / "checkpoints" / "latest.safetensors").step == 4
+
+
+def test_restore_keeps_the_template_memory_format(tmp_path: Path) -> None:
+    """A channels-last run resumes with channels-last weights (the loaded file is plain contiguous)."""
+    from centerpoint.build import build_optimizer
+    from centerpoint.checkpoint import restore_state
+    from centerpoint.model import init
+    from centerpoint.step import init_state
+
+    spec = load_spec(None)
+    params, buffers = init(spec.model, 0)
+    tx = build_optimizer(spec, 10, 8).transform
+    path = save_checkpoint(tmp_path / "c.safetensors", init_state(params, buffers, tx), spec, 0)
+    last = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
+    restored = restore_state(load_checkpoint(path), init_state(last, buffers, tx))
+    convs = [k for k, v in params.items() if v.dim() == 4]
+    assert convs and all(restored.params[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert all(torch.equal(restored.params[k], v) for k, v in params.items())

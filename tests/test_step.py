@@ -20,7 +20,7 @@ def _batch(b=2, size=64, seed=0):
 
 def _setup(*sets):
     spec = load_spec(None, ["optim.name=sgd", "optim.grad_clip=null", "schedule.warmup_steps=0",
-                            "schedule.kind=constant", "optim.lr=0.01", *sets])
+                            "schedule.kind=constant", "optim.lr=0.01", "runtime.channels_last=false", *sets])
     plan = build_optimizer(spec, 10, 2)
     params, buffers = init(spec.model, 0)
     step = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule)

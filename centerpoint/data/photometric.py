@@ -6,11 +6,14 @@ All arithmetic is float32, in this order: brightness (add, 0..255 units), contra
 RGB -> HSV, saturation (multiply S), hue (add to H, degrees), HSV -> RGB, contrast if last, channel
 swap, clip to [0, 255] and truncate to uint8. Intermediate values are not clipped (as in mmdetection).
 
-`rgb_to_hsv` / `hsv_to_rgb` state that arithmetic directly on (..., 3) arrays. `apply_distortion`
-computes the same values bit for bit, about 8x faster (see `_hsv_round_trip` for why each step is
-exact): an image without saturation/hue steps is one 256-entry uint8 table lookup (every other step
-acts on each channel value alone); otherwise the colour-space steps run branch-free on cache-sized
-blocks of rows.
+HSV: V = max(R, G, B), S = (V - min) / V (0 where V <= 0), H = 60 * (offset + ratio) % 360 degrees with
+offset 0 / 2 / 4 and ratio (G - B) / (V - min), (B - R) / ..., (R - G) / ... when V is R / G / B (in that
+order of precedence; H = 0 for grey pixels); back: C = V * S, H' = H / 60, X = C * (1 - |H' % 2 - 1|),
+(C, X, 0) placed by the sector floor(H') % 6, plus V - C. `tests/test_pipeline.py` keeps that direct
+form on (..., 3) arrays as the reference; `apply_distortion` computes the same values bit for bit, only
+cheaper (`benchmarks/data_pipeline.py`): an image without saturation/hue steps is one 256-entry uint8
+table lookup (every other step acts on each channel value alone); otherwise the colour-space steps run
+branch-free on cache-sized blocks of rows (see `_hsv_round_trip` for why each step is exact).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ HUE_DELTA = 18.0
 BLOCK_PIXELS = 1 << 14  # pixels per block of the colour-space steps: 64 KB per float32 plane
 
 _F32 = np.float32
+
+
 @dataclass(frozen=True)
 class Distortion:
     """One image's draw; a field left None is a step not applied.
@@ -57,36 +62,6 @@ def draw_distortion(rng: np.random.Generator) -> Distortion:
     return Distortion(brightness, contrast, contrast_first, saturation, hue, order)  # type: ignore[arg-type]
 
 
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) float RGB in 0..255 -> HSV with H in degrees [0, 360), S in [0, 1], V in 0..255."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(-1)
-    delta = v - rgb.min(-1)
-    s = np.where(v > 0, delta / np.where(v > 0, v, 1), 0.0)
-    safe = np.where(delta > 0, delta, 1)
-    h = np.where(v == r, (g - b) / safe, np.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
-    h = np.where(delta > 0, (h * 60.0) % 360.0, 0.0)
-    return np.stack([h, s, v], -1)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """Inverse of `rgb_to_hsv`."""
-    h, s, v = hsv[..., 0] % 360.0, hsv[..., 1], hsv[..., 2]
-    c = v * s
-    hp = h / 60.0
-    x = c * (1 - np.abs(hp % 2 - 1))
-    zero = np.zeros_like(c)
-    sector = np.floor(hp).astype(np.int64) % 6
-    choices = [(c, x, zero), (x, c, zero), (zero, c, x), (zero, x, c), (x, zero, c), (c, zero, x)]
-    rgb = np.zeros(hsv.shape, dtype=hsv.dtype)
-    for k, (rr, gg, bb) in enumerate(choices):
-        sel = sector == k
-        rgb[..., 0] = np.where(sel, rr, rgb[..., 0])
-        rgb[..., 1] = np.where(sel, gg, rgb[..., 1])
-        rgb[..., 2] = np.where(sel, bb, rgb[..., 2])
-    return rgb + (v - c)[..., None]
-
-
 def _bits(members: tuple[int, ...]) -> np.uint8:
     """A bit set of hue sectors, for `_in_sectors`."""
     return np.uint8(sum(1 << k for k in members))
@@ -105,12 +80,14 @@ def _in_sectors(bits: np.uint8, sector: np.ndarray) -> np.ndarray:
 
 def _hsv_round_trip(r: np.ndarray, g: np.ndarray, b: np.ndarray, saturation: float | None,
                     hue: float | None) -> list[np.ndarray]:
-    """`hsv_to_rgb` of `rgb_to_hsv` with S *= saturation and H += hue, on float32 planes, bit for bit.
+    """RGB -> HSV, S *= saturation, H += hue, HSV -> RGB on float32 planes, bit for bit as the direct form.
 
     Why it is exact: max/min/compare pick values without rounding; every +, -, *, / of the direct form
-    is the same float32 operation on the same operands here. A selection `where(m, a, b)` is written
-    `a * m + b * (1 - m)` with m in {0, 1}, which is exact for finite values (it adds a signed zero) and
-    has no branches to mispredict (np.where is several times slower here). The three `%` are replaced by
+    is the same float32 operation on the same operands here. A selection among values is written as a
+    sum of products with 0/1 masks of which exactly one is 1: exact for finite values (the others add
+    signed zeros), and without branches to mispredict (np.where is several times slower here); a
+    denominator that does not matter (S where V <= 0, H of grey pixels) is replaced by a nonzero one
+    without a select. The three `%` are replaced by
     what they give on their known input ranges (fmod is exact; the replacements are exact subtractions
     by Sterbenz' lemma, or the same rounded `+ 360`): 60 * H0 in [-60, 300] with H0 = offset + ratio in
     [-1, 5], H in [-18, 378] after the hue shift, and H / 60 in [0, 6]. Signed zeros may differ from the
@@ -153,8 +130,8 @@ def apply_distortion(image: np.ndarray, d: Distortion, channels_first: bool = Fa
     `channels_first` (C-contiguous), else an (H, W, 3) view of such an array.
 
     The colour-space steps run on blocks of whole rows of about `block_pixels` pixels, so their
-    float32 temporaries stay in the CPU cache (3x faster than whole 512x512 planes; pixels are
-    independent, so the result does not depend on the block size)."""
+    float32 temporaries stay in the CPU cache (pixels are independent, so the result does not depend on
+    the block size)."""
     height, width, _ = image.shape
     order = d.channel_order or (0, 1, 2)
     contrast_last = d.contrast if not d.contrast_first else None
@@ -170,7 +147,7 @@ def apply_distortion(image: np.ndarray, d: Distortion, channels_first: bool = Fa
     block_rows = max(1, block_pixels // max(1, width))
     for top in range(0, height, block_rows):
         rows = slice(top, top + block_rows)
-        planes = _value_steps(image[rows].transpose(2, 0, 1).astype(_F32), d)
+        planes = _value_steps(image[rows].transpose(2, 0, 1).astype(_F32, order="C"), d)  # contiguous planes
         rgb = _hsv_round_trip(planes[0], planes[1], planes[2], d.saturation, d.hue)
         for j, k in enumerate(order):
             plane = rgb[k]

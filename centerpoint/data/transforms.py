@@ -28,11 +28,11 @@ def invert(a: Affine) -> Affine:
 
 
 def train_affine(rng: np.random.Generator, width: int, height: int, size: int,
-                 scale_range: tuple[float, float], flip_prob: float) -> Affine:
-    """Random keep-ratio rescale (relative to fitting the longer side in `size`), random placement of the
-    `size` x `size` window (a crop when the image is larger, a random pad offset when smaller) and a
-    horizontal mirror with probability `flip_prob`."""
-    scale = size / max(width, height) * rng.uniform(*scale_range)
+                 scale_range: tuple[float, float], flip_prob: float, fit: int | None = None) -> Affine:
+    """Random keep-ratio rescale (relative to fitting the longer side in `fit` pixels, default `size`),
+    random placement of the `size` x `size` window (a crop when the image is larger, a random pad offset
+    when smaller) and a horizontal mirror with probability `flip_prob`."""
+    scale = (fit or size) / max(width, height) * rng.uniform(*scale_range)
     tx = _place(rng, size - width * scale)
     ty = _place(rng, size - height * scale)
     flip = rng.random() < flip_prob

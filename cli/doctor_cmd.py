@@ -1,0 +1,91 @@
+"""`centerpoint data check`: validate a dataset and print a summary table.
+
+Registered on `cli.main.data_app`; the checking code (and PIL, numpy) is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from centerpoint.errors import CenterpointError
+from cli.main import SetOpt, SpecArg, _resolve, data_app
+
+SPLITS = {"train": ("train",), "val": ("val",), "both": ("train", "val")}
+
+
+@data_app.command("check")
+def data_check(
+    spec_file: Path | None = SpecArg,
+    sets: list[str] = SetOpt,
+    data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", "--data-root",
+                                         help="A COCO-format dataset root to check (read only)."),
+    split: str = typer.Option("both", "--split", help="train | val | both."),
+    decode: bool = typer.Option(False, "--decode", help="Decode every image fully (slower; also finds "
+                                "truncated files that a header check passes)."),
+) -> None:
+    """Check a dataset: annotation json, image files, boxes, classes. Exit 2 on a blocking problem."""
+    if split not in SPLITS:
+        raise CenterpointError(f"--split {split}: choose from {', '.join(SPLITS)}")
+    spec = _resolve(spec_file, sets, data_dir=data_dir)
+    if data_dir is not None and spec.data.dataset == "shapes":
+        from centerpoint.spec import with_updates
+
+        spec = with_updates(spec, {"data.dataset": "coco"})  # a directory to check is read, never generated
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from centerpoint.build import data_root
+    from centerpoint.doctor import blocking_problems, check_split
+
+    root = data_root(spec)
+    reports = []
+    with Progress(transient=True) as progress:
+        for name in SPLITS[split]:
+            task = progress.add_task(f"checking {name}", total=None)
+            reports.append(check_split(spec, root, name, decode, progress=lambda n, t=task: progress.advance(t, n)))
+    console = Console(highlight=False)
+    console.print(f"dataset {root}", markup=False, soft_wrap=True)
+    console.print(_summary_table(reports))
+    console.print(_class_table(reports))
+    for r in reports:
+        for w in r.warnings:
+            console.print(f"warning: {w}", markup=False, soft_wrap=True)
+    problems = blocking_problems(reports)
+    if problems:
+        more = f" (+{len(problems) - 1} more above)" if len(problems) > 1 else ""
+        for p in problems:
+            console.print(f"blocking: {p}", markup=False, soft_wrap=True)
+        raise CenterpointError(f"{root}: {problems[0]}{more}")
+    console.print("no blocking problems")
+
+
+def _summary_table(reports: list) -> object:
+    from rich.table import Table
+
+    table = Table(title="images and boxes")
+    cols = ("split", "images", "missing", "undecodable", "size != json", "boxes", "degenerate", "clipped",
+            "< min size", "crowd", "no-box images")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "split" else "right")
+    for r in reports:
+        table.add_row(r.split, *(str(v) for v in (r.images, len(r.missing), len(r.undecodable),
+                                                    len(r.size_mismatch), r.boxes, r.degenerate_boxes,
+                                                    r.clipped_boxes, r.small_boxes, r.crowd,
+                                                    r.images_without_boxes)))
+    return table
+
+
+def _class_table(reports: list) -> object:
+    from rich.table import Table
+
+    table = Table(title="usable boxes / images per class")
+    table.add_column("class")
+    for r in reports:
+        table.add_column(f"{r.split} boxes", justify="right")
+        table.add_column(f"{r.split} images", justify="right")
+    names = list(dict.fromkeys(n for r in reports for n in r.class_boxes))
+    for n in names:
+        table.add_row(n, *(str(v) for r in reports for v in (r.class_boxes.get(n, 0), r.class_images.get(n, 0))))
+    return table
