@@ -245,7 +245,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="centerpoint-bench-"))
     ann_file, image_dir = make_dataset(root, args.images, 0)
     index = load_index(ann_file, image_dir, train=True)
-    spec = DataSpec(dataset="coco", input_size=args.size, photometric=photometric)
+    # Rescales drawn relative to fitting the image in the --size crop, as the reference does.
+    spec = DataSpec(dataset="coco", input_size=args.size, test_size=args.size, photometric=photometric)
     ds = DetectionDataset(index, spec, seed=0, train=True)
     n = len(index)
     keys = [(0, i) for i in range(n)]

@@ -124,7 +124,7 @@ class ScheduleSpec(_Spec):
 
 
 class TrainSpec(_Spec):
-    epochs: int = Field(20, ge=1, le=100_000, description="Epochs (full passes over the train set).")
+    epochs: int = Field(16, ge=1, le=100_000, description="Epochs (full passes over the train set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
     batch_size: int = Field(16, ge=1, le=4096, description="Images per device per step.")
     seed: int = Field(0, ge=0, description="Seed of init, shuffling and augmentation.")

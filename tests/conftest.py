@@ -9,7 +9,7 @@ import pytest
 
 # Small, fast settings for end-to-end runs (R18 at 64x64 on a few images).
 TINY = [
-    "data.shapes_train=24", "data.shapes_val=8", "data.input_size=64", "data.workers=0",
+    "data.shapes_train=24", "data.shapes_val=8", "data.input_size=64", "data.test_size=64", "data.workers=0",
     "train.batch_size=8", "eval.batch_size=8", "train.log_every=1", "logging.progress=false",
 ]
 

@@ -58,7 +58,7 @@ def _one_box_dataset(root: Path) -> Path:
 def _spec(root: Path, workdir: Path, batch: int):  # noqa: ANN202
     from centerpoint.spec import load_spec
 
-    sets = ["data.dataset=coco", f"data.root={root}", "model.num_classes=1", "data.input_size=64",
+    sets = ["data.dataset=coco", f"data.root={root}", "model.num_classes=1", "data.input_size=64", "data.test_size=64",
             "data.scale_range=[1.0,1.0]", "data.workers=0", f"train.batch_size={batch}", "eval.batch_size=8",
             "optim.name=sgd", "optim.lr=0.02", "schedule.kind=constant", "schedule.warmup_steps=0",
             "runtime.device=cpu", "runtime.precision=fp32", "runtime.sync_bn=true", "runtime.channels_last=false",

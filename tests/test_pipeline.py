@@ -257,7 +257,8 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _dataset(tiny_coco: tuple[Path, Path], seed: int = 0) -> DetectionDataset:
     index = load_index(tiny_coco[0], tiny_coco[1], train=True)
-    spec = DataSpec(dataset="coco", input_size=64, photometric=True, scale_range=(0.3, 1.4))
+    # test_size=None: training rescales are drawn relative to input_size (what train_affine does by default)
+    spec = DataSpec(dataset="coco", input_size=64, test_size=None, photometric=True, scale_range=(0.3, 1.4))
     return DetectionDataset(index, spec, seed, train=True)
 
 
