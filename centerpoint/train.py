@@ -242,6 +242,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                     progress.update(task, info=info)
                     if is_main and not console.is_terminal and step % (spec.train.log_every * 5) == 0:
                         console.print(f"step {step}/{run.total_steps} {info}")  # logs without a live bar
+                        console.file.flush()
                 progress.update(task, completed=step)
                 every = spec.train.checkpoint_every_steps
                 if is_main and every and step % every == 0:
