@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def main() -> None:
         c, t = time.process_time(), time.perf_counter()
         metrics[backend] = coco_bbox_metrics(coco_gt, detections, backend=backend)
         seconds[backend], cpu[backend] = time.perf_counter() - t, time.process_time() - c
+    shutil.rmtree(ann_file.parent)
     fast = seconds["faster-coco-eval"]
     result: dict[str, object] = {
         "bench": "evaluation", "images": args.images, "detections": len(detections),
