@@ -33,7 +33,8 @@ def load_split(spec: ExperimentSpec, root: Path, train: bool) -> CocoIndex:
     """Index the train or val split and check its classes against model.num_classes."""
     d = spec.data
     ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
-    index = load_index(root / ann, root / images, train=train, min_box_size=d.min_box_size if train else 0.0)
+    index = load_index(root / ann, root / images, train=train, min_box_size=d.min_box_size if train else 0.0,
+                       min_image_size=d.min_image_size)
     if index.num_classes != spec.model.num_classes:
         raise CenterpointError(f"{root / ann}: {index.num_classes} categories but model.num_classes="
                                f"{spec.model.num_classes}; set --set model.num_classes={index.num_classes}")

@@ -55,6 +55,8 @@ class DataSpec(_Spec):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability in training.")
     photometric: bool = Field(False, description="Photometric distortion in training (brightness, contrast, "
                               "saturation, hue, channel swap).")
+    min_image_size: int = Field(0, ge=0, description="Training images whose shorter side is below this many "
+                                "pixels are left out (mmdetection's COCO filter: 32).")
     min_box_size: float = Field(1.0, ge=0.0, description="Training boxes smaller than this side (input pixels, "
                                 "after augmentation) are dropped.")
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel RGB mean, 0..255 units.")

@@ -12,7 +12,7 @@ import typer
 
 from centerpoint.errors import CenterpointError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="CenterNet object detection on torch.func: train, evaluate, predict.")
 spec_app = typer.Typer(no_args_is_help=True, help="Show or validate experiment specs.")
 data_app = typer.Typer(no_args_is_help=True, help="Download and check datasets.")
