@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -166,17 +166,3 @@ def resolve_precision(backend: Backend, setting: str, bf16_ok: Callable[[DeviceN
     if setting == "bf16" and backend.name != "sdaa" and not bf16_ok(backend.name):
         raise CenterpointError(f"runtime.precision=bf16: this {backend.name} device has no native bf16; use fp32")
     return setting
-
-
-@contextlib.contextmanager
-def threads(count: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (None: leave it)."""
-    if count is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

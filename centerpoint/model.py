@@ -72,7 +72,3 @@ def make_apply(net: CenterNet) -> Apply:
 
     return apply
 
-
-def count_params(params: Params) -> int:
-    """Total number of elements."""
-    return sum(v.numel() for v in params.values())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor
 
 Tree = dict[str, Tensor]
@@ -23,11 +21,6 @@ def unflatten(flat: Tree, groups: tuple[str, ...]) -> dict[str, Tree]:
             raise KeyError(f"tensor {key!r} belongs to no group of {groups}")
         out[group][name] = value
     return out
-
-
-def tree_map(fn: Callable[[Tensor], Tensor], tree: Tree) -> Tree:
-    """Apply `fn` to every leaf, keeping the names."""
-    return {k: fn(v) for k, v in tree.items()}
 
 
 def num_elements(tree: Tree) -> int:
