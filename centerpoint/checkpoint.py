@@ -180,22 +180,37 @@ def resume_position(ckpt: Checkpoint, spec: ExperimentSpec, steps_per_epoch: int
     return done
 
 
+def _header_step(path: Path) -> int | None:
+    """The step recorded in a checkpoint's header (read without loading tensors); None if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("step", 0))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest readable checkpoint of a run: `latest`, else the highest-step other file; unreadable
-    (e.g. truncated) files are skipped with a warning."""
+    """The newest readable checkpoint of a run: the highest step (most recent file among equal steps).
+    Headers pick the order, so only the chosen file is loaded in full; unreadable (e.g. truncated)
+    files met on the way are skipped with a warning."""
     import warnings
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return None
-    candidates = sorted(ckpt_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-    best: Checkpoint | None = None
-    for path in candidates:
+    ranked = []
+    for path in ckpt_dir.glob("*.safetensors"):
+        step = _header_step(path)
+        if step is None:
+            warnings.warn(f"skipping unreadable checkpoint: {path}: header cannot be read (truncated?)",
+                          stacklevel=2)
+            continue
+        ranked.append((step, path.stat().st_mtime, path))
+    for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
         try:
-            ckpt = load_checkpoint(path)
+            return load_checkpoint(path)
         except CenterpointError as err:
             warnings.warn(f"skipping unreadable checkpoint: {err}", stacklevel=2)
-            continue
-        if best is None or ckpt.step > best.step:
-            best = ckpt
-    return best
+    return None
