@@ -37,7 +37,7 @@ from centerpoint.data.coco import load_index
 from centerpoint.data.loader import DetectionDataset, collate_train, read_image
 from centerpoint.data.photometric import photometric_distort
 from centerpoint.data.transforms import train_affine, transform_boxes, warp
-from centerpoint.spec import DataSpec
+from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import make_targets
 
 CLASSES, WIDTH, HEIGHT, STRIDE, MIN_OVERLAP = 80, 640, 480, 4, 0.3
@@ -241,14 +241,22 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--no-photometric", action="store_true")
     ap.add_argument("--no-ipc", action="store_true", help="leave out the hand-over to shared memory")
+    ap.add_argument("--center-crop", action="store_true", help="the COCO recipes' RandomCenterCropPad crop "
+                    "(data.center_crop) instead of the default uniform rescale")
+    ap.add_argument("--step", action="store_true", help="also time the train step that consumes these batches "
+                    "(the COCO recipes' network, same size and batch) and report workers needed to feed it")
+    ap.add_argument("--device", default="auto", help="device of the --step timing")
+    ap.add_argument("--precision", default="fp32", help="precision of the --step timing")
     args = ap.parse_args()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run on one thread
     photometric, ipc = not args.no_photometric, not args.no_ipc
     root = Path(tempfile.mkdtemp(prefix="centerpoint-bench-"))
     ann_file, image_dir = make_dataset(root, args.images, 0)
     index = load_index(ann_file, image_dir, train=True)
     # Rescales drawn relative to fitting the image in the --size crop, as the reference does.
-    spec = DataSpec(dataset="coco", input_size=args.size, test_size=args.size, photometric=photometric)
+    spec = DataSpec(dataset="coco", input_size=args.size, test_size=args.size, photometric=photometric,
+                    center_crop=CenterCropSpec() if args.center_crop else None)
     ds = DetectionDataset(index, spec, seed=0, train=True)
     n = len(index)
     keys = [(0, i) for i in range(n)]
@@ -286,7 +294,48 @@ def main() -> None:
     shutil.rmtree(root)
     result["target_ratio"], result["target_img_s"] = 2.0, 200.0
     result["pass"] = bool(result["ratio"] >= 2.0 and result["project_img_s"] >= 200.0)  # type: ignore[operator]
+    if args.step:
+        torch.set_num_threads(threads)  # the step runs in the main process with all its threads
+        step = step_throughput(args.size, args.batch, args.device, args.precision)
+        result.update(step)
+        # Worker processes (one thread each) it takes to produce batches as fast as the step eats them.
+        result["workers_to_feed_step"] = round(step["step_img_s"] / result["project_img_s"], 2)  # type: ignore[operator]
     print(json.dumps(result))
+
+
+def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[str, object]:
+    """Images/s of the project's eager train step on the COCO recipes' network (CenterNet-R18, 80 classes)
+    at `size` x `size`, batch `batch`, on random batches of the pipeline's shapes."""
+    from train_step import make_batch, timed
+
+    from centerpoint.build import build_optimizer
+    from centerpoint.devices import resolve_precision, select_backend
+    from centerpoint.model import build_network, init, make_apply
+    from centerpoint.spec import MMDET_R18, load_spec
+    from centerpoint.step import init_state, make_train_step
+
+    backend = select_backend(device)
+    prec = resolve_precision(backend, precision)
+    sets = [f"model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in MMDET_R18.items()]
+    spec = load_spec(None, [*sets, f"model.num_classes={CLASSES}", f"data.input_size={size}",
+                            f"runtime.precision={prec}"])
+    plan = build_optimizer(spec, 100, batch)
+    params, buffers = init(spec.model, 0)
+    mf = torch.channels_last if spec.runtime.channels_last else torch.contiguous_format
+    move = lambda t: t.to(backend.device, memory_format=mf) if t.dim() == 4 else t.to(backend.device)  # noqa: E731
+    state = {"s": init_state({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in buffers.items()},
+                             plan.transform)}
+    net = build_network(spec.model).to(backend.device, memory_format=mf)
+    step = make_train_step(make_apply(net), spec, plan.transform, plan.schedule,
+                           autocast=lambda: backend.autocast(prec), max_grad_norm=plan.max_grad_norm,
+                           guard_by_sync=backend.free_sync)
+    data = make_batch(batch, size, CLASSES, backend.device)
+
+    def one() -> None:
+        state["s"], _ = step(state["s"], data)
+
+    seconds = timed(one, 3, 1, backend.synchronize)
+    return {"step_device": backend.device_string, "step_precision": prec, "step_img_s": round(batch / seconds, 2)}
 
 
 if __name__ == "__main__":

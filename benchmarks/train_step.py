@@ -107,7 +107,8 @@ def main() -> None:
     def make_step(compiled: bool):  # noqa: ANN202
         return make_train_step(apply, spec, plan.transform, plan.schedule,
                                autocast=lambda: backend.autocast(args.precision),
-                               max_grad_norm=plan.max_grad_norm, guard_by_sync=backend.free_sync and not compiled)
+                               max_grad_norm=plan.max_grad_norm, guard_by_sync=backend.free_sync and not compiled,
+                               compiled=compiled)
 
     step = make_step(False)
 

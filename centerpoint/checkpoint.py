@@ -1,8 +1,9 @@
 """Checkpoints: one self-describing .safetensors file per save, written atomically.
 
-Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>` and `step`. Metadata (strings): `format_version`,
-`spec` (resolved spec JSON), `step`, `epoch` (epochs completed), `batch_in_epoch` (batches of the
-current epoch already trained, for exact resume), `metrics` (JSON of the latest evaluation).
+Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>` (fp16 runs) and `step`.
+Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
+`batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
+latest evaluation).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from centerpoint.step import TrainState
 from centerpoint.tree import flatten, unflatten
 
 FORMAT_VERSION = "1"
-GROUPS = ("params", "buffers", "opt")
+GROUPS = ("params", "buffers", "opt", "scaler")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class Checkpoint:
 
 def state_tensors(state: TrainState) -> dict[str, Tensor]:
     """The flat tensor dict of a train state, contiguous and on cpu (safetensors needs both)."""
-    flat = flatten({"params": state.params, "buffers": state.buffers, "opt": state.opt_state})
+    flat = flatten({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
+                    "scaler": state.scaler})
     flat["step"] = state.step
     return {k: v.detach().contiguous().cpu() for k, v in flat.items()}
 
@@ -136,8 +138,14 @@ def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Te
 def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
     """A TrainState with the checkpoint's tensors, on the template's devices and dtypes."""
     expected = state_tensors(template)
-    check_compatible(str(ckpt.path), ckpt.tensors, expected)
-    groups = unflatten({k: v for k, v in ckpt.tensors.items() if k != "step"}, GROUPS)
+    # The loss scaler exists only in fp16 runs: a run may switch precision at resume, and then starts a
+    # fresh scaler (or drops the old one) instead of refusing the checkpoint.
+    tensors = {k: v for k, v in ckpt.tensors.items() if not k.startswith("scaler.")}
+    scaler = {k: v for k, v in ckpt.tensors.items() if k.startswith("scaler.")}
+    check_compatible(str(ckpt.path), tensors, {k: v for k, v in expected.items() if not k.startswith("scaler.")})
+    if template.scaler and sorted(scaler) == sorted(k for k in expected if k.startswith("scaler.")):
+        tensors.update(scaler)
+    groups = unflatten({k: v for k, v in tensors.items() if k != "step"}, GROUPS)
 
     def like(tree: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
         # empty_like keeps the template's memory format (channels-last weights stay channels-last, so a
@@ -145,7 +153,8 @@ def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
         return {k: torch.empty_like(ref[k]).copy_(v) for k, v in tree.items()}
 
     return TrainState(like(groups["params"], template.params), like(groups["buffers"], template.buffers),
-                      like(groups["opt"], template.opt_state), ckpt.tensors["step"].to(template.step.device))
+                      like(groups["opt"], template.opt_state), ckpt.tensors["step"].to(template.step.device),
+                      like(groups.get("scaler", {}), template.scaler) or dict(template.scaler))
 
 
 # Fields that fix the data order a checkpoint's position (epoch, batch_in_epoch) refers to.

@@ -123,9 +123,27 @@ def keep_freed_host_memory() -> bool:
         return False
 
 
+def device_count(name: DeviceName) -> int:
+    """Devices of this kind visible to this process (cpu: 1, shared by any number of processes)."""
+    if name == "cuda":
+        return torch.cuda.device_count()
+    if name == "sdaa":
+        return torch.sdaa.device_count()  # type: ignore[attr-defined]
+    return 1
+
+
+def check_local_rank(name: DeviceName, local_rank: int, count: int) -> None:
+    """Raise a clear error when this machine has no device for process `local_rank` (cpu processes share)."""
+    if name != "cpu" and local_rank >= count:
+        raise CenterpointError(f"local rank {local_rank} needs {name}:{local_rank}, but this machine shows "
+                               f"{count} {name} device(s); start at most {count} processes per node "
+                               "(--nproc-per-node), or check which devices are visible (CUDA_VISIBLE_DEVICES on cuda)")
+
+
 def select_backend(requested: str = "auto", local_rank: int = 0) -> Backend:
     """Resolve and build the backend in one call."""
     name = resolve_name(requested)
+    check_local_rank(name, local_rank, device_count(name))
     backend = make_backend(name, local_rank)
     if name == "cpu":
         keep_freed_host_memory()

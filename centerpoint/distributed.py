@@ -218,7 +218,7 @@ def broadcast_state(state, ctx: Context):  # noqa: ANN001, ANN201 (TrainState; a
     """Copy rank 0's train state to every rank so all start identical."""
     if not ctx.distributed:
         return state
-    for tree in (state.params, state.buffers, state.opt_state):
+    for tree in (state.params, state.buffers, state.opt_state, state.scaler):
         for t in tree.values():
             dist.broadcast(t, src=0)
     dist.broadcast(state.step, src=0)

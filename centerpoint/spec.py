@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +27,29 @@ MMDET_R18 = {"width": 64, "neck_channels": (256, 128, 64), "head_channels": 64}
 
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class CenterCropSpec(_Spec):
+    """mmdetection's RandomCenterCropPad training crop: a square window of int(input_size * ratio) original
+    pixels around a random centre that keeps a box centre, resized to input_size (see transforms.py)."""
+
+    ratios: tuple[float, ...] = Field(
+        (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3),
+        description="Window sides as multiples of input_size (mmdetection's `ratios`): one is drawn uniformly, "
+        "and again after 50 centres that keep no box; above 1 zooms out, below 1 zooms in.",
+    )
+    border: int = Field(
+        128,
+        ge=0,
+        description="Margin, original pixels, between a window centre and the image edges "
+        "(mmdetection's `border`; divided by a power of two on image sides of 2 * border or less).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CenterCropSpec:
+        if not self.ratios or not all(0 < r < math.inf for r in self.ratios):  # rejects nan too
+            raise ValueError(f"ratios must be a non-empty list of positive numbers, got {list(self.ratios)}")
+        return self
 
 
 class DataSpec(_Spec):
@@ -50,8 +75,15 @@ class DataSpec(_Spec):
         "resize", description="'resize': keep-ratio resize the longer side to `input_size` and centre-pad to a "
         "square; 'pad': keep the original resolution and centre-pad to (size | 31) + 1 (mmdetection's test).")
     scale_range: tuple[float, float] = Field(
-        (0.75, 1.3), description="Random rescale range of training images relative to their test-time scale "
-        "(mmdetection's RandomCenterCropPad ratios).")
+        (0.75, 1.3),
+        description="Random rescale range of training images relative to their test-time scale, "
+        "drawn uniformly, with the input_size window placed uniformly. Unused when `center_crop` is set.",
+    )
+    center_crop: CenterCropSpec | None = Field(
+        None,
+        description="mmdetection's RandomCenterCropPad (train mode, zero padding) followed by a keep-ratio "
+        "resize to input_size, instead of the `scale_range` rescale; the COCO recipes use it. None: off.",
+    )
     flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability in training.")
     photometric: bool = Field(False, description="Photometric distortion in training (brightness, contrast, "
                               "saturation, hue, channel swap).")
@@ -70,6 +102,11 @@ class DataSpec(_Spec):
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        if self.center_crop is not None and int(self.input_size * min(self.center_crop.ratios)) < 1:
+            raise ValueError(
+                f"center_crop.ratios: {min(self.center_crop.ratios)} x input_size {self.input_size} "
+                "is a window under one pixel"
+            )
         return self
 
 
@@ -156,6 +193,11 @@ class RuntimeSpec(_Spec):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype of the forward pass (loss stays fp32). auto: bf16 where the device "
         "computes it natively (recent cpus, cuda), else fp32.")
+    loss_scale: float = Field(65536.0, gt=0.0, description="precision=fp16: initial dynamic loss scale. It halves "
+                              "on every step whose scaled gradients overflow (that update is skipped) and doubles "
+                              "after `loss_scale_growth_interval` good steps in a row (torch GradScaler's rule).")
+    loss_scale_growth_interval: int = Field(2000, ge=1, description="precision=fp16: good steps before the loss "
+                                            "scale doubles.")
     channels_last: bool = Field(True, description="Channels-last memory format for images and conv weights "
                                 "(faster bf16 convolutions on cpu).")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
@@ -190,6 +232,8 @@ def field_paths(model: type[BaseModel] = ExperimentSpec, prefix: str = "") -> li
         path = prefix + name
         paths.append(path)
         ann = info.annotation
+        if get_origin(ann) in (Union, UnionType):  # an optional section, e.g. `CenterCropSpec | None`
+            ann = next((a for a in get_args(ann) if a is not type(None)), ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             paths.extend(field_paths(ann, path + "."))
     return paths

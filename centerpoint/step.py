@@ -1,8 +1,11 @@
 """Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
 
-Gradients come from `torch.func.grad` over `functional_call`: the whole step (forward, loss, backward,
-optimizer update, non-finite guard) is one pure function, which `torch.compile` captures as a single
-graph; autograd over leaf tensors would need `requires_grad_()` inside the step, which breaks the graph.
+The whole step (forward, loss, backward, optimizer update, non-finite guard, loss scaling) is one pure
+function. Compiled, its gradients come from `torch.func.grad` over `functional_call`, which
+`torch.compile` captures as a single graph (autograd over leaf tensors would need `requires_grad_()`
+inside the step, which breaks the graph). Eager, they come from `torch.autograd.grad` over detached
+leaf views of the parameters: the same numbers, without functorch wrapping every operation (measured
+~5% of an eager cpu step). Neither path modifies the state it is given.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import Tensor
 from centerpoint import optim
 from centerpoint.decode import decode_heatmap
 from centerpoint.loss import centernet_loss
+from centerpoint.loss_scale import init_loss_scale, update_loss_scale
 from centerpoint.model import Apply, normalize
 from centerpoint.schedules import Schedule
 from centerpoint.spec import ExperimentSpec
@@ -25,18 +29,23 @@ Reduce = Callable[[Tree], Tree]
 
 
 class TrainState(NamedTuple):
-    """Everything that changes during training. `step` is a 0-dim int64 tensor (updates applied)."""
+    """Everything that changes during training. `step` is a 0-dim int64 tensor (updates applied);
+    `scaler` the fp16 loss scaler's state (`loss_scale.init_loss_scale`), empty without loss scaling."""
 
     params: Tree
     buffers: Tree
     opt_state: Tree
     step: Tensor
+    scaler: Tree = {}  # noqa: RUF012 (never mutated: every step builds a new dict)
 
 
-def init_state(params: Tree, buffers: Tree, optimizer: optim.Transform) -> TrainState:
-    """A train state at step 0."""
+def init_state(params: Tree, buffers: Tree, optimizer: optim.Transform, loss_scale: float | None = None
+               ) -> TrainState:
+    """A train state at step 0; `loss_scale`: the initial dynamic loss scale (fp16), None for none."""
     device = next(iter(params.values())).device
-    return TrainState(params, buffers, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device))
+    scaler = init_loss_scale(loss_scale, device) if loss_scale is not None else {}
+    return TrainState(params, buffers, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device),
+                      scaler)
 
 
 def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
@@ -53,6 +62,8 @@ def make_train_step(
     reduce: Reduce | None = None,
     max_grad_norm: float | None = None,
     guard_by_sync: bool = False,
+    compiled: bool = False,
+    growth_interval: int = 2000,
 ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
     """Build the pure step for `spec`.
 
@@ -66,10 +77,18 @@ def make_train_step(
     The non-finite guard is a tensor select over the new state (no host sync; fused away when compiled).
     With `guard_by_sync` it is a Python branch instead, which skips the update entirely; only for eager
     steps on devices where reading a scalar costs nothing (cpu), since it waits for the device.
+    `compiled`: the caller will torch.compile the step (gradients through torch.func.grad, see above).
+
+    With a loss scaler in the state (fp16), the loss is multiplied by its scale before differentiation and
+    the gradients divided by it; an overflow (finite loss, non-finite gradients) skips the update and halves
+    the scale, `growth_interval` applied updates in a row double it. Metrics then add `loss_scale` (the
+    scale this step used) and `overflow`, and `finite` only reports the loss: overflows are the scaler's
+    business, not a diverging run.
     """
     mean, std, lw = spec.data.mean, spec.data.std, spec.loss
 
-    def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor]) -> tuple[Tensor, tuple[Tree, Tree]]:
+    def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
+                ) -> tuple[Tensor, tuple[Tree, Tree]]:
         images = normalize(batch["images"], mean, std)
         if spec.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -81,32 +100,50 @@ def make_train_step(
                 outputs, new_buffers = apply(params, buffers, images, True)
         losses = centernet_loss(outputs, batch, lw.heatmap_weight, lw.wh_weight, lw.offset_weight, lw.alpha,
                                 lw.gamma)
-        return losses["loss"], (losses, new_buffers)
+        loss = losses["loss"] if scale is None else losses["loss"] * scale
+        return loss, (losses, new_buffers)
 
-    grad_fn = torch.func.grad(loss_fn, has_aux=True)
+    def eager_grad(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
+                   ) -> tuple[Tree, tuple[Tree, Tree]]:
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}  # views: params stay untouched
+        loss, (losses, new_buffers) = loss_fn(leaves, buffers, batch, scale)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True)), ({k: v.detach() for k, v in losses.items()}, new_buffers)
+
+    grad_fn = torch.func.grad(loss_fn, has_aux=True) if compiled else eager_grad
 
     def train_step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
-        grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch)
+        scale = state.scaler["scale"] if state.scaler else None
+        grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch, scale)
+        if scale is not None:
+            grads = optim.scale_tree(grads, 1.0 / scale)
         if reduce is not None:
             grads = reduce(grads)
             losses = reduce(losses)
         grad_norm = optim.global_norm(grads)
-        finite = torch.isfinite(losses["loss"]) & torch.isfinite(grad_norm)
+        loss_ok, grads_ok = torch.isfinite(losses["loss"]), torch.isfinite(grad_norm)
+        finite = loss_ok & grads_ok
         metrics = {**losses, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite.float()}
+        scaler = state.scaler
+        if scale is not None:
+            overflow = loss_ok & ~grads_ok
+            scaler = update_loss_scale(state.scaler, finite, overflow, growth_interval)
+            metrics.update(finite=loss_ok.float(), loss_scale=scale, overflow=overflow.float())
         if guard_by_sync and not bool(finite):
-            return state, metrics
+            return state._replace(scaler=scaler), metrics
         if max_grad_norm is not None:
             grads = optim.scale_tree(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
         # The gradients are this step's own, fresh tensors: let the optimizer build updates in them.
         updates, opt_state = optim.update_consuming(optimizer, grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
         if guard_by_sync:
-            return TrainState(params, new_buffers, opt_state, state.step + 1), metrics
+            return TrainState(params, new_buffers, opt_state, state.step + 1, scaler), metrics
         new_state = TrainState(
             _select(finite, params, state.params),
             _select(finite, new_buffers, state.buffers),
             _select(finite, opt_state, state.opt_state),
             state.step + finite.to(state.step.dtype),
+            scaler,
         )
         return new_state, metrics
 

@@ -71,7 +71,8 @@ def to_device(state: TrainState, backend: Backend, channels_last: bool) -> Train
 
     return TrainState({k: move(v) for k, v in state.params.items()},
                       {k: move(v) for k, v in state.buffers.items()},
-                      {k: move(v) for k, v in state.opt_state.items()}, state.step.to(backend.device))
+                      {k: move(v) for k, v in state.opt_state.items()}, state.step.to(backend.device),
+                      {k: move(v) for k, v in state.scaler.items()})
 
 
 def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
@@ -102,7 +103,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
         from centerpoint.imports import load_torchvision_backbone
 
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
-    state = to_device(init_state(params, buffers, plan.transform), backend, spec.runtime.channels_last)
+    loss_scale = spec.runtime.loss_scale if precision == "fp16" else None
+    state = to_device(init_state(params, buffers, plan.transform, loss_scale), backend, spec.runtime.channels_last)
     if dist.rank == 0:
         remove_partial_writes(workdir)
     start_epoch = start_batch = 0
@@ -122,13 +124,14 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     start_epoch, start_batch, finished = distributed.broadcast_object((start_epoch, start_batch, finished), dist)
     state = distributed.broadcast_state(state, dist)
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
-                                 "step": {"step": state.step}}, dist)
+                                 "step": {"step": state.step}, "scaler": state.scaler}, dist)
     apply = make_apply(net)
     compiled = should_compile(backend, spec.runtime.compile)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
                               autocast=lambda: backend.autocast(precision),
                               reduce=distributed.make_reduce(dist), max_grad_norm=plan.max_grad_norm,
-                              guard_by_sync=backend.free_sync and not compiled)
+                              guard_by_sync=backend.free_sync and not compiled, compiled=compiled,
+                              growth_interval=spec.runtime.loss_scale_growth_interval)
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:
         step_fn = torch.compile(step_fn)

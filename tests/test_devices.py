@@ -59,3 +59,13 @@ def test_autocast_context_on_cpu():
 
 def test_sdaa_probe_without_torch_sdaa_is_false():
     assert devices.available("sdaa") is False
+
+
+def test_local_rank_beyond_the_visible_devices_is_a_clear_error():
+    devices.check_local_rank("cuda", 1, 2)
+    devices.check_local_rank("cpu", 7, 1)  # cpu processes share the one device
+    with pytest.raises(CenterpointError, match=r"local rank 3 needs sdaa:3, but this machine shows 3 sdaa"):
+        devices.check_local_rank("sdaa", 3, 3)
+    with pytest.raises(CenterpointError, match="cuda:0.*0 cuda device"):
+        devices.check_local_rank("cuda", 0, 0)
+    assert devices.device_count("cpu") == 1

@@ -362,6 +362,7 @@ def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.Monkey
     set_to = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert devices.select_backend("cuda", 1).device == torch.device("cuda", 1) and set_to == [torch.device("cuda", 1)]
     joined = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
@@ -382,7 +383,7 @@ def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path) -> None:
         import torch
         torch.utils.rename_privateuse1_backend("sdaa")
         calls = []
-        torch.sdaa = types.SimpleNamespace(is_available=lambda: True, set_device=calls.append,
+        torch.sdaa = types.SimpleNamespace(is_available=lambda: True, set_device=calls.append, device_count=lambda: 3,
                                            get_amp_supported_dtype=lambda: [torch.float16, torch.bfloat16])
     """))
     code = textwrap.dedent("""

@@ -15,9 +15,16 @@ from PIL import Image
 from centerpoint.data.coco import load_index
 from centerpoint.data.loader import DetectionDataset, collate_train, read_image, shared_empty
 from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion, photometric_distort
-from centerpoint.data.transforms import invert, scale_translate, train_affine, transform_boxes, warp
+from centerpoint.data.transforms import (
+    center_crop_affine,
+    invert,
+    scale_translate,
+    train_affine,
+    transform_boxes,
+    warp,
+)
 from centerpoint.decode import boxes_to_original
-from centerpoint.spec import DataSpec
+from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import gaussian_radius, make_targets
 
 # ---- the previous formulations, kept verbatim as references ----------------------------------------
@@ -292,6 +299,43 @@ def test_sample_equals_previous_pipeline(tiny_coco: tuple[Path, Path]) -> None:
             a = a @ np.diag([w / img.size[0], h / img.size[1], 1.0])
             pixels = previous_photometric_distort(warp(img, a, (64, 64)), np.random.default_rng([0, epoch, i, 1]))
             assert np.array_equal(ds[(epoch, i)].image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
+
+
+@pytest.mark.parametrize("ratios", [(0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3), (2.5, 3.0)])
+def test_center_crop_samples(tiny_coco: tuple[Path, Path], ratios: tuple[float, ...]) -> None:
+    """The recipes' crop in the dataset: boxes and labels are the crop's, aligned, and a function of
+    (seed, epoch, index). Ratios 2.5 and 3 shrink a 64-pixel window's image below half size: the JPEG
+    draft decode path."""
+    index = load_index(tiny_coco[0], tiny_coco[1], train=True)
+    crop = CenterCropSpec(ratios=ratios)
+    spec = DataSpec(dataset="coco", input_size=64, test_mode="pad", photometric=True, center_crop=crop)
+    ds = DetectionDataset(index, spec, 0, train=True)
+    dropped = kept = 0
+    for epoch in range(5):
+        for i in range(len(index)):
+            s = ds[(epoch, i)]
+            h, w = (int(v) for v in index.sizes[i])
+            rng = np.random.default_rng([0, epoch, i])
+            a, keep = center_crop_affine(rng, w, h, index.boxes[i], 64, ratios, 128, 0.5)
+            want, keep2 = transform_boxes(index.boxes[i][keep], a, (64, 64), spec.min_box_size)
+            assert (abs(a[0, 0]) < 0.5) == (min(ratios) > 2)  # the draft path is taken
+            assert s.image.shape == (3, 64, 64) and len(s.boxes) == len(s.labels)
+            assert torch.allclose(s.boxes, torch.from_numpy(want), atol=1e-4)
+            assert torch.equal(s.labels, torch.from_numpy(index.labels[i][keep][keep2]))
+            assert torch.allclose(s.to_original, torch.from_numpy(invert(a)), atol=1e-6)
+            img = Image.open(index.image_dir / index.file_names[i])
+            if abs(a[0, 0]) < 0.5:
+                img.draft("RGB", (max(1, int(w * abs(a[0, 0]))), max(1, int(h * abs(a[0, 0])))))
+            img = img.convert("RGB")
+            pixels = warp(img, a @ np.diag([w / img.size[0], h / img.size[1], 1.0]), (64, 64))
+            pixels = previous_photometric_distort(pixels, np.random.default_rng([0, epoch, i, 1]))
+            assert np.array_equal(s.image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
+            kept += len(s.labels)
+            dropped += len(index.labels[i]) - len(s.labels)
+    assert kept > 0 and (dropped > 0 or min(ratios) > 2)  # the crop's box filter is exercised
+    first = ds[(3, 1)]
+    assert _same(DetectionDataset(index, spec, 0, train=True)[(3, 1)], first)
+    assert not torch.equal(ds[(4, 1)].image, first.image)
 
 
 def test_collate_in_shared_memory_equals_private(tiny_coco: tuple[Path, Path]) -> None:

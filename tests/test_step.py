@@ -86,14 +86,16 @@ def test_non_finite_step_keeps_old_state():
 
 def test_compiled_step_compiles_once_and_matches_eager():
     torch._dynamo.reset()
-    _, plan, params, buffers, step = _setup()
+    spec, plan, params, buffers, step = _setup()
+    traceable = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule,
+                                compiled=True)
     counts = {"n": 0}
 
     def counting_backend(gm, example_inputs):
         counts["n"] += 1
         return gm.forward
 
-    compiled = torch.compile(step, backend=counting_backend)
+    compiled = torch.compile(traceable, backend=counting_backend)
     state_c = state_e = init_state(params, buffers, plan.transform)
     for i in range(3):
         batch = _batch(seed=i)

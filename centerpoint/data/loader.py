@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.photometric import photometric_distort
 from centerpoint.data.transforms import (
+    center_crop_affine,
     invert,
     pad_affine,
     resize_affine,
@@ -77,12 +78,20 @@ class DetectionDataset(Dataset):
         epoch, i = key
         idx, spec = self.index, self.spec
         h, w = (int(v) for v in idx.sizes[i])
+        boxes, labels = idx.boxes[i], idx.labels[i]
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, i])
-            # Train at the scale of the test images: native resolution for 'pad', the resize target otherwise.
-            fit = max(w, h) if spec.test_mode == "pad" else (spec.test_size or spec.input_size)
-            a = train_affine(rng, w, h, spec.input_size, spec.scale_range, spec.flip_prob, fit)
             out_size = (spec.input_size, spec.input_size)
+            if spec.center_crop is not None:
+                crop = spec.center_crop
+                a, crop_keep = center_crop_affine(
+                    rng, w, h, boxes, spec.input_size, crop.ratios, crop.border, spec.flip_prob
+                )
+                boxes, labels = boxes[crop_keep], labels[crop_keep]  # the crop keeps boxes centred in its window
+            else:
+                # Train at the scale of the test images: native resolution for 'pad', the resize target otherwise.
+                fit = max(w, h) if spec.test_mode == "pad" else (spec.test_size or spec.input_size)
+                a = train_affine(rng, w, h, spec.input_size, spec.scale_range, spec.flip_prob, fit)
         elif spec.test_mode == "resize":
             a, out_size = resize_affine(w, h, spec.test_size or spec.input_size)
         else:
@@ -105,9 +114,9 @@ class DetectionDataset(Dataset):
             planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         if img.size != (w, h):
             a = a @ np.diag([img.size[0] / w, img.size[1] / h, 1.0])
-        boxes, keep = transform_boxes(idx.boxes[i], a, out_size, spec.min_box_size if self.train else 0.0)
+        boxes, keep = transform_boxes(boxes, a, out_size, spec.min_box_size if self.train else 0.0)
         image = torch.from_numpy(planes)
-        return Sample(image, torch.from_numpy(boxes), torch.from_numpy(idx.labels[i][keep]),
+        return Sample(image, torch.from_numpy(boxes), torch.from_numpy(labels[keep]),
                       torch.from_numpy(invert(a)), idx.image_ids[i])
 
 

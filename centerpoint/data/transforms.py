@@ -7,6 +7,9 @@ its inverse. Randomness comes from a numpy Generator the caller derives from (se
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
@@ -42,6 +45,111 @@ def train_affine(rng: np.random.Generator, width: int, height: int, size: int,
 def _place(rng: np.random.Generator, slack: float) -> float:
     """Offset of the scaled image inside the window: uniform over all positions that keep the overlap."""
     return float(rng.uniform(min(0.0, slack), max(0.0, slack)))
+
+
+# mmdetection retries a ratio 50 times before drawing another, and draws ratios forever; the cap only
+# matters when no box can ever be kept (a crop much smaller than the border), where it would hang.
+CENTRE_TRIES = 50
+MAX_RATIO_DRAWS = 100
+
+
+def crop_border(border: int, size: int) -> int:
+    """Margin (original pixels) kept between a crop centre and the edges of an image side of `size` pixels.
+
+    mmdetection's RandomCenterCropPad rule: `border` divided by the smallest power of two above
+    k = 2 * border / size (twice that when k is an integer), so the margin stays below size / 2 and a
+    centre can always be drawn: 128 for sides above 256, 64 for sides in (128, 256], 32 for (64, 128], ...
+    """
+    if border == 0:
+        return 0
+    k = 2 * border / size
+    return border // 2 ** (math.ceil(math.log2(math.ceil(k))) + int(k == int(k)))
+
+
+@dataclass(frozen=True)
+class CropWindow:
+    """A square training window of `side` original pixels centred on original pixel (cx, cy).
+
+    The window's image part (the "patch") is x in [max(0, cx - side // 2), min(cx + side // 2, width)),
+    likewise for y; keep (n,) bool marks the boxes whose centre lies strictly inside the patch and whose
+    width and height are positive.
+    """
+
+    side: int
+    cx: int
+    cy: int
+    keep: np.ndarray
+
+
+def center_crop_window(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    size: int,
+    ratios: tuple[float, ...],
+    border: int,
+) -> CropWindow:
+    """Draw mmdetection's RandomCenterCropPad window (train mode, crop_size `size`) for an image.
+
+    A ratio is drawn from `ratios` (window side int(size * ratio) original pixels), then up to 50 centres,
+    each uniform over the integers at least `crop_border` from the edges; the first centre whose patch
+    holds a box centre wins, otherwise another ratio is drawn. An image without boxes takes the first
+    centre. The 50 candidate centres of a ratio are drawn at once: the same distribution as one by one.
+    boxes: (n, 4) xyxy original pixels.
+    """
+    w_border, h_border = crop_border(border, width), crop_border(border, height)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    positive = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # empty after clipping otherwise
+    for _ in range(MAX_RATIO_DRAWS):
+        side = int(size * float(rng.choice(ratios)))
+        cxs = rng.integers(w_border, width - w_border, CENTRE_TRIES)
+        cys = rng.integers(h_border, height - h_border, CENTRE_TRIES)
+        half = side // 2
+        x0, x1 = np.maximum(0, cxs - half), np.minimum(cxs + half, width)
+        y0, y1 = np.maximum(0, cys - half), np.minimum(cys + half, height)
+        mx, my = centres[:, None, 0], centres[:, None, 1]
+        inside = (mx > x0) & (mx < x1) & (my > y0) & (my < y1)  # (n boxes, tries): strictly inside the patch
+        hit = inside.any(0)
+        if len(boxes) == 0 or hit.any():
+            t = int(np.argmax(hit)) if len(boxes) else 0
+            return CropWindow(side, int(cxs[t]), int(cys[t]), inside[:, t] & positive)
+    # No box centre can fall inside any patch: use the last draw, keeping no box.
+    return CropWindow(side, int(cxs[-1]), int(cys[-1]), np.zeros(len(boxes), dtype=bool))
+
+
+def window_affine(window: CropWindow, size: int, flip: bool) -> Affine:
+    """Original -> input pixels for a window resized to `size` x `size`: original pixel (cx, cy) lands on
+    crop pixel (side // 2, side // 2), the crop is scaled by size / side and mirrored when `flip`.
+
+    On odd sides mmdetection's crop leaves its last row and column at 0 (the patch spans 2 * (side // 2)
+    pixels); the warp samples the image there instead, a difference of under one crop pixel at the edge.
+    """
+    scale = size / window.side
+    tx = scale * (window.side // 2 - window.cx)
+    ty = scale * (window.side // 2 - window.cy)
+    return scale_translate(scale, tx, ty, float(size) if flip else None)
+
+
+def center_crop_affine(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    size: int,
+    ratios: tuple[float, ...],
+    border: int,
+    flip_prob: float,
+) -> tuple[Affine, np.ndarray]:
+    """mmdetection's RandomCenterCropPad (train mode, zero padding), keep-ratio Resize to `size` and
+    RandomFlip(flip_prob) as one affine map from original to input pixels.
+
+    Returns (affine, keep (n,) bool): the boxes RandomCenterCropPad keeps; `transform_boxes` then maps and
+    clips them to the `size` x `size` input.
+    """
+    window = center_crop_window(rng, width, height, boxes, size, ratios, border)
+    flip = bool(rng.random() < flip_prob)
+    return window_affine(window, size, flip), window.keep
 
 
 def resize_affine(width: int, height: int, size: int) -> tuple[Affine, tuple[int, int]]:
