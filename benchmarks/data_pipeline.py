@@ -328,7 +328,7 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     net = build_network(spec.model).to(backend.device, memory_format=mf)
     step = make_train_step(make_apply(net), spec, plan.transform, plan.schedule,
                            autocast=lambda: backend.autocast(prec), max_grad_norm=plan.max_grad_norm,
-                           guard_by_sync=backend.free_sync)
+                           guard_by_sync=backend.free_sync, donate=backend.free_sync)
     data = make_batch(batch, size, CLASSES, backend.device)
 
     def one() -> None:

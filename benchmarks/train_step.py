@@ -108,7 +108,7 @@ def main() -> None:
         return make_train_step(apply, spec, plan.transform, plan.schedule,
                                autocast=lambda: backend.autocast(args.precision),
                                max_grad_norm=plan.max_grad_norm, guard_by_sync=backend.free_sync and not compiled,
-                               compiled=compiled)
+                               compiled=compiled, donate=backend.free_sync and not compiled)
 
     step = make_step(False)
 

@@ -30,6 +30,11 @@ update those in place. The first element never owns the caller's grads, state te
 written, and transforms from outside this module are treated as owning nothing, so ``update`` stays
 pure while e.g. ``adamw`` allocates only its new moments, one update buffer and (in
 ``apply_updates``) the new params.
+
+Donation (:func:`update_donating`, :func:`apply_updates_`): a caller that will never read the old state
+or params again (an eager train loop, like JAX's donated buffers) may hand them over; moments, momentum
+buffers and params are then updated in place, which on a cpu saves ~4 allocating passes over the model
+per step (measured: the AdamW update of a 3.6M-parameter model 14 -> 7 ms). Same numbers either way.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ Owned = frozenset[str]
 OwnedUpdate = Callable[[Tree, Tree, Tree, Owned], tuple[Tree, Tree, Owned]]
 
 _NONE_OWNED: Owned = frozenset()
+# In `owned`: the caller donated the optimizer state, so its tensors may be updated in place.
+_STATE = frozenset({"<donated state>"})
 
 
 class Transform(NamedTuple):
@@ -74,6 +81,13 @@ def update_consuming(t: Transform, grads: Tree, state: Tree, params: Tree) -> tu
     step's freshly computed gradients): the transform may then reuse their memory for its updates
     instead of allocating. State and params are still never modified."""
     updates, new_state, _ = _owned_update_of(t)(grads, state, params, frozenset(grads))
+    return updates, new_state
+
+
+def update_donating(t: Transform, grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    """``update_consuming`` for a caller that also gives up ``state``: the returned state may be the same
+    tensors, updated in place, and the old dict must not be read again. Params are only read."""
+    updates, new_state, _ = _owned_update_of(t)(grads, state, params, frozenset(grads) | _STATE)
     return updates, new_state
 
 
@@ -160,9 +174,16 @@ def _new_count(params: Tree) -> Tree:
 
 
 def _zeros(params: Tree, prefix: str) -> Tree:
-    # torch.zeros (not zeros_like) so buffers are contiguous even for non-contiguous params: safetensors
-    # refuses non-contiguous tensors, and foreach kernels take their fast path on dense ones.
-    return {prefix + k: torch.zeros(p.shape, dtype=p.dtype, device=p.device) for k, p in params.items()}
+    return {prefix + k: _zeros_like(p) for k, p in params.items()}
+
+
+def _zeros_like(p: Tensor) -> Tensor:
+    """Zeros shaped like p: channels-last for a channels-last conv weight (elementwise ops over a param
+    and its buffer in different layouts take a slow strided path, measured ~2.5x per op on cpu), else
+    contiguous, whatever p's strides (safetensors stores contiguous tensors, foreach kernels prefer them)."""
+    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+        return torch.zeros_like(p, memory_format=torch.channels_last)
+    return torch.zeros(p.shape, dtype=p.dtype, device=p.device)
 
 
 def _replace(tree: Tree, keys: list[str], values: list[Tensor], prefix: str = "") -> Tree:
@@ -184,6 +205,16 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     dtypes = [params[k].dtype for k in keys]
     cast = [s if s.dtype == d else s.to(d) for s, d in zip(summed, dtypes, strict=True)]
     return _replace(params, keys, cast)
+
+
+def apply_updates_(params: Tree, updates: Tree) -> Tree:
+    """``apply_updates`` in place, for a caller that donates ``params``: returns a new dict holding the
+    same tensors, now updated. A param whose dtype differs from its update gets a new tensor."""
+    same = [k for k in updates if updates[k].dtype == params[k].dtype]
+    if same:
+        torch._foreach_add_([params[k] for k in same], [updates[k] for k in same])
+    rest = [k for k in updates if k not in set(same)]
+    return apply_updates(params, {k: updates[k] for k in rest}) if rest else dict(params)
 
 
 def step_count(state: Tree) -> Tensor:
@@ -213,10 +244,11 @@ def chain(*transforms: Transform) -> Transform:
 
     def update(grads: Tree, state: Tree, params: Tree, owned: Owned) -> tuple[Tree, Tree, Owned]:
         new_state: Tree = {}
+        donated = owned & _STATE
         for prefix, step in steps:
             # Key-string slicing is trace-time work under torch.compile; it costs nothing per step there.
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            grads, sub, owned = step(grads, sub, params, owned)
+            grads, sub, owned = step(grads, sub, params, owned | donated)
             new_state.update({prefix + k: v for k, v in sub.items()})
         return grads, new_state, owned
 
@@ -246,6 +278,13 @@ def scale_tree(tree: Tree, factor: Tensor) -> Tree:
     """Every leaf times the 0-dim tensor ``factor`` (new tensors, one foreach kernel)."""
     keys = list(tree)
     return dict(zip(keys, _mul_scalar([tree[k] for k in keys], factor), strict=True))
+
+
+def scale_tree_(tree: Tree, factor: Tensor) -> Tree:
+    """Every leaf multiplied by the 0-dim tensor ``factor`` in place (one foreach kernel, no allocation);
+    only for trees the caller owns, e.g. a train step's freshly computed gradients. Returns ``tree``."""
+    _mul_scalar_(list(tree.values()), factor)
+    return tree
 
 
 def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
@@ -323,7 +362,12 @@ def trace(momentum: float, nesterov: bool = False) -> Transform:
             return {}, dict(state), owned
         g = [grads[k] for k in keys]
         old = [state["trace." + k] for k in keys]
-        if nesterov or not all(k in owned for k in keys):
+        if _STATE <= owned and not nesterov and all(k in owned for k in keys):
+            # Donated state: the new buffer goes into the old one's memory, computed exactly as below.
+            torch._foreach_add_(g, old, alpha=momentum)
+            torch._foreach_copy_(old, g)
+            bufs = old
+        elif nesterov or not all(k in owned for k in keys):
             bufs = list(torch._foreach_mul(old, momentum))
             torch._foreach_add_(bufs, g)
         else:
@@ -367,8 +411,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
             return {}, {**state, "count": count}, owned
         g = [grads[k] for k in keys]
         # lerp (m + (1 - b1) * (g - m)) is one pass and rounds exactly like torch's own Adam.
-        mu = list(torch._foreach_lerp([state["adam.mu." + k] for k in keys], g, 1.0 - b1))
-        nu = list(torch._foreach_mul([state["adam.nu." + k] for k in keys], b2))
+        mu, nu = [state["adam.mu." + k] for k in keys], [state["adam.nu." + k] for k in keys]
+        if _STATE <= owned:  # donated state: update the moments in place
+            torch._foreach_lerp_(mu, g, 1.0 - b1)
+            torch._foreach_mul_(nu, b2)
+        else:
+            mu = list(torch._foreach_lerp(mu, g, 1.0 - b1))
+            nu = list(torch._foreach_mul(nu, b2))
         torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
         # Bias corrections as float64 tensors of the step tensor: no Python int step, no recompiles.
         t = count.to(SCALAR_DTYPE)

@@ -131,6 +131,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                               autocast=lambda: backend.autocast(precision),
                               reduce=distributed.make_reduce(dist), max_grad_norm=plan.max_grad_norm,
                               guard_by_sync=backend.free_sync and not compiled, compiled=compiled,
+                              donate=backend.free_sync and not compiled,
                               growth_interval=spec.runtime.loss_scale_growth_interval)
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:

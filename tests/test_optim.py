@@ -464,3 +464,11 @@ def test_chain_never_writes_into_a_foreign_transforms_tensors() -> None:
     for k in params:
         assert torch.allclose(state[f"1.last.{k}"], clipped[k]), k
         assert torch.allclose(updates[k], -0.5 * clipped[k]), k
+
+
+def test_moment_buffers_follow_channels_last_weights() -> None:
+    params = {"w": torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last), "b": torch.randn(4)}
+    state = optim.adamw(1e-3).init(params)
+    mu = state["1.adam.mu.w"]
+    assert mu.is_contiguous(memory_format=torch.channels_last) and not mu.is_contiguous()
+    assert state["1.adam.nu.b"].is_contiguous()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from centerpoint import optim
@@ -122,3 +123,53 @@ def test_predict_step_shapes_and_flip():
 def test_global_norm_matches_metric_definition():
     g = {"a": torch.tensor([3.0]), "b": torch.tensor([[4.0]])}
     assert float(optim.global_norm(g)) == 5.0
+
+
+def _copy(state):
+    return state._replace(params={k: v.clone() for k, v in state.params.items()},
+                          buffers={k: v.clone() for k, v in state.buffers.items()},
+                          opt_state={k: v.clone() for k, v in state.opt_state.items()})
+
+
+@pytest.mark.parametrize("sets", [
+    ("optim.name=adamw", "optim.grad_clip=1.0"),
+    ("optim.name=sgd", "optim.momentum=0.9"),
+    ("optim.name=sgd", "optim.nesterov=true", "optim.decay_norm_and_bias=true"),
+    ("optim.name=adam",),
+])
+def test_donating_step_equals_the_pure_step_bit_for_bit(sets):
+    spec, plan, params, buffers, _ = _setup(*sets)
+    kw = dict(max_grad_norm=spec.optim.grad_clip, guard_by_sync=True)
+    apply = make_apply(build_network(spec.model))
+    pure = make_train_step(apply, spec, plan.transform, plan.schedule, **kw)
+    donating = make_train_step(apply, spec, plan.transform, plan.schedule, donate=True, **kw)
+    a = init_state(params, buffers, plan.transform)
+    b = _copy(a)
+    for i in range(3):
+        batch = _batch(seed=i)
+        a, ma = pure(a, batch)
+        given = b
+        b, mb = donating(b, batch)
+        assert all(given.params[k] is b.params[k] for k in b.params)  # updated in place, not copied
+        assert torch.equal(ma["loss"], mb["loss"])
+    for tree in ("params", "buffers", "opt_state"):
+        for k, v in getattr(a, tree).items():
+            assert torch.equal(v, getattr(b, tree)[k]), (tree, k)
+    assert int(a.step) == int(b.step) == 3
+
+
+def test_donating_step_keeps_the_state_on_a_non_finite_step():
+    spec, plan, params, buffers, _ = _setup("optim.name=adamw")
+    step = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule,
+                           guard_by_sync=True, donate=True)
+    state = init_state(params, buffers, plan.transform)
+    snapshot = _copy(state)
+    batch = {**_batch(), "images": _batch()["images"].float() * float("nan")}
+    new, metrics = step(state, batch)
+    assert float(metrics["finite"]) == 0.0 and int(new.step) == 0
+    for k, v in snapshot.params.items():
+        assert torch.equal(new.params[k], v) and torch.equal(state.params[k], v)
+    for k, v in snapshot.opt_state.items():
+        assert torch.equal(new.opt_state[k], v)
+    with pytest.raises(ValueError, match="guard_by_sync"):
+        make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule, donate=True)
