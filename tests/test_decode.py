@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from centerpoint.decode import boxes_to_original, decode_heatmap
+from centerpoint.decode import boxes_to_original, decode_heatmap, local_max
 from centerpoint.errors import CenterpointError
 from centerpoint.targets import make_targets
 
@@ -118,3 +118,16 @@ def test_boxes_to_original_sorts_corners_and_checks_shape() -> None:
     assert boxes_to_original(boxes, flip_both).tolist() == [[[40.0, 20.0, 80.0, 40.0]]]
     with pytest.raises(CenterpointError, match="inverse_affine"):
         boxes_to_original(boxes, torch.zeros(2, 2, 3))
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_local_max_equals_max_pool(kernel: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.rand(2, 3, 9, 7, generator=g).to(dtype)
+    x[0, 0, 4, 3] = 2.0  # a plateau and a lone peak
+    x[1, 2, 0, :3] = 1.5
+    pooled = torch.nn.functional.max_pool2d(x, kernel, stride=1, padding=kernel // 2)
+    assert torch.equal(local_max(x, kernel), pooled)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(local_max(cl, kernel), pooled)
