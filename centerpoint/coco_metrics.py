@@ -180,16 +180,31 @@ def results_to_json(detections: Sequence[dict] | np.ndarray) -> list[dict]:
     ]
 
 
-def _check_against_gt(results: list[dict], coco_gt: Any, img_ids: list[int] | None) -> list[int]:
-    """Reject ids unknown to the ground truth; return the image ids to evaluate."""
+def _result_dataset(coco_gt: Any, arr: np.ndarray) -> dict:
+    """The detections as the dataset ``loadRes`` builds for bbox results (same values: ids from 1, area
+    w * h in float64, iscrowd 0), made in one pass over the rows; ``loadRes`` also adds a polygon per
+    box, which bbox evaluation never reads. Images and categories are shared with ``coco_gt``."""
+    areas = (arr[:, 3] * arr[:, 4]).tolist()
+    columns = (arr[:, 0].astype(np.int64).tolist(), arr[:, 6].astype(np.int64).tolist(), arr[:, 1:5].tolist(),
+               arr[:, 5].tolist(), areas)
+    annotations = [
+        {"image_id": img, "category_id": cat, "bbox": bbox, "score": score, "area": area, "id": n, "iscrowd": 0}
+        for n, (img, cat, bbox, score, area) in enumerate(zip(*columns, strict=True), start=1)
+    ]
+    return {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+            "annotations": annotations}
+
+
+def _check_against_gt(arr: np.ndarray, coco_gt: Any, img_ids: list[int] | None) -> list[int]:
+    """Reject ids unknown to the ground truth; return the image ids to evaluate. arr: (N, 7) rows."""
     gt_imgs, gt_cats = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
-    unknown_imgs = {r["image_id"] for r in results} - gt_imgs
+    unknown_imgs = set(np.unique(arr[:, 0]).astype(np.int64).tolist()) - gt_imgs
     if unknown_imgs:
         raise CenterpointError(
             f"{len(unknown_imgs)} detection image_id(s) are not in the ground truth, e.g. {min(unknown_imgs)}"
         )
     # COCOeval would silently ignore these, hiding e.g. a contiguous-index vs COCO-id mix-up.
-    unknown_cats = {r["category_id"] for r in results} - gt_cats
+    unknown_cats = set(np.unique(arr[:, 6]).astype(np.int64).tolist()) - gt_cats
     if unknown_cats:
         raise CenterpointError(
             f"detection category_id(s) {sorted(unknown_cats)[:5]} are not in the ground truth "
@@ -222,7 +237,7 @@ def _silenced(quiet: bool) -> contextlib.AbstractContextManager:
     return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
 
 
-def _evaluate(coco_gt: Any, results: list[dict], img_ids: list[int], backend: str, quiet: bool) -> Any:
+def _evaluate(coco_gt: Any, arr: np.ndarray, img_ids: list[int], backend: str, quiet: bool) -> Any:
     """Run evaluate/accumulate/summarize with ``backend``; return the evaluator."""
     if backend == "pycocotools":
         coco_cls, eval_cls, kwargs = COCO, COCOeval, {}
@@ -241,7 +256,10 @@ def _evaluate(coco_gt: Any, results: list[dict], img_ids: list[int], backend: st
     with _silenced(quiet):
         # Re-index the same dicts with the backend's COCO class: each backend expects its own.
         gt = coco_gt if type(coco_gt) is coco_cls else _build_coco(coco_cls, coco_gt.dataset)
-        dt = _load_results(gt, results)
+        if backend == "pycocotools":  # the reference path, exactly as pycocotools users run it
+            dt = _load_results(gt, results_to_json(arr))
+        else:  # ~2 s less at 500k detections than building dicts for loadRes to rewrite
+            dt = _build_coco(coco_cls, _result_dataset(gt, arr))
         evaluator = eval_cls(gt, dt, iouType="bbox", **kwargs)
         evaluator.params.imgIds = img_ids
         evaluator.evaluate()
@@ -292,9 +310,9 @@ def coco_bbox_metrics(
         coco_gt = load_coco(Path(coco_gt))
     elif not hasattr(coco_gt, "dataset") or not hasattr(coco_gt, "getImgIds"):
         raise CenterpointError(f"coco_gt must be a COCO object or a path, got {type(coco_gt).__name__}")
-    results = results_to_json(detections)
-    eval_img_ids = _check_against_gt(results, coco_gt, img_ids)
-    evaluator = _evaluate(coco_gt, results, eval_img_ids, backend, quiet)
+    arr = _detections_array(detections)
+    eval_img_ids = _check_against_gt(arr, coco_gt, img_ids)
+    evaluator = _evaluate(coco_gt, arr, eval_img_ids, backend, quiet)
     metrics: dict = {key: float(v) for key, v in zip(METRIC_KEYS, evaluator.stats, strict=True)}
     metrics["per_class_AP"] = _per_class_ap(evaluator, coco_gt)
     return metrics

@@ -15,7 +15,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from centerpoint.errors import CenterpointError
 
@@ -190,6 +190,12 @@ class RuntimeSpec(_Spec):
     device: Literal["auto", "cpu", "cuda", "sdaa"] = Field("auto", description="auto: cuda, else sdaa, else cpu.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the step. auto: on for "
                                                   "cuda, off for cpu (gains little there) and sdaa.")
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML reads a bare `on` / `off` as a boolean (in files and in --set runtime.compile=on).
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype of the forward pass (loss stays fp32). auto: bf16 where the device "
         "computes it natively (recent cpus, cuda), else fp32.")

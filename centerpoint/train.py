@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class Run:
     start_batch: int
     dist: distributed.Context
     finished: dict | None = None  # resumed from the end of a completed run: its last evaluation
+    compiled: bool = False
 
 
 def check_workdir(path: Path) -> Path:
@@ -135,6 +137,11 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                               growth_interval=spec.runtime.loss_scale_growth_interval)
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:
+        # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
+        # them beside the datasets so a later run of the same shapes skips most of the compile.
+        from centerpoint.data.synthetic import default_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
         step_fn = torch.compile(step_fn)
         predict_fn = torch.compile(predict_fn, dynamic=spec.data.test_mode == "pad")
     if dist.rank == 0:
@@ -150,7 +157,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                           f"{train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist, finished)
+               start_epoch, start_batch, dist, finished, compiled)
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
@@ -233,6 +240,9 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                 meter.add(spec.train.batch_size * run.dist.world_size, wait)
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t_start
+                    if run.compiled and is_main:
+                        console.print(f"first step after {first_step_s:.1f} s (compiling the step included; the "
+                                      f"compiled graphs are cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})")
                 if step % spec.train.log_every == 0 or step == run.total_steps:
                     values = {k: float(v) for k, v in metrics.items()}
                     values.update(meter.read())

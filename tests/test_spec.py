@@ -95,3 +95,10 @@ def test_with_updates_and_schema():
     schema = json_schema()
     assert "optim" in schema["properties"]
     assert schema["$defs"]["OptimSpec"]["properties"]["lr"]["exclusiveMinimum"] == 0.0
+
+
+def test_yaml_on_off_spellings_of_runtime_compile() -> None:
+    assert load_spec(None, ["runtime.compile=on"]).runtime.compile == "on"
+    assert load_spec(None, ["runtime.compile=off"]).runtime.compile == "off"
+    with pytest.raises(CenterpointError, match="runtime.compile"):
+        load_spec(None, ["runtime.compile=sometimes"])
