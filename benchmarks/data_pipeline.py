@@ -294,6 +294,7 @@ def main() -> None:
     shutil.rmtree(root)
     result["target_ratio"], result["target_img_s"] = 2.0, 200.0
     result["pass"] = bool(result["ratio"] >= 2.0 and result["project_img_s"] >= 200.0)  # type: ignore[operator]
+    result["batched_warp"] = batched_warp_ms(args.batch, args.size, args.device, threads)
     if args.step:
         torch.set_num_threads(threads)  # the step runs in the main process with all its threads
         step = step_throughput(args.size, args.batch, args.device, args.precision)
@@ -301,6 +302,53 @@ def main() -> None:
         # Worker processes (one thread each) it takes to produce batches as fast as the step eats them.
         result["workers_to_feed_step"] = round(step["step_img_s"] / result["project_img_s"], 2)  # type: ignore[operator]
     print(json.dumps(result))
+
+
+def batched_warp_ms(batch: int, size: int, device: str, threads: int) -> dict[str, object]:
+    """The geometric augmentation done on the device instead: ms per image of one batched affine
+    `grid_sample` (bilinear, zero padding) of decoded 640x480 uint8 images into `size` x `size` float
+    crops (random scale 0.6-1.4, shift, flip), next to the per-image PIL warp the workers run, both on
+    this machine (the workers' warp on one thread; the batched one on `device` with all threads)."""
+    import torch.nn.functional as F
+
+    from centerpoint.devices import select_backend
+
+    backend = select_backend(device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 480, 640), dtype=torch.uint8, generator=g).to(backend.device)
+    scale = torch.empty(batch).uniform_(0.6, 1.4, generator=g)
+    theta = torch.zeros(batch, 2, 3)
+    # affine_grid maps output coords in [-1, 1] to input coords: x_in = a * x_out + t (per image).
+    theta[:, 0, 0] = (size / 640) / scale * torch.where(torch.rand(batch, generator=g) < 0.5, -1.0, 1.0)
+    theta[:, 1, 1] = (size / 480) / scale
+    theta[:, :, 2] = torch.empty(batch, 2).uniform_(-0.3, 0.3, generator=g)
+    theta = theta.to(backend.device)
+    torch.set_num_threads(threads)
+
+    def device_warp() -> torch.Tensor:
+        grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
+        return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    seconds = timed_call(device_warp, backend.synchronize)
+    torch.set_num_threads(1)
+    pil = Image.fromarray(images[0].permute(1, 2, 0).cpu().numpy())
+    a = np.array([[0.9, 0.0, -10.0], [0.0, 0.9, 20.0]])
+    pil_s = min(clocked(lambda: warp(pil, a, (size, size)))[1] for _ in range(20))
+    return {"device": backend.device_string, "device_ms_per_image": round(seconds / batch * 1e3, 3),
+            "pil_worker_ms_per_image": round(pil_s * 1e3, 3)}
+
+
+def timed_call(fn: Callable[[], object], sync: Callable[[], None], repeats: int = 5) -> float:
+    """Best wall seconds of `repeats` calls after one warm-up, synchronised."""
+    fn()
+    sync()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[str, object]:
