@@ -214,7 +214,9 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
     step = run.start_epoch * run.steps_per_epoch + run.start_batch
     progress = make_progress(console, spec.logging.progress and is_main)
     meter = Throughput()
-    skipped = torch.full((), float(step - int(state.step)), device=run.backend.device)
+    # Skipped steps so far: steps taken minus updates applied; with fp16 loss scaling that difference also
+    # holds the scaler's overflow steps, which are not failures, so the count restarts at resume there.
+    skipped = torch.full((), 0.0 if state.scaler else float(step - int(state.step)), device=run.backend.device)
     bad_images = 0
     first_step_s = None
     with progress:

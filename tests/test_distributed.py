@@ -186,8 +186,10 @@ def test_two_process_evaluation_gives_the_same_metrics(equivalence_runs: Path) -
     one, two = (json.loads((equivalence_runs / f"report_{w}_0.json").read_text()) for w in (1, 2))
     assert json.dumps(one["metrics"], sort_keys=True) == json.dumps(two["metrics"], sort_keys=True)
     rows1, rows2 = (np.array(sorted(map(tuple, r["rows"]))) for r in (one, two))
-    assert rows1.shape == rows2.shape and len(rows1) > 0  # the same detections (scores to the last bits
-    np.testing.assert_allclose(rows2, rows1, rtol=0, atol=1e-6)  # of batch-size dependent conv kernels)
+    # The same detections, to the last bits of batch-size dependent conv kernels: scores within 1e-6,
+    # box coordinates (pixels, up to a few hundred) within 1e-6 relative.
+    assert rows1.shape == rows2.shape and len(rows1) > 0
+    np.testing.assert_allclose(rows2, rows1, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the launcher through the real CLI
