@@ -262,6 +262,18 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "ann.json", root / "img"
 
 
+def reference_zero_padding(pixels: np.ndarray, a: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) with every pixel whose centre maps outside the original image set to 0, pixel by pixel."""
+    out = pixels.copy()
+    inv = invert(a)
+    for y in range(out.shape[0]):
+        for x in range(out.shape[1]):
+            sx, sy = inv @ [x + 0.5, y + 0.5, 1.0]
+            if not (0 <= sx < width and 0 <= sy < height):
+                out[y, x] = 0
+    return out
+
+
 def _dataset(tiny_coco: tuple[Path, Path], seed: int = 0) -> DetectionDataset:
     index = load_index(tiny_coco[0], tiny_coco[1], train=True)
     # test_size=None: training rescales are drawn relative to input_size (what train_affine does by default)
@@ -288,6 +300,7 @@ def test_samples_are_a_function_of_seed_epoch_index(tiny_coco: tuple[Path, Path]
 def test_sample_equals_previous_pipeline(tiny_coco: tuple[Path, Path]) -> None:
     ds = _dataset(tiny_coco)
     idx, spec = ds.index, ds.spec
+    padded = 0
     for epoch in range(6):  # scales down to 0.3 take the JPEG draft path on some draws
         for i in range(len(idx)):
             h, w = (int(v) for v in idx.sizes[i])
@@ -298,7 +311,10 @@ def test_sample_equals_previous_pipeline(tiny_coco: tuple[Path, Path]) -> None:
             img = img.convert("RGB")
             a = a @ np.diag([w / img.size[0], h / img.size[1], 1.0])
             pixels = previous_photometric_distort(warp(img, a, (64, 64)), np.random.default_rng([0, epoch, i, 1]))
+            pixels = reference_zero_padding(pixels, a @ np.diag([img.size[0] / w, img.size[1] / h, 1.0]), w, h)
             assert np.array_equal(ds[(epoch, i)].image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
+            padded += int((pixels == 0).all(-1).sum())
+    assert padded > 0  # scales below 1 leave padding around the image
 
 
 @pytest.mark.parametrize("ratios", [(0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3), (2.5, 3.0)])
@@ -329,6 +345,7 @@ def test_center_crop_samples(tiny_coco: tuple[Path, Path], ratios: tuple[float, 
             img = img.convert("RGB")
             pixels = warp(img, a @ np.diag([w / img.size[0], h / img.size[1], 1.0]), (64, 64))
             pixels = previous_photometric_distort(pixels, np.random.default_rng([0, epoch, i, 1]))
+            pixels = reference_zero_padding(pixels, a, w, h)
             assert np.array_equal(s.image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
             kept += len(s.labels)
             dropped += len(index.labels[i]) - len(s.labels)

@@ -28,6 +28,7 @@ from centerpoint.data.transforms import (
     train_affine,
     transform_boxes,
     warp,
+    zero_padding_,
 )
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import DataSpec
@@ -108,12 +109,13 @@ class DetectionDataset(Dataset):
         if img.size != (w, h):  # decoded at a reduced size (JPEG draft): rescale the map accordingly
             a = a @ np.diag([w / img.size[0], h / img.size[1], 1.0])
         pixels = warp(img, a, out_size)
-        if self.train and spec.photometric:  # (3, H, W) straight away, no transposing copy
-            planes = photometric_distort(pixels, np.random.default_rng([self.seed, epoch, i, 1]), True)
-        else:
-            planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         if img.size != (w, h):
             a = a @ np.diag([img.size[0] / w, img.size[1] / h, 1.0])
+        if self.train and spec.photometric:  # (3, H, W) straight away, no transposing copy
+            planes = photometric_distort(pixels, np.random.default_rng([self.seed, epoch, i, 1]), True)
+            zero_padding_(planes, a, w, h)
+        else:
+            planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         boxes, keep = transform_boxes(boxes, a, out_size, spec.min_box_size if self.train else 0.0)
         image = torch.from_numpy(planes)
         return Sample(image, torch.from_numpy(boxes), torch.from_numpy(labels[keep]),

@@ -179,6 +179,28 @@ def warp(image: Image.Image, a: Affine, out_size: tuple[int, int]) -> np.ndarray
     return np.asarray(out)
 
 
+def inside_mask(a: Affine, width: int, height: int, out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Which output columns (W,) and rows (H,) of a warp by `a` (scale, translate, mirror) sample the image:
+    those whose pixel centre maps back into [0, width) x [0, height) original pixels. The rest is padding."""
+    inv = invert(a)
+    cols = inv[0, 0] * (np.arange(out_size[0]) + 0.5) + inv[0, 2]
+    rows = inv[1, 1] * (np.arange(out_size[1]) + 0.5) + inv[1, 2]
+    return (cols >= 0) & (cols < width), (rows >= 0) & (rows < height)
+
+
+def zero_padding_(planes: np.ndarray, a: Affine, width: int, height: int) -> np.ndarray:
+    """Set the padding of a warped (3, H, W) image back to 0, in place.
+
+    mmdetection distorts colours before it crops and pads, so its padding stays 0; the pipeline here
+    distorts after the warp (on the smaller image), which would shift the padding too (brightness)."""
+    cols, rows = inside_mask(a, width, height, (planes.shape[2], planes.shape[1]))
+    if not cols.all():
+        planes[:, :, ~cols] = 0
+    if not rows.all():
+        planes[:, ~rows, :] = 0
+    return planes
+
+
 def transform_boxes(boxes: np.ndarray, a: Affine, out_size: tuple[int, int],
                     min_size: float) -> tuple[np.ndarray, np.ndarray]:
     """Map (n, 4) xyxy boxes through `a` and clip them to the (W, H) input.
