@@ -41,7 +41,12 @@ class Backend:
         """Mixed-precision context for the forward pass (`precision` already resolved); fp32 is a no-op."""
         if precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.name, dtype=_PRECISIONS[precision])
+        dtype = _PRECISIONS[precision]
+        if self.name == "sdaa":
+            vendor = getattr(getattr(torch.sdaa, "amp", None), "autocast", None)  # type: ignore[attr-defined]
+            if vendor is not None:  # torch_sdaa's own amp (its stack's torch 2.0 autocast knows no "sdaa")
+                return vendor(dtype=dtype)
+        return torch.autocast(device_type=self.name, dtype=dtype)
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""

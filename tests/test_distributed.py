@@ -376,17 +376,27 @@ def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.Monkey
     assert joined == ["nccl", "tccl", "gloo"]
 
 
-def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vendor_amp", [False, True])
+def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp: bool) -> None:
     """In a fresh process: a stand-in `torch_sdaa` registers the 'sdaa' device name the way the real one
-    does; selection then sets sdaa:<local_rank> and mixed precision autocasts on 'sdaa'. Selecting cpu
-    never imports torch_sdaa."""
-    (tmp_path / "torch_sdaa.py").write_text(textwrap.dedent("""
+    does; selection then sets sdaa:<local_rank> and mixed precision autocasts on 'sdaa', through
+    `torch.sdaa.amp.autocast` when torch_sdaa has it (`vendor_amp`, as the real one does), else through
+    torch.autocast. Selecting cpu never imports torch_sdaa."""
+    (tmp_path / "torch_sdaa.py").write_text(textwrap.dedent(f"""
         import types
         import torch
         torch.utils.rename_privateuse1_backend("sdaa")
         calls = []
         torch.sdaa = types.SimpleNamespace(is_available=lambda: True, set_device=calls.append, device_count=lambda: 3,
                                            get_amp_supported_dtype=lambda: [torch.float16, torch.bfloat16])
+        amp_calls = []
+
+        def vendor_autocast(dtype=None):  # the vendor's amp records the dtype it was asked for
+            amp_calls.append(dtype)
+            return torch.autocast(device_type="sdaa", dtype=dtype)
+
+        if {vendor_amp}:
+            torch.sdaa.amp = types.SimpleNamespace(autocast=vendor_autocast)
     """))
     code = textwrap.dedent("""
         import sys
@@ -396,9 +406,12 @@ def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path) -> None:
         backend = devices.select_backend("sdaa", 1)
         import torch, torch_sdaa
         amp = backend.autocast(devices.resolve_precision(backend, "fp16"))
-        print(backend.device, torch_sdaa.calls, amp.device, amp.fast_dtype, devices.resolve_precision(backend, "auto"))
+        print(backend.device, torch_sdaa.calls, amp.device, amp.fast_dtype, devices.resolve_precision(backend, "auto"),
+              torch_sdaa.amp_calls)
     """)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == ["sdaa:1", "[device(type='sdaa',", "index=1)]", "sdaa", "torch.float16", "fp32"]
+    amp_calls = ["[torch.float16]"] if vendor_amp else ["[]"]
+    assert res.stdout.split() == ["sdaa:1", "[device(type='sdaa',", "index=1)]", "sdaa", "torch.float16", "fp32",
+                                  *amp_calls]
