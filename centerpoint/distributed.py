@@ -262,10 +262,15 @@ def check_identical(trees: Mapping[str, Tree], ctx: Context) -> None:
                                "same spec and torch version")
 
 
+def gather_objects(obj: Any, ctx: Context) -> list:
+    """Every rank's value of a picklable object, in rank order, on all ranks."""
+    if not ctx.distributed:
+        return [obj]
+    parts: list = [None] * ctx.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def gather_rows(rows: np.ndarray, ctx: Context) -> np.ndarray:
     """Concatenate every rank's detection rows on all ranks (rank order)."""
-    if not ctx.distributed:
-        return rows
-    parts: list = [None] * ctx.world_size
-    dist.all_gather_object(parts, rows)
-    return np.concatenate(parts)
+    return np.concatenate(gather_objects(rows, ctx)) if ctx.distributed else rows

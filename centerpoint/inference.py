@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from centerpoint import distributed
 from centerpoint.build import data_root, load_split
 from centerpoint.checkpoint import Checkpoint, check_compatible
 from centerpoint.data.loader import read_image
@@ -44,13 +45,29 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
 
 def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None
                         ) -> tuple[dict, np.ndarray]:
-    """COCO metrics of the checkpoint on the spec's val split, and the detection rows."""
-    backend = select_backend(spec.runtime.device)
-    predict, params, buffers = load_model(spec, ckpt, backend)
-    index = load_split(spec, data_root(spec), train=False)
-    rows, bad = predict_split(predict, params, buffers, index, spec, backend, progress=progress)
+    """COCO metrics of the checkpoint on the spec's val split, and the detection rows.
+
+    In a launched job (`centerpoint eval --nproc-per-node N`, torchrun, srun) each rank predicts its shard
+    of the images on its own device and rank 0 runs COCOeval on everyone's detections; other ranks return
+    ({}, no rows). The metrics equal a single-process evaluation's."""
+    ctx = distributed.context()
+    backend = select_backend(spec.runtime.device, ctx.local_rank)
+    distributed.init_process_group(ctx, backend)
+    try:
+        predict, params, buffers = load_model(spec, ckpt, backend)
+        root = data_root(spec) if ctx.rank == 0 else None  # rank 0 makes a synthetic set first, alone
+        distributed.barrier(ctx)
+        index = load_split(spec, root or data_root(spec), train=False)
+        rows, bad = predict_split(predict, params, buffers, index, spec, backend, ctx.rank, ctx.world_size,
+                                  progress=progress)
+        parts = distributed.gather_objects((rows, bad), ctx)
+    finally:
+        distributed.destroy(ctx)
+    if ctx.rank != 0:
+        return {}, np.zeros((0, 7))
+    rows = np.concatenate([r for r, _ in parts])
     metrics = compute_metrics(index, rows, spec)
-    metrics["bad_images"] = bad
+    metrics["bad_images"] = sum(b for _, b in parts)
     metrics["images"] = min(len(index), spec.eval.max_images or len(index))
     return metrics, rows
 

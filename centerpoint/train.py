@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -181,11 +182,11 @@ def evaluate_run(run: Run, state: TrainState) -> dict:
     """Distributed evaluation: each rank predicts its shard, rank 0 computes COCO metrics."""
     rows, bad = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
                               run.dist.rank, run.dist.world_size)
-    rows = distributed.gather_rows(rows, run.dist)
+    parts = distributed.gather_objects((rows, bad), run.dist)
     if run.dist.rank != 0:
         return {}
-    metrics = compute_metrics(run.val_index, rows, run.spec)
-    metrics["bad_images"] = bad
+    metrics = compute_metrics(run.val_index, np.concatenate([r for r, _ in parts]), run.spec)
+    metrics["bad_images"] = sum(b for _, b in parts)
     return metrics
 
 

@@ -25,6 +25,14 @@ _DEBUG = {"on": False}
 
 SpecArg = typer.Argument(None, help="Spec YAML file (default: the built-in shapes experiment).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a spec field: --set optim.lr=0.001 (repeatable).")
+NprocOpt = typer.Option(1, "--nproc-per-node", "--nproc_per_node",
+                        help="Worker processes (devices) on this machine; >1 starts them here.")
+NnodesOpt = typer.Option(1, "--nnodes", "--nnode", help="Machines in the job.")
+NodeRankOpt = typer.Option(0, "--node-rank", "--node_rank", help="This machine's index, 0..nnodes-1.")
+MasterAddrOpt = typer.Option(None, "--master-addr", "--master_addr",
+                             help="Address of node 0 (needed with --nnodes > 1).")
+MasterPortOpt = typer.Option(None, "--master-port", "--master_port",
+                             help="Port of node 0 (default: a free one on one machine, 29500 on several).")
 
 
 @app.callback()
@@ -68,15 +76,11 @@ def train(
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes per device."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of init, shuffling and augmentation."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", "--nproc_per_node",
-                                       help="Worker processes (devices) on this machine; >1 starts them here."),
-    nnodes: int = typer.Option(1, "--nnodes", "--nnode", help="Machines in the job."),
-    node_rank: int = typer.Option(0, "--node-rank", "--node_rank", help="This machine's index, 0..nnodes-1."),
-    master_addr: str | None = typer.Option(None, "--master-addr", "--master_addr",
-                                           help="Address of node 0 (needed with --nnodes > 1)."),
-    master_port: int | None = typer.Option(None, "--master-port", "--master_port",
-                                           help="Port of node 0 (default: a free one on one machine, 29500 "
-                                           "on several)."),
+    nproc_per_node: int = NprocOpt,
+    nnodes: int = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    master_addr: str | None = MasterAddrOpt,
+    master_port: int | None = MasterPortOpt,
     max_restarts: int = typer.Option(0, "--max-restarts", "--max_restarts",
                                      help="Restart all workers up to K times after a failure; they resume from "
                                      "the latest checkpoint."),
@@ -118,8 +122,15 @@ def evaluate(
     data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", help="Dataset root."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
     out: Path | None = typer.Option(None, "--out", help="Write metrics JSON here (and detections beside it)."),
+    nproc_per_node: int = NprocOpt,
+    nnodes: int = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    master_addr: str | None = MasterAddrOpt,
+    master_port: int | None = MasterPortOpt,
 ) -> None:
-    """Evaluate a checkpoint on the validation split with COCOeval (bbox)."""
+    """Evaluate a checkpoint on the validation split with COCOeval (bbox).
+
+    --nproc-per-node N: N workers (one per device) each predict a shard; rank 0 computes the metrics."""
     import json
 
     from rich.progress import Progress
@@ -127,8 +138,10 @@ def evaluate(
     from centerpoint.atomic import atomic_write_text
     from centerpoint.checkpoint import load_checkpoint
     from centerpoint.coco_metrics import format_metrics_table
+    from centerpoint.distributed import context
     from centerpoint.evaluate import write_results
     from centerpoint.inference import evaluate_checkpoint
+    from centerpoint.launch import LaunchPlan, check_plan, launch_workers, needs_launch
     from centerpoint.spec import load_spec, spec_to_dict, with_updates
 
     ckpt = load_checkpoint(checkpoint)
@@ -142,9 +155,17 @@ def evaluate(
     spec = with_updates(spec_from_dict(data, "--set"), updates) if updates else spec_from_dict(data, "--set")
     if out is not None:
         _check_output_dir(out.parent, out)
-    with Progress(transient=True) as progress:
+    plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+    check_plan(plan)
+    if needs_launch(plan):
+        launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])
+        return
+    main_rank = context().rank == 0
+    with Progress(transient=True, disable=not main_rank) as progress:
         task = progress.add_task("evaluating", total=None)
         metrics, rows = evaluate_checkpoint(spec, ckpt, lambda n: progress.advance(task, n))
+    if not main_rank:
+        return
     print(format_metrics_table(metrics))
     if out is not None:
         atomic_write_text(out, json.dumps(metrics, indent=1))

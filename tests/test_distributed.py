@@ -192,6 +192,31 @@ def test_two_process_evaluation_gives_the_same_metrics(equivalence_runs: Path) -
     np.testing.assert_allclose(rows2, rows1, rtol=1e-6, atol=1e-6)
 
 
+def test_eval_command_on_two_processes_writes_the_same_metrics(equivalence_runs: Path) -> None:
+    """`centerpoint eval --nproc-per-node 2`: two launched workers, each predicting its shard; rank 0
+    writes metrics and detections identical to those of a one-process `centerpoint eval`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    outs, dets = {}, {}
+    for n in (1, 2):
+        out = equivalence_runs / f"eval_cli_{n}.json"
+        ckpt = str(equivalence_runs / "fp32_1.safetensors")
+        cmd = [sys.executable, "-m", "centerpoint", "eval", "--checkpoint", ckpt,
+               "--out", str(out), "--nproc-per-node", str(n)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("bbox_mAP_50") == 1 and res.stdout.count(f"wrote {out}") == 1  # rank 0 only
+        outs[n] = json.loads(out.read_text())
+        dets[n] = sorted(json.loads(out.with_name(out.stem + ".detections.json").read_text()),
+                         key=lambda d: (d["image_id"], d["category_id"], -d["score"]))
+    one, two = outs[1], outs[2]
+    assert one["images"] == 8 and one["bad_images"] == 0
+    assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
+    assert len(dets[1]) == len(dets[2]) > 0  # the same detections (rounded in the file: 2 decimals, 5 for scores)
+    for a, b in zip(dets[1], dets[2], strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=2e-5) and a["bbox"] == pytest.approx(b["bbox"], abs=0.02)
+
+
 # ---------------------------------------------------------------- the launcher through the real CLI
 
 
