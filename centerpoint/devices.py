@@ -32,6 +32,7 @@ class Backend:
     compile_by_default: bool  # what runtime.compile=auto means here
     pin_memory: bool  # pinned host memory speeds host->device copies
     free_sync: bool  # reading a device scalar on the host costs nothing (no asynchronous queue to drain)
+    augment_by_default: bool = False  # what data.augment_on=auto means: batched augmentation on the device
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +102,7 @@ def resolve_name(requested: str, probe: Callable[[DeviceName], bool] = available
 def make_backend(name: DeviceName, local_rank: int = 0) -> Backend:
     """The backend for device kind `name`, using the card/core group `local_rank` of this machine."""
     if name == "cuda":
-        return Backend("cuda", f"cuda:{local_rank}", "nccl", True, True, False)
+        return Backend("cuda", f"cuda:{local_rank}", "nccl", True, True, False, True)
     if name == "sdaa":
         # torch_sdaa runs eager (no inductor backend), and its collectives go through TCCL.
         return Backend("sdaa", f"sdaa:{local_rank}", "tccl", False, False, False)
@@ -166,6 +167,11 @@ def should_compile(backend: Backend, setting: str) -> bool:
     if setting == "on" and backend.name == "sdaa":
         raise CenterpointError("runtime.compile=on: torch.compile is not supported on sdaa; use off or auto")
     return setting == "on"
+
+
+def augments_on_device(backend: Backend, setting: str) -> bool:
+    """data.augment_on -> whether the train batches are augmented on the device (auto: on cuda only)."""
+    return backend.augment_by_default if setting == "auto" else setting == "device"
 
 
 def _bf16_supported(name: DeviceName) -> bool:

@@ -94,6 +94,11 @@ class DataSpec(_Spec):
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel RGB mean, 0..255 units.")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="Per-channel RGB std, 0..255 units.")
     workers: int = Field(1, ge=0, le=64, description="Data loader worker processes per device.")
+    augment_on: Literal["auto", "workers", "device"] = Field(
+        "auto", description="Where training images are warped, colour-distorted and get their targets: "
+        "'workers' (the data loader processes, image by image), 'device' (batched on the training device after "
+        "the copy; workers then only decode, and a sixth of the bytes crosses to the device), 'auto': device "
+        "on cuda, workers on cpu (where it would take cores from the step) and sdaa.")
     on_bad_image: Literal["fail", "skip"] = Field("fail", description="A missing or undecodable image: stop "
                                                   "with an error, or skip it and count it.")
 

@@ -72,14 +72,41 @@ def _check_inputs(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tupl
         )
 
 
+def _geometry(boxes: Tensor, stride: int, min_overlap: float) -> tuple[Tensor, ...]:
+    """(B, N, 4) xyxy input pixels -> centres cx, cy (cells, float64), sizes bw, bh (cells, float64) and
+    the gaussian radius (whole cells, float32) of every object."""
+    # float64 for geometry: floor() of the centre and int() of the radius are discontinuous, so
+    # float32 rounding could move a centre cell or radius versus a Python-float reference.
+    bx = boxes.to(torch.float64) / stride
+    cx = (bx[..., 0] + bx[..., 2]) / 2  # (B, N) cells
+    cy = (bx[..., 1] + bx[..., 3]) / 2
+    # Inverted boxes are treated as zero-size, which also keeps the radius formula real.
+    bw = (bx[..., 2] - bx[..., 0]).clamp(min=0)
+    bh = (bx[..., 3] - bx[..., 1]).clamp(min=0)
+    # torch.trunc == Python int() for the non-negative radii; negatives clamp to 0 like max(0, .).
+    radius = torch.trunc(gaussian_radius(bh, bw, min_overlap)).clamp(min=0).to(torch.float32)
+    return cx, cy, bw, bh, radius
+
+
+def max_radius(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple[int, int], stride: int,
+               min_overlap: float = 0.3) -> int:
+    """Check the inputs of `make_targets` and return the batch's largest gaussian radius (cells): what
+    it needs to know on the host. A data loader worker computes it on its cpu copy of the boxes, so that
+    `make_targets(..., max_radius=..., check_labels=False)` on the device never waits for the device."""
+    _check_inputs(boxes, labels, num_classes, feat_hw, stride, min_overlap)
+    radius = _geometry(boxes, stride, min_overlap)[4]
+    return int(radius.max()) if radius.numel() > 0 else 0
+
+
 def _render_heatmap(cx_int: Tensor, cy_int: Tensor, radius: Tensor, labels: Tensor, num_classes: int,
-                    feat_hw: tuple[int, int], heat: Tensor) -> None:
+                    feat_hw: tuple[int, int], heat: Tensor, half: int | None = None) -> None:
     """Write the per-class max of all objects' gaussians into ``heat``, a zeroed ``(B, C, H, W)`` float32.
 
     ``cx_int``/``cy_int`` ``(B, N)`` int64 centre cells inside the map, ``radius`` ``(B, N)`` float32
     whole cells, ``labels`` ``(B, N)`` with ``< 0`` for padding. Each object gets
     ``exp(-(dx^2 + dy^2) / (2 sigma^2))``, ``sigma = (2r + 1) / 6``, on cells with ``|dx|, |dy| <= r``
-    (mmdet's gen_gaussian_target window, clipped by the map border).
+    (mmdet's gen_gaussian_target window, clipped by the map border). ``half``: the largest radius, or
+    any bound above it (None: read from ``radius``, a host sync).
     """
     b = labels.shape[0]
     h_map, w_map = feat_hw
@@ -88,7 +115,8 @@ def _render_heatmap(cx_int: Tensor, cy_int: Tensor, radius: Tensor, labels: Tens
     # sync), instead of the whole map. The window is shifted to lie inside the map and shrunk to
     # the map side when larger, so it always covers the object's clipped (2r+1)^2 square and never
     # costs more than the full map.
-    half = int(radius.max()) if radius.numel() > 0 else 0
+    if half is None:
+        half = int(radius.max()) if radius.numel() > 0 else 0
     sx, sy = min(2 * half + 1, w_map), min(2 * half + 1, h_map)
     xs = (cx_int - half).clamp(0, w_map - sx)[..., None] + torch.arange(sx, device=dev)  # (B, N, Sx)
     ys = (cy_int - half).clamp(0, h_map - sy)[..., None] + torch.arange(sy, device=dev)  # (B, N, Sy)
@@ -116,7 +144,8 @@ def _render_heatmap(cx_int: Tensor, cy_int: Tensor, radius: Tensor, labels: Tens
 
 
 def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple[int, int], stride: int,
-                 min_overlap: float = 0.3, empty: Allocator | None = None) -> dict[str, Tensor]:
+                 min_overlap: float = 0.3, empty: Allocator | None = None, max_radius: int | None = None,
+                 check_labels: bool = True) -> dict[str, Tensor]:
     """Render CenterNet targets for a padded batch of boxes.
 
     Args:
@@ -142,35 +171,31 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
     the heatmap takes their max, while ``wh``/``offset`` keep one of them, unspecified which (the
     scatter has duplicate indices; CUDA does not define the winner).
 
-    Cost: one host sync for the label check and one for the batch's largest radius ``R``; memory
+        max_radius: the batch's largest gaussian radius (see :func:`max_radius`), None to read it here.
+        check_labels: check shapes and the label range here (one host sync); False when the caller did.
+
+    Cost: one host sync for the label check and one for the batch's largest radius ``R`` (none when
+    both are settled by the caller); memory
     about ``B * N * S_y * S_x * 17`` bytes with ``S = min(2R + 1, map side)`` (float32 gaussian and
     sum, int64 index, bool mask): ~0.75 MB for N=100, R=10; at worst (one box as large as the map)
     ~28 MB per image for N=100, H=W=128, so prefer calling it per sample when boxes can be huge.
     """
-    _check_inputs(boxes, labels, num_classes, feat_hw, stride, min_overlap)
+    if check_labels:
+        _check_inputs(boxes, labels, num_classes, feat_hw, stride, min_overlap)
     b = labels.shape[0]
     h_map, w_map = feat_hw
     hw = h_map * w_map
     dev = boxes.device
     valid = labels >= 0  # (B, N)
 
-    # float64 for geometry: floor() of the centre and int() of the radius are discontinuous, so
-    # float32 rounding could move a centre cell or radius versus a Python-float reference.
-    bx = boxes.to(torch.float64) / stride
-    cx = (bx[..., 0] + bx[..., 2]) / 2  # (B, N) cells
-    cy = (bx[..., 1] + bx[..., 3]) / 2
-    # Inverted boxes are treated as zero-size, which also keeps the radius formula real.
-    bw = (bx[..., 2] - bx[..., 0]).clamp(min=0)
-    bh = (bx[..., 3] - bx[..., 1]).clamp(min=0)
+    cx, cy, bw, bh, radius = _geometry(boxes, stride, min_overlap)
     cx_floor, cy_floor = torch.floor(cx), torch.floor(cy)
     cx_int = cx_floor.clamp(0, w_map - 1).long()  # (B, N)
     cy_int = cy_floor.clamp(0, h_map - 1).long()
-    # torch.trunc == Python int() for the non-negative radii; negatives clamp to 0 like max(0, .).
-    radius = torch.trunc(gaussian_radius(bh, bw, min_overlap)).clamp(min=0).to(torch.float32)
     if empty is None:
         empty = partial(torch.empty, dtype=torch.float32, device=dev)
     heatmap = empty((b, num_classes, h_map, w_map)).zero_()
-    _render_heatmap(cx_int, cy_int, radius, labels, num_classes, feat_hw, heatmap)
+    _render_heatmap(cx_int, cy_int, radius, labels, num_classes, feat_hw, heatmap, max_radius)
 
     # Regression maps: scatter into one extra dump slot that absorbs padding objects, so no
     # data-dependent boolean indexing (and no host sync) is needed.

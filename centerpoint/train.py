@@ -23,8 +23,9 @@ from centerpoint.checkpoint import (
 )
 from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex
+from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
-from centerpoint.devices import Backend, resolve_precision, select_backend, should_compile
+from centerpoint.devices import Backend, augments_on_device, resolve_precision, select_backend, should_compile
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.model import build_network, init, make_apply
@@ -52,6 +53,7 @@ class Run:
     dist: distributed.Context
     finished: dict | None = None  # resumed from the end of a completed run: its last evaluation
     compiled: bool = False
+    augment_on_device: bool = False  # data.augment_on resolved
 
 
 def check_workdir(path: Path) -> Path:
@@ -151,14 +153,15 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
         console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
-                      f"compile {'on' if compiled else 'off'} | {precision}")
+                      f"compile {'on' if compiled else 'off'} | {precision} | augment on "
+                      f"{'device' if augments_on_device(backend, spec.data.augment_on) else 'workers'}")
         dropped = train_index.dropped_boxes + val_index.dropped_boxes
         if dropped or train_index.dropped_images:
             console.print(f"dropped {dropped} boxes of zero, negative or below data.min_box_size size and "
                           f"{train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist, finished, compiled)
+               start_epoch, start_batch, dist, finished, compiled, augments_on_device(backend, spec.data.augment_on))
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
@@ -176,6 +179,17 @@ def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Cont
         root = data_root(spec, report)
     distributed.barrier(dist)
     return root
+
+
+def to_step_batch(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.Tensor]:
+    """A loader batch -> the train step's batch on the device (augmented there with data.augment_on=device)."""
+    radius = batch.pop("max_radius", None)  # host-side entry of a batch to augment on the device
+    batch = {k: v.to(run.backend.device, non_blocking=True) for k, v in batch.items()}
+    if radius is None:
+        return batch
+    spec = run.spec
+    return augment_batch(batch, int(radius), spec.data.input_size, spec.model.num_classes, spec.model.stride,
+                         spec.loss.min_overlap)
 
 
 def evaluate_run(run: Run, state: TrainState) -> dict:
@@ -226,7 +240,8 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
             batches = epoch_batches(len(run.train_index), spec.train.batch_size, spec.train.seed, epoch,
                                     run.dist.rank, run.dist.world_size)
             start = run.start_batch if epoch == run.start_epoch else 0
-            dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True)
+            dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True,
+                                       on_device=run.augment_on_device)
             loader = make_loader(dataset, batches[start:], spec.data.workers, run.backend.pin_memory,
                                  spec.model.num_classes, spec.model.stride, spec.loss.min_overlap)
             t_wait = time.perf_counter()
@@ -235,7 +250,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                 if step >= run.total_steps:
                     break
                 bad_images += int(batch.pop("bad_images"))  # unreadable images, data.on_bad_image=skip
-                batch = {k: v.to(run.backend.device, non_blocking=True) for k, v in batch.items()}
+                batch = to_step_batch(batch, run)
                 wait = time.perf_counter() - t_wait
                 state, metrics = run.step_fn(state, batch)
                 step += 1

@@ -8,6 +8,7 @@ draws from `np.random.default_rng([seed, epoch, index])`, so it never depends on
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -19,9 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from centerpoint.data.coco import CocoIndex
-from centerpoint.data.photometric import photometric_distort
+from centerpoint.data.photometric import Distortion, draw_distortion, photometric_distort
 from centerpoint.data.transforms import (
     center_crop_affine,
+    inside_window,
     invert,
     pad_affine,
     resize_affine,
@@ -32,7 +34,7 @@ from centerpoint.data.transforms import (
 )
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import DataSpec
-from centerpoint.targets import make_targets
+from centerpoint.targets import make_targets, max_radius
 
 Key = tuple[int, int]  # (epoch, sample index)
 
@@ -66,16 +68,51 @@ class Sample:
     ok: bool = True
 
 
-class DetectionDataset(Dataset):
-    """Indexable by (epoch, index) keys; train=True applies the random train transforms."""
+@dataclass(frozen=True)
+class SourceSample:
+    """One training image for `data.augment_on: device`: decoded and its augmentation drawn, not applied.
 
-    def __init__(self, index: CocoIndex, spec: DataSpec, seed: int, train: bool) -> None:
+    source: (h, w, 3) uint8 decoded image (h, w: its decoded size, smaller than the original for a JPEG
+    decoded at a reduced scale); to_source: (2, 3) float32 affine from input pixels to source pixels;
+    window: (4,) int64 input columns [x0, x1) and rows [y0, y1) that show the image (the rest is
+    padding; `transforms.inside_window`, so both paths pad the same pixels); boxes (n, 4) xyxy input
+    pixels and labels (n,), as the worker path gives them; distortion: (9,) float32 photometric draw
+    (`distortion_vector`), None without photometric distortion."""
+
+    source: Tensor
+    to_source: Tensor
+    window: Tensor
+    boxes: Tensor
+    labels: Tensor
+    distortion: Tensor | None
+    ok: bool = True
+
+
+def distortion_vector(d: Distortion) -> np.ndarray:
+    """A photometric draw as the (9,) float32 row `device_augment.distort_batch` reads: brightness,
+    contrast-first factor, saturation, hue, contrast-last factor, colour-space flag, channel order (3);
+    steps not drawn are written as identities."""
+    first = d.contrast if d.contrast_first and d.contrast is not None else 1.0
+    last = d.contrast if not d.contrast_first and d.contrast is not None else 1.0
+    hsv = d.saturation is not None or d.hue is not None
+    return np.array([d.brightness or 0.0, first, 1.0 if d.saturation is None else d.saturation, d.hue or 0.0,
+                     last, float(hsv), *(d.channel_order or (0, 1, 2))], dtype=np.float32)
+
+
+class DetectionDataset(Dataset):
+    """Indexable by (epoch, index) keys; train=True applies the random train transforms.
+
+    on_device (train only): return `SourceSample`s, leaving the warp, the photometric distortion and the
+    targets to `device_augment` on the training device (`data.augment_on: device`)."""
+
+    def __init__(self, index: CocoIndex, spec: DataSpec, seed: int, train: bool, on_device: bool = False) -> None:
         self.index, self.spec, self.seed, self.train = index, spec, seed, train
+        self.on_device = on_device and train
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: Key) -> Sample:
+    def __getitem__(self, key: Key) -> Sample | SourceSample:
         epoch, i = key
         idx, spec = self.index, self.spec
         h, w = (int(v) for v in idx.sizes[i])
@@ -103,9 +140,15 @@ class DetectionDataset(Dataset):
         except CenterpointError:
             if spec.on_bad_image == "fail":
                 raise
+            if self.on_device:  # an empty source: the warp gives a blank image
+                return SourceSample(torch.zeros(1, 1, 3, dtype=torch.uint8), torch.from_numpy(invert(a)).float(),
+                                    torch.zeros(4, dtype=torch.int64), torch.zeros(0, 4),
+                                    torch.zeros(0, dtype=torch.int64), None, ok=False)
             blank = torch.zeros(3, out_size[1], out_size[0], dtype=torch.uint8)
             return Sample(blank, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64),
                           torch.from_numpy(invert(a)), idx.image_ids[i], ok=False)
+        if self.on_device:
+            return self._source_sample(img, a, boxes, labels, (w, h), out_size, epoch, i)
         if img.size != (w, h):  # decoded at a reduced size (JPEG draft): rescale the map accordingly
             a = a @ np.diag([w / img.size[0], h / img.size[1], 1.0])
         pixels = warp(img, a, out_size)
@@ -113,13 +156,32 @@ class DetectionDataset(Dataset):
             a = a @ np.diag([img.size[0] / w, img.size[1] / h, 1.0])
         if self.train and spec.photometric:  # (3, H, W) straight away, no transposing copy
             planes = photometric_distort(pixels, np.random.default_rng([self.seed, epoch, i, 1]), True)
-            zero_padding_(planes, a, w, h)
         else:
             planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        if self.train:  # PIL extends the image by half a pixel of edge; outside is padding, 0
+            zero_padding_(planes, a, w, h)
         boxes, keep = transform_boxes(boxes, a, out_size, spec.min_box_size if self.train else 0.0)
         image = torch.from_numpy(planes)
         return Sample(image, torch.from_numpy(boxes), torch.from_numpy(labels[keep]),
                       torch.from_numpy(invert(a)), idx.image_ids[i])
+
+
+    def _source_sample(self, img: Image.Image, a: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                       size: tuple[int, int], out_size: tuple[int, int], epoch: int, i: int) -> SourceSample:
+        """The device path's sample: the same draws as the worker path (same generators), nothing applied."""
+        w, h = size
+        distortion = None
+        if self.spec.photometric:
+            draw = draw_distortion(np.random.default_rng([self.seed, epoch, i, 1]))
+            distortion = torch.from_numpy(distortion_vector(draw))
+        to_source = invert(a @ np.diag([w / img.size[0], h / img.size[1], 1.0]))  # input -> decoded pixels
+        window = torch.tensor(inside_window(a, w, h, out_size))
+        boxes, keep = transform_boxes(boxes, a, out_size, self.spec.min_box_size)
+        with warnings.catch_warnings():  # PIL's pixels are a fresh read-only buffer: no copy, nobody writes it
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.from_numpy(np.asarray(img))
+        return SourceSample(source, torch.from_numpy(to_source).float(), window,
+                            torch.from_numpy(boxes), torch.from_numpy(labels[keep]), distortion)
 
 
 def pad_stack_images(images: Sequence[Tensor]) -> Tensor:
@@ -164,6 +226,45 @@ def collate_train(samples: list[Sample], num_classes: int, stride: int, min_over
     return {"images": images, **targets, "bad_images": bad}
 
 
+def collate_source(samples: list[SourceSample], num_classes: int, stride: int, min_overlap: float,
+                   input_size: int, shared: bool | None = None) -> dict[str, Tensor]:
+    """Batch `SourceSample`s for `device_augment.augment_batch`: "source" (B, H, W, 3) uint8 (each image
+    top-left on a zero canvas of the batch's largest sides), "to_source" (B, 2, 3), "source_hw" (B, 2),
+    "window" (B, 4),
+    "distortion" (B, 9) (with photometric distortion), "boxes" (B, N, 4) input pixels, "labels" (B, N)
+    (-1 pads), and two host-side entries: "max_radius" (the targets' window, checked here, see
+    `targets.max_radius`) and "bad_images". shared: as in `collate_train`."""
+    if shared is None:
+        shared = get_worker_info() is not None
+    hmax = max(s.source.shape[0] for s in samples)
+    wmax = max(s.source.shape[1] for s in samples)
+    shape = (len(samples), hmax, wmax, 3)
+    source = shared_empty(shape, torch.uint8) if shared else torch.empty(shape, dtype=torch.uint8)
+    for j, s in enumerate(samples):
+        h, w, _ = s.source.shape
+        source[j, :h, :w] = s.source
+        source[j, h:] = 0
+        source[j, :h, w:] = 0
+    n = max(1, max(len(s.labels) for s in samples))
+    boxes = torch.zeros(len(samples), n, 4)
+    labels = torch.full((len(samples), n), -1, dtype=torch.int64)
+    for j, s in enumerate(samples):
+        boxes[j, : len(s.labels)] = s.boxes
+        labels[j, : len(s.labels)] = s.labels
+    feat = (input_size // stride, input_size // stride)
+    batch = {"source": source, "to_source": torch.stack([s.to_source for s in samples]),
+             "window": torch.stack([s.window for s in samples]),
+             "source_hw": torch.tensor([list(s.source.shape[:2]) for s in samples], dtype=torch.float32),
+             "boxes": boxes, "labels": labels,
+             "max_radius": torch.tensor(max_radius(boxes, labels, num_classes, feat, stride, min_overlap)),
+             "bad_images": torch.tensor(sum(not s.ok for s in samples))}
+    drawn = [s.distortion for s in samples]
+    if any(d is not None for d in drawn):  # a skipped bad image has no draw: it gets the identity
+        identity = torch.from_numpy(distortion_vector(Distortion()))
+        batch["distortion"] = torch.stack([identity if d is None else d for d in drawn])
+    return batch
+
+
 def collate_eval(samples: list[Sample]) -> dict[str, Tensor]:
     """Batch test samples: padded images, affines back to original pixels, image ids."""
     return {
@@ -205,9 +306,15 @@ def eval_batches(num_samples: int, batch_size: int, rank: int = 0, world_size: i
 
 def make_loader(dataset: DetectionDataset, batches: list[list[Key]], workers: int, pin_memory: bool,
                 num_classes: int = 0, stride: int = 4, min_overlap: float = 0.3) -> DataLoader:
-    """A DataLoader over precomputed batches (train collate builds targets, eval collate keeps affines)."""
-    collate = partial(collate_train, num_classes=num_classes, stride=stride, min_overlap=min_overlap) \
-        if dataset.train else collate_eval
+    """A DataLoader over precomputed batches (train collate builds targets, or with `dataset.on_device`
+    ships decoded images for `device_augment`; eval collate keeps affines)."""
+    if dataset.on_device:
+        collate = partial(collate_source, num_classes=num_classes, stride=stride, min_overlap=min_overlap,
+                          input_size=dataset.spec.input_size)
+    elif dataset.train:
+        collate = partial(collate_train, num_classes=num_classes, stride=stride, min_overlap=min_overlap)
+    else:
+        collate = collate_eval
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None)

@@ -188,11 +188,25 @@ def inside_mask(a: Affine, width: int, height: int, out_size: tuple[int, int]) -
     return (cols >= 0) & (cols < width), (rows >= 0) & (rows < height)
 
 
-def zero_padding_(planes: np.ndarray, a: Affine, width: int, height: int) -> np.ndarray:
-    """Set the padding of a warped (3, H, W) image back to 0, in place.
+def inside_window(a: Affine, width: int, height: int, out_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """`inside_mask` as the rectangle it is: output columns [x0, x1) and rows [y0, y1) (empty: x0 == x1)."""
+    cols, rows = inside_mask(a, width, height, out_size)
 
-    mmdetection distorts colours before it crops and pads, so its padding stays 0; the pipeline here
-    distorts after the warp (on the smaller image), which would shift the padding too (brightness)."""
+    def span(m: np.ndarray) -> tuple[int, int]:
+        idx = np.flatnonzero(m)
+        return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+
+    (x0, x1), (y0, y1) = span(cols), span(rows)
+    return x0, x1, y0, y1
+
+
+def zero_padding_(planes: np.ndarray, a: Affine, width: int, height: int) -> np.ndarray:
+    """Set the padding of a warped (3, H, W) image to 0, in place: every pixel whose centre maps outside
+    the original image (`inside_mask`).
+
+    PIL's bilinear warp repeats the edge pixels half a pixel beyond the image; and mmdetection distorts
+    colours before it crops and pads, so its padding stays 0, while the pipeline here distorts after the
+    warp (on the smaller image), which would shift the padding too (brightness)."""
     cols, rows = inside_mask(a, width, height, (planes.shape[2], planes.shape[1]))
     if not cols.all():
         planes[:, :, ~cols] = 0
