@@ -81,12 +81,16 @@ def hsv_round_trip(rgb: Tensor, saturation: Tensor, hue: Tensor) -> Tensor:
     hp = h / 60.0
     x = c * (1 - torch.abs(torch.remainder(hp, 2.0) - 1))
     sector = torch.floor(hp).to(torch.int64) % 6
-    zero = torch.zeros_like(c)
-    # (R, G, B) before adding v - c, for sectors 0..5.
-    table = torch.stack([torch.stack(t) for t in ((c, x, zero), (x, c, zero), (zero, c, x), (zero, x, c),
-                                                  (x, zero, c), (c, zero, x))])  # (6, 3, B, H, W)
-    picked = torch.gather(table, 0, sector[None, None].expand(1, 3, *sector.shape))[0]  # (3, B, H, W)
-    return (picked + (v - c)).transpose(0, 1)
+    zero, m = torch.zeros_like(c), v - c
+
+    def channel(takes_c: tuple[int, int], takes_x: tuple[int, int]) -> Tensor:
+        """c in the sectors `takes_c`, x in `takes_x`, else 0; plus v - c."""
+        is_c = (sector == takes_c[0]) | (sector == takes_c[1])
+        is_x = (sector == takes_x[0]) | (sector == takes_x[1])
+        return torch.where(is_c, c, torch.where(is_x, x, zero)) + m
+
+    # Sectors 0..5 give (R, G, B) = (c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x).
+    return torch.stack([channel((0, 5), (1, 4)), channel((1, 2), (0, 3)), channel((3, 4), (2, 5))], dim=1)
 
 
 def distort_batch(images: Tensor, distortion: Tensor) -> Tensor:
