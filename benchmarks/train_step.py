@@ -1,10 +1,13 @@
 """Train-step throughput: the project's functional step (eager, compiled) against a plain stateful
-baseline (the same network as an nn.Module, torch.optim.AdamW, loss.backward()) on the same inputs.
+baseline (the same network as an nn.Module, the spec's optimizer from torch.optim, loss.backward(),
+clip_grad_norm_) on the same inputs, in the same precision and memory format.
 
-Prints one JSON line: images/s per variant, ratios to the baseline, peak memory, achieved FLOP/s and
-its fraction of the machine's measured dense fp32 matmul FLOP/s.
+Prints one JSON line: images/s per variant, ratios to the baseline, peak memory per variant (device
+memory on cuda/sdaa; on cpu the peak resident memory of a fresh process that runs only that variant),
+achieved FLOP/s and its fraction of the machine's measured dense matmul FLOP/s (in the step's precision).
 
     python benchmarks/train_step.py --size 128 --batch 16 [--compile] [--device cuda] [--precision bf16]
+    python benchmarks/train_step.py --spec experiments/centernet_r18_coco.yaml --size 512 --batch 4
 """
 
 from __future__ import annotations
@@ -70,8 +73,37 @@ def step_flops(spec, batch) -> float:  # noqa: ANN001
     return float(counter.get_total_flops())
 
 
+def torch_optimizer(spec, net: torch.nn.Module) -> torch.optim.Optimizer:  # noqa: ANN001
+    """The spec's optimizer as torch.optim would run it (same decay mask as the functional one)."""
+    from centerpoint.optim import default_decay_mask
+
+    o = spec.optim
+    named = list(net.named_parameters())
+    decay = [p for n, p in named if o.decay_norm_and_bias or default_decay_mask(n, p)]
+    rest = [p for n, p in named if not (o.decay_norm_and_bias or default_decay_mask(n, p))]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def peak_rss_mb(args: argparse.Namespace, variant: str) -> float:
+    """Peak resident memory (MiB) while a fresh process runs only `variant` for a few steps (the process
+    also holds the other variants' small states and torch itself: compare the variants' differences)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--size", str(args.size), "--batch", str(args.batch), "--steps", "2",
+           "--device", args.device, "--precision", args.precision, "--only", variant]
+    cmd += (["--spec", args.spec] if args.spec else []) + (["--channels-last"] if args.channels_last else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", default=None, help="experiment spec (default: the built-in experiment's network)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
@@ -79,11 +111,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the compiled step (slow to compile on cpu)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak memory runs (cpu)")
+    ap.add_argument("--only", choices=["baseline", "eager", "compiled"], help=argparse.SUPPRESS)  # memory child
     args = ap.parse_args()
     backend = select_backend(args.device)
     dev = backend.device
-    spec = load_spec(None, [f"data.input_size={args.size}", f"runtime.channels_last={args.channels_last}",
-                            f"runtime.precision={args.precision}"])
+    spec = load_spec(args.spec, [f"data.input_size={args.size}", f"runtime.channels_last={args.channels_last}",
+                                 f"runtime.precision={args.precision}", "model.pretrained=null"])
     batch = make_batch(args.batch, args.size, spec.model.num_classes, dev)
     plan = build_optimizer(spec, 100, args.batch)
     params, buffers = init(spec.model, 0)
@@ -92,7 +126,7 @@ def main() -> None:
     # Baseline: stateful module + torch.optim + backward.
     net = build_network(spec.model).to(dev, memory_format=mf)
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch_optimizer(spec, net)
 
     def baseline() -> None:
         with backend.autocast(args.precision):
@@ -100,7 +134,7 @@ def main() -> None:
         loss = centernet_loss(out, batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 35.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), plan.max_grad_norm or 35.0)
         opt.step()
 
     apply = make_apply(build_network(spec.model).to(dev, memory_format=mf))
@@ -123,7 +157,20 @@ def main() -> None:
         holder["state"], _ = fn(holder["state"], batch)
 
     sync = backend.synchronize
-    result = {"bench": "train_step", "device": str(dev), "size": args.size, "batch": args.batch,
+    if args.only:  # a memory child: run one variant, report the peak resident memory while it steps
+        fn = {"baseline": baseline, "eager": functional}.get(args.only)
+        if fn is None:
+            compiled = torch.compile(make_step(True))
+            fn = lambda: functional(compiled)  # noqa: E731
+        fn()  # first call (compiles; allocator warm-up), then the peak of the steps alone
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set, to the current one (Linux)
+        timed(fn, args.steps, 0, sync)
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+        print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
+        return
+    result = {"bench": "train_step", "spec": args.spec or "built-in", "params_m": round(
+        sum(v.numel() for v in params.values()) / 1e6, 2), "device": str(dev), "size": args.size, "batch": args.batch,
               "precision": args.precision, "channels_last": args.channels_last,
               "threads": torch.get_num_threads()}
     # Interleave to share any drift in machine load between the variants.
@@ -141,9 +188,14 @@ def main() -> None:
         result["compile_s"] = time.perf_counter() - t
         comp = timed(lambda: functional(compiled), args.steps, 2, sync)
         result.update(compiled_img_s=args.batch / comp, compiled_ratio=base / comp)
-    result["peak_mem_mb"] = backend.max_memory_mb()
+    if dev.type != "cpu":
+        result["peak_mem_mb"] = backend.max_memory_mb()  # all variants of this process
+    elif not args.no_memory:
+        variants = ["baseline", "eager", *(["compiled"] if args.compile else [])]
+        result["peak_rss_mb"] = {v: round(peak_rss_mb(args, v), 1) for v in variants}
     flops = step_flops(spec, batch)
-    peak = matmul_peak(dev, torch.float32 if args.precision == "fp32" else torch.bfloat16, sync)
+    peak = matmul_peak(dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision],
+                       sync)
     result.update(step_gflop=flops / 1e9, matmul_peak_gflop_s=peak / 1e9,
                   eager_gflop_s=flops / func / 1e9, eager_peak_fraction=flops / func / peak)
     if "compiled_img_s" in result:
