@@ -387,7 +387,7 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     state = {"s": init_state({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in buffers.items()},
                              plan.transform)}
     net = build_network(spec.model).to(backend.device, memory_format=mf)
-    step = make_train_step(make_apply(net), spec, plan.transform, plan.schedule,
+    step = make_train_step(make_apply(net, traced=False), spec, plan.transform, plan.schedule,
                            autocast=lambda: backend.autocast(prec), max_grad_norm=plan.max_grad_norm,
                            guard_by_sync=backend.free_sync, donate=backend.free_sync)
     data = make_batch(batch, size, CLASSES, backend.device)

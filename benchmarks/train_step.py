@@ -137,8 +137,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), plan.max_grad_norm or 35.0)
         opt.step()
 
-    apply = make_apply(build_network(spec.model).to(dev, memory_format=mf))
     def make_step(compiled: bool):  # noqa: ANN202
+        apply = make_apply(build_network(spec.model).to(dev, memory_format=mf), traced=compiled)
         return make_train_step(apply, spec, plan.transform, plan.schedule,
                                autocast=lambda: backend.autocast(args.precision),
                                max_grad_norm=plan.max_grad_norm, guard_by_sync=backend.free_sync and not compiled,

@@ -40,7 +40,7 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
         params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
     net = build_network(spec.model).to(dev)
     precision = resolve_precision(backend, spec.runtime.precision)
-    return make_predict_step(make_apply(net), spec, lambda: backend.autocast(precision)), params, buffers
+    return make_predict_step(make_apply(net, traced=False), spec, lambda: backend.autocast(precision)), params, buffers
 
 
 def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None

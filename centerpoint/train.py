@@ -130,8 +130,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     state = distributed.broadcast_state(state, dist)
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
                                  "step": {"step": state.step}, "scaler": state.scaler}, dist)
-    apply = make_apply(net)
     compiled = should_compile(backend, spec.runtime.compile)
+    apply = make_apply(net, traced=compiled)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
                               autocast=lambda: backend.autocast(precision),
                               reduce=distributed.make_reduce(dist), max_grad_norm=plan.max_grad_norm,

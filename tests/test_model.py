@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from centerpoint.model import build_network, init, make_apply, normalize
@@ -65,6 +66,36 @@ def test_apply_matches_module_and_threads_bn_stats():
     assert int(new_buffers["backbone.bn1.num_batches_tracked"]) == 1
     out_eval, same = apply(params, buffers, x, False)
     assert same is buffers and out_eval["heatmap"].shape == (2, 5, 16, 16)
+
+
+def test_direct_swap_apply_equals_functional_call_and_leaves_the_module_untouched():
+    """traced=False (eager steps) swaps tensors into the module's slots: same outputs, BN statistics and
+    gradients as functional_call, and the module holds its own template tensors again afterwards."""
+    spec = ModelSpec()
+    params, buffers = init(spec, 0)
+    params = {k: v + 0.01 * torch.randn_like(v) for k, v in params.items()}  # not the module's own values
+    net = build_network(spec)
+    own = {k: v.clone() for k, v in net.state_dict().items()}
+    x = normalize(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), (120.0,) * 3, (60.0,) * 3)
+    results = []
+    for traced in (True, False):
+        apply = make_apply(net, traced=traced)
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        out, new_buffers = apply(leaves, buffers, x, True)
+        grads = torch.autograd.grad(sum(o.square().mean() for o in out.values()), list(leaves.values()))
+        results.append((out, new_buffers, grads, apply(params, buffers, x, False)[0]))
+    (out_t, buf_t, grad_t, eval_t), (out_d, buf_d, grad_d, eval_d) = results
+    for k in out_t:
+        assert torch.equal(out_t[k], out_d[k]) and torch.equal(eval_t[k], eval_d[k])
+    assert all(torch.equal(buf_t[k], buf_d[k]) for k in buffers)
+    assert all(torch.equal(a, b) for a, b in zip(grad_t, grad_d, strict=True))
+    assert all(torch.equal(v, own[k]) for k, v in net.state_dict().items())  # the module kept nothing
+    assert not torch.equal(buf_d["backbone.bn1.running_mean"], buffers["backbone.bn1.running_mean"])
+    apply = make_apply(net, traced=False)
+    with pytest.raises(KeyError, match="do not match"):
+        apply({k: v for k, v in params.items() if k != "backbone.conv1.weight"}, buffers, x, False)
+    with pytest.raises(KeyError):
+        apply({**params, "extra.weight": params["backbone.conv1.weight"]}, buffers, x, False)
 
 
 def test_resnet_depths_output_shapes():
