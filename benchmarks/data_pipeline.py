@@ -371,6 +371,7 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
 
     from centerpoint.build import build_optimizer
     from centerpoint.devices import resolve_precision, select_backend
+    from centerpoint.layout import channels_last
     from centerpoint.model import build_network, init, make_apply
     from centerpoint.spec import MMDET_R18, load_spec
     from centerpoint.step import init_state, make_train_step
@@ -383,7 +384,7 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     plan = build_optimizer(spec, 100, batch)
     params, buffers = init(spec.model, 0)
     mf = torch.channels_last if spec.runtime.channels_last else torch.contiguous_format
-    move = lambda t: t.to(backend.device, memory_format=mf) if t.dim() == 4 else t.to(backend.device)  # noqa: E731
+    move = lambda t: channels_last(t.to(backend.device)) if spec.runtime.channels_last else t.to(backend.device)  # noqa: E731
     state = {"s": init_state({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in buffers.items()},
                              plan.transform)}
     net = build_network(spec.model).to(backend.device, memory_format=mf)

@@ -18,6 +18,7 @@ from centerpoint.decode import boxes_to_original
 from centerpoint.devices import Backend, resolve_precision, select_backend
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, detections_to_rows, predict_split
+from centerpoint.layout import channels_last
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import make_predict_step
@@ -37,7 +38,7 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
     params = {k: v.to(dev) for k, v in ckpt.group("params").items()}
     buffers = {k: v.to(dev) for k, v in ckpt.group("buffers").items()}
     if spec.runtime.channels_last:
-        params = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
+        params = {k: channels_last(v) for k, v in params.items()}
     net = build_network(spec.model).to(dev)
     precision = resolve_precision(backend, spec.runtime.precision)
     return make_predict_step(make_apply(net, traced=False), spec, lambda: backend.autocast(precision)), params, buffers

@@ -28,6 +28,7 @@ from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader
 from centerpoint.devices import Backend, augments_on_device, resolve_precision, select_backend, should_compile
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
+from centerpoint.layout import channels_last as to_channels_last
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
 from centerpoint.spec import ExperimentSpec, spec_to_yaml
@@ -72,7 +73,7 @@ def to_device(state: TrainState, backend: Backend, channels_last: bool) -> Train
     """Move a train state to the backend's device (conv weights channels-last if asked)."""
     def move(t: torch.Tensor) -> torch.Tensor:
         t = t.to(backend.device)
-        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+        return to_channels_last(t) if channels_last else t
 
     return TrainState({k: move(v) for k, v in state.params.items()},
                       {k: move(v) for k, v in state.buffers.items()},

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from centerpoint import optim
+from centerpoint import layout, optim
 from centerpoint.build import build_optimizer
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, init, make_apply, normalize
@@ -85,11 +85,18 @@ def test_non_finite_step_keeps_old_state():
     assert all(bool(torch.isfinite(v).all()) for v in new.params.values())
 
 
-def test_compiled_step_compiles_once_and_matches_eager():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_step_compiles_once_and_matches_eager(channels_last: bool):
+    """One graph over 3 steps: the state a step returns has the strides it was traced with, also for
+    channels-last state with 1x1 conv weights (canonical strides, `layout.channels_last`)."""
     torch._dynamo.reset()
-    spec, plan, params, buffers, step = _setup()
-    traceable = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule,
-                                compiled=True)
+    spec, plan, params, buffers, step = _setup(f"runtime.channels_last={channels_last}")
+    net = build_network(spec.model)
+    if channels_last:
+        params, buffers = ({k: layout.channels_last(v) for k, v in t.items()} for t in (params, buffers))
+        net = net.to(memory_format=torch.channels_last)
+        assert any(v.shape[2:] == (1, 1) for v in params.values() if v.dim() == 4)
+    traceable = make_train_step(make_apply(net), spec, plan.transform, plan.schedule, compiled=True)
     counts = {"n": 0}
 
     def counting_backend(gm, example_inputs):
