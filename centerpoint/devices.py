@@ -33,6 +33,7 @@ class Backend:
     pin_memory: bool  # pinned host memory speeds host->device copies
     free_sync: bool  # reading a device scalar on the host costs nothing (no asynchronous queue to drain)
     augment_by_default: bool = False  # what data.augment_on=auto means: batched augmentation on the device
+    default_workers: int = 0  # what data.workers=None means: data loader processes per device
 
     @property
     def device(self) -> torch.device:
@@ -102,10 +103,10 @@ def resolve_name(requested: str, probe: Callable[[DeviceName], bool] = available
 def make_backend(name: DeviceName, local_rank: int = 0) -> Backend:
     """The backend for device kind `name`, using the card/core group `local_rank` of this machine."""
     if name == "cuda":
-        return Backend("cuda", f"cuda:{local_rank}", "nccl", True, True, False, True)
+        return Backend("cuda", f"cuda:{local_rank}", "nccl", True, True, False, True, 4)
     if name == "sdaa":
         # torch_sdaa runs eager (no inductor backend), and its collectives go through TCCL.
-        return Backend("sdaa", f"sdaa:{local_rank}", "tccl", False, False, False)
+        return Backend("sdaa", f"sdaa:{local_rank}", "tccl", False, False, False, False, 4)
     return Backend("cpu", "cpu", "gloo", False, False, True)
 
 
@@ -167,6 +168,11 @@ def should_compile(backend: Backend, setting: str) -> bool:
     if setting == "on" and backend.name == "sdaa":
         raise CenterpointError("runtime.compile=on: torch.compile is not supported on sdaa; use off or auto")
     return setting == "on"
+
+
+def loader_workers(backend: Backend, setting: int | None) -> int:
+    """data.workers -> data loader processes per device (None: the backend's default)."""
+    return backend.default_workers if setting is None else setting
 
 
 def augments_on_device(backend: Backend, setting: str) -> bool:

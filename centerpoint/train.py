@@ -25,7 +25,14 @@ from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
-from centerpoint.devices import Backend, augments_on_device, resolve_precision, select_backend, should_compile
+from centerpoint.devices import (
+    Backend,
+    augments_on_device,
+    loader_workers,
+    resolve_precision,
+    select_backend,
+    should_compile,
+)
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.layout import channels_last as to_channels_last
@@ -154,7 +161,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
         console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
-                      f"compile {'on' if compiled else 'off'} | {precision} | augment on "
+                      f"compile {'on' if compiled else 'off'} | {precision} | "
+                      f"{loader_workers(backend, spec.data.workers)} loader workers | augment on "
                       f"{'device' if augments_on_device(backend, spec.data.augment_on) else 'workers'}")
         dropped = train_index.dropped_boxes + val_index.dropped_boxes
         if dropped or train_index.dropped_images:
@@ -243,7 +251,8 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
             start = run.start_batch if epoch == run.start_epoch else 0
             dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True,
                                        on_device=run.augment_on_device)
-            loader = make_loader(dataset, batches[start:], spec.data.workers, run.backend.pin_memory,
+            loader = make_loader(dataset, batches[start:], loader_workers(run.backend, spec.data.workers),
+                                 run.backend.pin_memory,
                                  spec.model.num_classes, spec.model.stride, spec.loss.min_overlap)
             t_wait = time.perf_counter()
             position = (epoch, start)  # (epoch, batches of it done) for the checkpoint

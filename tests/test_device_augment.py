@@ -161,11 +161,13 @@ def test_collate_source_canvas_radius_and_bad_images(coco: tuple[Path, Path], tm
         collate_source(bad, CLASSES, STRIDE, 0.3, 64)
 
 
-def test_augment_on_resolution() -> None:
+def test_augment_on_and_loader_workers_resolution() -> None:
     cpu, cuda, sdaa = devices.make_backend("cpu"), devices.make_backend("cuda"), devices.make_backend("sdaa")
     assert devices.augments_on_device(cuda, "auto") and not devices.augments_on_device(cpu, "auto")
     assert not devices.augments_on_device(sdaa, "auto")
     assert devices.augments_on_device(cpu, "device") and not devices.augments_on_device(cuda, "workers")
+    assert [devices.loader_workers(b, None) for b in (cpu, cuda, sdaa)] == [0, 4, 4]
+    assert devices.loader_workers(cpu, 3) == 3 and devices.loader_workers(cuda, 0) == 0
 
 
 def test_train_loop_batches_agree_between_the_two_paths(tiny_overrides: list[str], tmp_path: Path) -> None:
