@@ -201,6 +201,18 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> 
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+def pad_boxes(samples: Sequence[Sample | SourceSample]) -> tuple[Tensor, Tensor]:
+    """The samples' boxes and labels as (B, N, 4) float32 and (B, N) int64, N the most boxes of a sample
+    (at least 1); padding is a zero box with label -1."""
+    n = max(1, max(len(s.labels) for s in samples))
+    boxes = torch.zeros(len(samples), n, 4)
+    labels = torch.full((len(samples), n), -1, dtype=torch.int64)
+    for j, s in enumerate(samples):
+        boxes[j, : len(s.labels)] = s.boxes
+        labels[j, : len(s.labels)] = s.labels
+    return boxes, labels
+
+
 def collate_train(samples: list[Sample], num_classes: int, stride: int, min_overlap: float,
                   shared: bool | None = None) -> dict[str, Tensor]:
     """Batch samples and build their CenterNet targets (feature-map cells, see `make_targets`).
@@ -214,12 +226,7 @@ def collate_train(samples: list[Sample], num_classes: int, stride: int, min_over
     first = samples[0].image
     images = torch.stack([s.image for s in samples],
                          out=shared_empty((len(samples), *first.shape), first.dtype) if shared else None)
-    n = max(1, max(len(s.labels) for s in samples))
-    boxes = torch.zeros(len(samples), n, 4)
-    labels = torch.full((len(samples), n), -1, dtype=torch.int64)
-    for j, s in enumerate(samples):
-        boxes[j, : len(s.labels)] = s.boxes
-        labels[j, : len(s.labels)] = s.labels
+    boxes, labels = pad_boxes(samples)
     feat_hw = (images.shape[2] // stride, images.shape[3] // stride)
     targets = make_targets(boxes, labels, num_classes, feat_hw, stride, min_overlap, empty)
     bad = torch.tensor(sum(not s.ok for s in samples))
@@ -230,9 +237,8 @@ def collate_source(samples: list[SourceSample], num_classes: int, stride: int, m
                    input_size: int, shared: bool | None = None) -> dict[str, Tensor]:
     """Batch `SourceSample`s for `device_augment.augment_batch`: "source" (B, H, W, 3) uint8 (each image
     top-left on a zero canvas of the batch's largest sides), "to_source" (B, 2, 3), "source_hw" (B, 2),
-    "window" (B, 4),
-    "distortion" (B, 9) (with photometric distortion), "boxes" (B, N, 4) input pixels, "labels" (B, N)
-    (-1 pads), and two host-side entries: "max_radius" (the targets' window, checked here, see
+    "window" (B, 4), "distortion" (B, 9) (with photometric distortion), "boxes" (B, N, 4) input pixels,
+    "labels" (B, N) (-1 pads), and two host-side entries: "max_radius" (the targets' window, checked here, see
     `targets.max_radius`) and "bad_images". shared: as in `collate_train`."""
     if shared is None:
         shared = get_worker_info() is not None
@@ -245,12 +251,7 @@ def collate_source(samples: list[SourceSample], num_classes: int, stride: int, m
         source[j, :h, :w] = s.source
         source[j, h:] = 0
         source[j, :h, w:] = 0
-    n = max(1, max(len(s.labels) for s in samples))
-    boxes = torch.zeros(len(samples), n, 4)
-    labels = torch.full((len(samples), n), -1, dtype=torch.int64)
-    for j, s in enumerate(samples):
-        boxes[j, : len(s.labels)] = s.boxes
-        labels[j, : len(s.labels)] = s.labels
+    boxes, labels = pad_boxes(samples)
     feat = (input_size // stride, input_size // stride)
     batch = {"source": source, "to_source": torch.stack([s.to_source for s in samples]),
              "window": torch.stack([s.window for s in samples]),
