@@ -146,12 +146,6 @@ def _mul_scalar_(xs: list[Tensor], s: Tensor) -> None:
         torch._foreach_mul_(xs, _scalar_operands(xs, s))
 
 
-def _add_scalar_(xs: list[Tensor], s: Tensor) -> None:
-    """In-place ``x += s`` for a 0-dim tensor ``s``; only ever called on tensors this module allocated."""
-    if xs:
-        torch._foreach_add_(xs, _scalar_operands(xs, s))
-
-
 def _map(
     grads: Tree,
     keys: list[str],
@@ -431,14 +425,14 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
         t = count.to(SCALAR_DTYPE)
         bc1 = 1.0 - torch.pow(b1, t)
         bc2 = 1.0 - torch.pow(b2, t)
-        # mu / bc1 / (sqrt(nu / bc2) + eps), written with the corrections folded into one scalar on each
-        # side, (mu * sqrt(bc2) / bc1) / (sqrt(nu) + eps * sqrt(bc2)): four passes over the model
-        # instead of six (it rounds like torch's form to ~1 ulp).
-        c2 = torch.sqrt(bc2)
+        # mu / bc1 / (sqrt(nu) / sqrt(bc2) + eps), torch's form, in five passes over the model: the
+        # denominator, then one division into a fresh buffer. (Folding sqrt(bc2) into eps would save a
+        # pass but needs a foreach add of a tensor scalar, which torch.compile cannot trace.)
         denom = list(torch._foreach_sqrt(nu))
-        _add_scalar_(denom, eps * c2)
+        _mul_scalar_(denom, torch.rsqrt(bc2))
+        torch._foreach_add_(denom, eps)
         out = list(torch._foreach_div(mu, denom))
-        _mul_scalar_(out, c2 / bc1)
+        _mul_scalar_(out, 1.0 / bc1)
         new_state = _replace(state, keys, mu, "adam.mu.")
         new_state = _replace(new_state, keys, nu, "adam.nu.")
         new_state["count"] = count
