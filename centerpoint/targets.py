@@ -159,6 +159,8 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
         empty: ``empty(shape)`` returns the uninitialised float32 tensor an output is written into (e.g. one
             in shared memory, saving a data loader worker a copy of every batch); default ``torch.empty``
             on the boxes' device.
+        max_radius: the batch's largest gaussian radius (see :func:`max_radius`), None to read it here.
+        check_labels: check shapes and the label range here (one host sync); False when the caller did.
 
     Returns:
         ``heatmap`` ``(B, C, H, W)`` float32 in [0, 1], exactly 1 at each object's centre cell;
@@ -170,9 +172,6 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
     so a centre outside the map does not decode exactly. When several objects share a centre cell,
     the heatmap takes their max, while ``wh``/``offset`` keep one of them, unspecified which (the
     scatter has duplicate indices; CUDA does not define the winner).
-
-        max_radius: the batch's largest gaussian radius (see :func:`max_radius`), None to read it here.
-        check_labels: check shapes and the label range here (one host sync); False when the caller did.
 
     Cost: one host sync for the label check and one for the batch's largest radius ``R`` (none when
     both are settled by the caller); memory

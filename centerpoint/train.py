@@ -139,6 +139,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
                                  "step": {"step": state.step}, "scaler": state.scaler}, dist)
     compiled = should_compile(backend, spec.runtime.compile)
+    on_device = augments_on_device(backend, spec.data.augment_on)
     apply = make_apply(net, traced=compiled)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
                               autocast=lambda: backend.autocast(precision),
@@ -163,14 +164,14 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
                       f"compile {'on' if compiled else 'off'} | {precision} | "
                       f"{loader_workers(backend, spec.data.workers)} loader workers | augment on "
-                      f"{'device' if augments_on_device(backend, spec.data.augment_on) else 'workers'}")
+                      f"{'device' if on_device else 'workers'}")
         dropped = train_index.dropped_boxes + val_index.dropped_boxes
         if dropped or train_index.dropped_images:
             console.print(f"dropped {dropped} boxes of zero, negative or below data.min_box_size size and "
                           f"{train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist, finished, compiled, augments_on_device(backend, spec.data.augment_on))
+               start_epoch, start_batch, dist, finished, compiled, on_device)
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:

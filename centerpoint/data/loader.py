@@ -165,7 +165,6 @@ class DetectionDataset(Dataset):
         return Sample(image, torch.from_numpy(boxes), torch.from_numpy(labels[keep]),
                       torch.from_numpy(invert(a)), idx.image_ids[i])
 
-
     def _source_sample(self, img: Image.Image, a: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                        size: tuple[int, int], out_size: tuple[int, int], epoch: int, i: int) -> SourceSample:
         """The device path's sample: the same draws as the worker path (same generators), nothing applied."""
