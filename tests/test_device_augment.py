@@ -27,6 +27,7 @@ from centerpoint.data.transforms import inside_mask, inside_window, invert, scal
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import make_targets
+from tests.conftest import write_box_coco
 
 CLASSES, STRIDE = 3, 4
 
@@ -82,22 +83,8 @@ def test_distort_batch_is_the_worker_distortion_before_truncation(seed: int) -> 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Six smooth images (so the warps' rounding stays small) with three boxes each."""
-    root = tmp_path_factory.mktemp("coco")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(1)
-    images, anns = [], []
-    for i in range(6):
-        w, h = (120, 80) if i % 2 else (72, 96)
-        grid = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
-        Image.fromarray(grid).resize((w, h), Image.Resampling.BICUBIC).save(root / "img" / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
-        for j in range(3):
-            x, y = rng.uniform(0, w - 30), rng.uniform(0, h - 30)
-            anns.append({"id": 3 * i + j + 1, "image_id": i + 1, "category_id": int(rng.integers(1, 4)),
-                         "bbox": [x, y, 25.0, 20.0], "area": 500.0, "iscrowd": 0})
-    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
-    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root / "ann.json", root / "img"
+    return write_box_coco(tmp_path_factory.mktemp("coco"), 6, 1, ".png", lambda rng, w, h: Image.fromarray(
+        rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC))
 
 
 @pytest.mark.parametrize("photometric", [False, True])

@@ -4,7 +4,6 @@ formulation (same values, bit for bit)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from centerpoint.data.transforms import (
 from centerpoint.decode import boxes_to_original
 from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import gaussian_radius, make_targets
+from tests.conftest import write_box_coco
 
 # ---- the previous formulations, kept verbatim as references ----------------------------------------
 
@@ -245,21 +245,9 @@ def test_read_image_matches_pil_convert(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("coco")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(0)
-    images, anns = [], []
-    for i in range(4):
-        w, h = (120, 80) if i % 2 else (72, 96)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "img" / f"{i}.jpg")
-        images.append({"id": i + 1, "file_name": f"{i}.jpg", "width": w, "height": h})
-        for j in range(3):
-            x, y = rng.uniform(0, w - 30), rng.uniform(0, h - 30)
-            anns.append({"id": 3 * i + j + 1, "image_id": i + 1, "category_id": int(rng.integers(1, 4)),
-                         "bbox": [x, y, 25.0, 20.0], "area": 500.0, "iscrowd": 0})
-    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
-    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root / "ann.json", root / "img"
+    """Four noise JPEGs with three boxes each."""
+    return write_box_coco(tmp_path_factory.mktemp("coco"), 4, 0, ".jpg",
+                          lambda rng, w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
 
 
 def reference_zero_padding(pixels: np.ndarray, a: np.ndarray, width: int, height: int) -> np.ndarray:
