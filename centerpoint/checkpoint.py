@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from centerpoint.atomic import atomic_path
-from centerpoint.errors import CenterpointError
+from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
 from centerpoint.step import TrainState
 from centerpoint.tree import flatten, unflatten
@@ -107,15 +107,41 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure to parse foreign bytes: not a checkpoint
         raise CenterpointError(f"{path}: not a readable .safetensors checkpoint (truncated or another "
-                               f"format?): {str(err).splitlines()[0][:120]}") from None
+                               f"format?): {first_line(err)}") from None
+    spec, step, epoch, batch_in_epoch, metrics = read_metadata(path, meta)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # save_checkpoint never writes these: a damaged or foreign file
+        raise CenterpointError(f"{path}: non-finite values in {', '.join(bad[:3])}"
+                               f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; not a usable checkpoint")
+    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics)
+
+
+def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int, int, int, dict]:
+    """(spec, step, epoch, batch_in_epoch, metrics) of a checkpoint's metadata, checked as a whole: every
+    field must be what `save_checkpoint` writes, else a CenterpointError names the file and the field."""
     if meta.get("format_version") != FORMAT_VERSION or "spec" not in meta:
         raise CenterpointError(f"{path}: not a centerpoint checkpoint (no format_version {FORMAT_VERSION} / "
                                "spec metadata); import foreign weights with `centerpoint checkpoint import`")
-    return Checkpoint(path, tensors, spec_from_json(meta["spec"], str(path)), int(meta.get("step", 0)),
-                      int(meta.get("epoch", 0)), int(meta.get("batch_in_epoch", 0)),
-                      json.loads(meta.get("metrics", "{}") or "{}"))
+    counts = []
+    for key in ("step", "epoch", "batch_in_epoch"):
+        value = meta.get(key)
+        if value is None or not value.isascii() or not value.isdigit():
+            raise CenterpointError(f"{path}: metadata '{key}' must be a non-negative whole number, got {value!r}; "
+                                   "the file was not written by centerpoint or is damaged")
+        counts.append(int(value))
+    try:
+        metrics = json.loads(meta.get("metrics", "{}"))
+    except ValueError:
+        metrics = None
+    numbers = isinstance(metrics, dict) and all(
+        type(v) in (int, float) for k, v in metrics.items() if k in ("step", "epoch") or k.startswith("bbox_"))
+    if not numbers:
+        raise CenterpointError(f"{path}: metadata 'metrics' must be a JSON object of numbers, got "
+                               f"{meta.get('metrics', '')[:80]!r}; the file was not written by centerpoint or "
+                               "is damaged")
+    return spec_from_json(meta["spec"], str(path)), counts[0], counts[1], counts[2], metrics
 
 
 def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:

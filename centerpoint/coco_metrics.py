@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from centerpoint.data.coco_json import validate_coco
 from centerpoint.errors import CenterpointError
 
 METRIC_KEYS = (
@@ -39,20 +40,11 @@ METRIC_KEYS = (
 Backend = Literal["pycocotools", "faster-coco-eval"]
 BACKENDS: tuple[str, ...] = ("pycocotools", "faster-coco-eval")
 
-# Keys COCOeval dereferences per entry; checking them up front turns a bare KeyError deep inside
-# evaluate() into a message naming the file and the entry.
-_ENTRY_KEYS = {
-    "images": ("id",),
-    "annotations": ("id", "image_id", "category_id", "bbox", "area"),
-    "categories": ("id", "name"),
-}
-
-
 def load_coco(ann_file: Path | str) -> COCO:
     """Load and validate a COCO annotation file into a pycocotools ``COCO`` without its stdout chatter.
 
     Raises:
-        CenterpointError: the file is missing, is not JSON, or lacks the structure COCOeval relies on.
+        CenterpointError: the file is missing, is not JSON, or its content fails `validate_coco`.
     """
     path = Path(ann_file)
     if not path.is_file():
@@ -66,50 +58,11 @@ def load_coco(ann_file: Path | str) -> COCO:
         ) from e
     except UnicodeDecodeError as e:
         raise CenterpointError(f"{path} is not UTF-8 text; expected a COCO JSON file") from e
-    _validate_dataset(data, str(path))
-    return _build_coco(COCO, data)
+    validate_coco(data, str(path))
+    return build_coco(COCO, data)
 
 
-def _validate_dataset(data: Any, source: str) -> None:
-    """Check the parts of a COCO dict that COCOeval silently mis-handles or crashes on."""
-    if not isinstance(data, dict):
-        raise CenterpointError(f"{source}: top level must be a JSON object, got {type(data).__name__}")
-    missing = [key for key in _ENTRY_KEYS if key not in data]
-    if missing:
-        raise CenterpointError(f"{source}: missing required key(s) {', '.join(missing)} (not a COCO file?)")
-    ids: dict[str, set] = {}
-    for section, required in _ENTRY_KEYS.items():
-        entries = data[section]
-        if not isinstance(entries, list):
-            raise CenterpointError(f"{source}: '{section}' must be a list, got {type(entries).__name__}")
-        seen: set = set()
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                raise CenterpointError(f"{source}: {section}[{i}] must be an object")
-            lacking = [key for key in required if key not in entry]
-            if lacking:
-                raise CenterpointError(f"{source}: {section}[{i}] lacks {', '.join(map(repr, lacking))}")
-            # pycocotools indexes by id, so a duplicate silently replaces the earlier entry.
-            if entry["id"] in seen:
-                raise CenterpointError(f"{source}: {section}[{i}] repeats id {entry['id']!r}")
-            seen.add(entry["id"])
-        ids[section] = seen
-    for i, ann in enumerate(data["annotations"]):
-        # A dangling reference would just drop the object from evaluation and inflate the scores.
-        if ann["image_id"] not in ids["images"]:
-            raise CenterpointError(
-                f"{source}: annotations[{i}] refers to unknown image_id {ann['image_id']!r}"
-            )
-        if ann["category_id"] not in ids["categories"]:
-            raise CenterpointError(
-                f"{source}: annotations[{i}] refers to unknown category_id {ann['category_id']!r}"
-            )
-        bbox = ann["bbox"]
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise CenterpointError(f"{source}: annotations[{i}] bbox must be [x, y, w, h], got {bbox!r}")
-
-
-def _build_coco(coco_cls: type, dataset: dict) -> Any:
+def build_coco(coco_cls: type, dataset: dict) -> Any:
     """Index ``dataset`` with ``coco_cls`` (either backend's COCO) without re-reading any file."""
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
         coco = coco_cls()
@@ -230,7 +183,7 @@ def _load_results(coco_gt: Any, results: list[dict]) -> Any:
         "categories": list(coco_gt.dataset["categories"]),
         "annotations": [],
     }
-    return _build_coco(type(coco_gt), dataset)
+    return build_coco(type(coco_gt), dataset)
 
 
 def _silenced(quiet: bool) -> contextlib.AbstractContextManager:
@@ -255,11 +208,11 @@ def _evaluate(coco_gt: Any, arr: np.ndarray, img_ids: list[int], backend: str, q
         kwargs = {"print_function": noop if quiet else print}
     with _silenced(quiet):
         # Re-index the same dicts with the backend's COCO class: each backend expects its own.
-        gt = coco_gt if type(coco_gt) is coco_cls else _build_coco(coco_cls, coco_gt.dataset)
+        gt = coco_gt if type(coco_gt) is coco_cls else build_coco(coco_cls, coco_gt.dataset)
         if backend == "pycocotools":  # the reference path, exactly as pycocotools users run it
             dt = _load_results(gt, results_to_json(arr))
         else:  # ~2 s less at 500k detections than building dicts for loadRes to rewrite
-            dt = _build_coco(coco_cls, _result_dataset(gt, arr))
+            dt = build_coco(coco_cls, _result_dataset(gt, arr))
         evaluator = eval_cls(gt, dt, iouType="bbox", **kwargs)
         evaluator.params.imgIds = img_ids
         evaluator.evaluate()

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from centerpoint.coco_metrics import load_coco
+from centerpoint.data.images import decode as decode_image
+from centerpoint.data.images import open_image
+from centerpoint.data.images import verify as verify_image
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import ExperimentSpec
 
@@ -51,20 +53,18 @@ class SplitReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _check_image(path: Path, size: tuple[int, int], decode: bool) -> tuple[str, str]:
-    """('ok' | 'missing' | 'undecodable' | 'size', detail) for one image file; size is (width, height)."""
+def _check_image(path: Path, size: tuple[int, int], decode: bool, max_pixels: int) -> tuple[str, str]:
+    """('ok' | 'missing' | 'undecodable' | 'size', detail) for one image file; size is (width, height).
+    Opened through the same door, with the same pixel limit, as training (`images.open_image`)."""
     try:
-        with Image.open(path) as img:
+        with open_image(str(path), max_pixels) as img:
             found = img.size
-            if decode:
-                img.load()
-            else:
-                img.verify()
-    except FileNotFoundError:
-        return "missing", ""
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        text = str(err).replace(f" '{path}'", "").strip()  # PIL repeats the path
-        return "undecodable", text.splitlines()[0][:100] if text else type(err).__name__
+            decode_image(img, str(path)) if decode else verify_image(img, str(path))
+    except CenterpointError as err:
+        if not path.exists():
+            return "missing", ""
+        text = str(err).replace(f"cannot decode image {path}: ", "").replace(f"image {path} ", "")
+        return "undecodable", text[:100]
     if found != size:
         return "size", f"{found[0]}x{found[1]}, json {size[0]}x{size[1]}"
     return "ok", ""
@@ -87,13 +87,10 @@ def check_split(spec: ExperimentSpec, root: Path, split: str, decode: bool = Fal
     coco = load_coco(report.ann_file)  # structure errors are blocking at once, with the json's own message
     entries = [coco.imgs[i] for i in sorted(coco.getImgIds())]
     report.images = len(entries)
-    try:
-        sizes = [(int(e["width"]), int(e["height"])) for e in entries]
-        names = [str(e["file_name"]) for e in entries]
-    except (KeyError, TypeError, ValueError):
-        raise CenterpointError(f"{report.ann_file}: every image needs file_name, width and height") from None
+    sizes = [(int(e["width"]), int(e["height"])) for e in entries]  # load_coco checked them
+    names = [e["file_name"] for e in entries]
     _check_boxes(report, coco, spec, split, dict(zip([e["id"] for e in entries], sizes, strict=True)))
-    _check_files(report, names, sizes, decode, threads, progress)
+    _check_files(report, names, sizes, decode, d.max_image_pixels, threads, progress)
     _judge(report, spec, len(coco.getCatIds()))
     return report
 
@@ -105,10 +102,7 @@ def _check_boxes(report: SplitReport, coco, spec: ExperimentSpec, split: str,  #
     report.crowd = sum(1 for a in anns if a.get("iscrowd", 0))
     anns = [a for a in anns if not a.get("iscrowd", 0)]
     report.boxes = len(anns)
-    try:
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    except (TypeError, ValueError):
-        raise CenterpointError(f"{report.ann_file}: every bbox must be 4 numbers [x, y, w, h]") from None
+    xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)  # load_coco: 4 numbers each
     wh = np.array([size_of[a["image_id"]] for a in anns], dtype=np.float64).reshape(-1, 2)
     finite = np.isfinite(xywh).all(axis=1)
     x1, y1 = xywh[:, 0], xywh[:, 1]
@@ -137,12 +131,12 @@ def _check_boxes(report: SplitReport, coco, spec: ExperimentSpec, split: str,  #
 
 
 def _check_files(report: SplitReport, names: list[str], sizes: list[tuple[int, int]], decode: bool,
-                 threads: int | None, progress: Progress | None) -> None:
+                 max_pixels: int, threads: int | None, progress: Progress | None) -> None:
     """Every image file, in a thread pool (PIL releases the GIL while reading and decoding)."""
     threads = threads or min(32, 4 * (os.cpu_count() or 1))
 
     def one(i: int) -> tuple[str, str]:
-        return _check_image(report.image_dir / names[i], sizes[i], decode)
+        return _check_image(report.image_dir / names[i], sizes[i], decode, max_pixels)
 
     with ThreadPoolExecutor(threads) as pool:
         for i, (status, detail) in enumerate(pool.map(one, range(len(names)), chunksize=64)):

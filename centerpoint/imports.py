@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from centerpoint.checkpoint import check_compatible, save_checkpoint
-from centerpoint.errors import CenterpointError
+from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, load_spec
 from centerpoint.weights import resolve_weights, verify_name_hash
 
@@ -31,6 +31,8 @@ _OPTIONAL = ".num_batches_tracked"  # a BatchNorm counter older torchvision file
 def read_state_dict(path: Path) -> tuple[Params, dict[str, Any]]:
     """(state_dict, meta) of a `.pth` file: mmdetection's {"state_dict": ..., "meta": ...} or a bare
     state_dict (torchvision). A pickle that needs code to load is refused, naming what it asked for."""
+    if Path(path).stat().st_size == 0:
+        raise CenterpointError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint; download it again")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -41,9 +43,8 @@ def read_state_dict(path: Path) -> tuple[Params, dict[str, Any]]:
                                    "plain types (torch.save({'state_dict': sd}, ...)) where you trust it") from None
         raise CenterpointError(f"{path}: not a readable PyTorch checkpoint (corrupt, truncated or another "
                                "format?)") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CenterpointError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0][:100]})") \
-            from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse foreign bytes: not a checkpoint
+        raise CenterpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(err, 100)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd, meta = obj["state_dict"], obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     elif isinstance(obj, dict):

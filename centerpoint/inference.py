@@ -103,7 +103,7 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
     results = []
     names = dict(enumerate(class_names))
     for i, path in enumerate(files):
-        img = read_image(str(path))
+        img = read_image(str(path), max_pixels=spec.data.max_image_pixels)
         w, h = img.size
         if spec.data.test_mode == "resize":
             a, size = resize_affine(w, h, spec.data.test_size or spec.data.input_size)

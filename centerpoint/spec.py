@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,10 +23,29 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 # mmdetection's CenterNet-R18 network (the COCO recipes): ModelSpec(**MMDET_R18, num_classes=80).
 MMDET_R18 = {"width": 64, "neck_channels": (256, 128, 64), "head_channels": 64}
+# Pillow's default decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS): about a 9459 x 9459 image.
+PILLOW_MAX_PIXELS = 89_478_485
+
+
+# Types shared by the fields below: one rule each, not one check per field.
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # torch.manual_seed takes at most 64 bits
+Channels = Annotated[int, Field(ge=1, le=4096)]
+Positive = Annotated[float, Field(gt=0.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an exponential moving average's decay
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: every float field (tuples included) rejects NaN and +-inf, which no knob of a run
+    # can mean (YAML's .nan/.inf and --set x=nan or 1e400 arrive here as such floats).
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # A NUL byte in a path or name would fail only later, inside the OS call, as a ValueError.
+        if isinstance(value, (str, Path)) and "\x00" in str(value):
+            raise ValueError("must not contain a NUL character")
+        return value
 
 
 class CenterCropSpec(_Spec):
@@ -64,7 +83,7 @@ class DataSpec(_Spec):
     val_images: str = Field("val", description="Validation image directory, relative to root.")
     shapes_train: int = Field(3000, ge=1, le=1_000_000, description="Synthetic train images (dataset=shapes).")
     shapes_val: int = Field(300, ge=1, le=1_000_000, description="Synthetic val images (dataset=shapes).")
-    shapes_seed: int = Field(0, ge=0, description="Seed of the synthetic dataset (dataset=shapes).")
+    shapes_seed: Seed = Field(0, description="Seed of the synthetic dataset (dataset=shapes).")
     input_size: int = Field(128, ge=32, le=2048, multiple_of=32,
                             description="Side of the square training crop, input pixels.")
     test_size: int | None = Field(
@@ -92,7 +111,8 @@ class DataSpec(_Spec):
     min_box_size: float = Field(1.0, ge=0.0, description="Training boxes smaller than this side (input pixels, "
                                 "after augmentation) are dropped.")
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel RGB mean, 0..255 units.")
-    std: tuple[float, float, float] = Field(IMAGENET_STD, description="Per-channel RGB std, 0..255 units.")
+    std: tuple[Positive, Positive, Positive] = Field(IMAGENET_STD, description="Per-channel RGB std, 0..255 units "
+                                                     "(each > 0: images are divided by it).")
     workers: int | None = Field(
         None, ge=0, le=64, description="Data loader worker processes per device. None (auto): 4 on cuda and "
         "sdaa; 0 on cpu, where the step's threads already use every core and a worker process only contends "
@@ -102,8 +122,12 @@ class DataSpec(_Spec):
         "'workers' (the data loader processes, image by image), 'device' (batched on the training device after "
         "the copy; workers then only decode, and a sixth of the bytes crosses to the device), 'auto': device "
         "on cuda, workers on cpu (where it would take cores from the step) and sdaa.")
-    on_bad_image: Literal["fail", "skip"] = Field("fail", description="A missing or undecodable image: stop "
-                                                  "with an error, or skip it and count it.")
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="A missing or undecodable image, or one "
+                                                  "over max_image_pixels: stop with an error, or skip it and count it.")
+    max_image_pixels: int = Field(
+        PILLOW_MAX_PIXELS, ge=1, le=2**40, description="Images whose header claims more pixels (width x height) "
+        "are bad images (see on_bad_image), checked before decoding: a guard against decompression bombs. "
+        "Default: Pillow's own limit; a larger value also raises Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS).")
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -126,9 +150,9 @@ class ModelSpec(_Spec):
     width: int = Field(32, ge=8, le=256, multiple_of=8, description="Filters of the ResNet stem; its stages "
                        "use 1, 2, 4, 8 times this. 64 is the standard network (and what pretrained weights need).")
     num_classes: int = Field(5, ge=1, le=10_000, description="Object classes (must match the dataset).")
-    neck_channels: tuple[int, int, int] = Field((128, 64, 32), description="Filters of the 3 upsampling stages "
-                                                "(mmdetection: 256, 128, 64).")
-    head_channels: int = Field(32, ge=1, description="Hidden filters of each head branch (mmdetection: 64).")
+    neck_channels: tuple[Channels, Channels, Channels] = Field(
+        (128, 64, 32), description="Filters of the 3 upsampling stages (mmdetection: 256, 128, 64).")
+    head_channels: Channels = Field(32, description="Hidden filters of each head branch (mmdetection: 64).")
     dcn: bool = Field(False, description="Modulated deformable convolutions (DCNv2) in the neck's 3x3 convs.")
     pretrained: Path | None = Field(None, description="torchvision ResNet checkpoint (.pth) for the backbone.")
 
@@ -154,7 +178,7 @@ class OptimSpec(_Spec):
                                    "global batch differs the lr is scaled linearly. None: no scaling.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
     weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay (coupled for sgd/adam, decoupled adamw).")
     decay_norm_and_bias: bool = Field(False, description="Also decay norm weights and biases (mmdetection does).")
@@ -165,7 +189,8 @@ class ScheduleSpec(_Spec):
     kind: Literal["constant", "multistep", "cosine"] = Field("cosine", description="LR decay after warmup.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup length, steps.")
     warmup_ratio: float = Field(0.001, gt=0.0, le=1.0, description="Warmup starts at lr * ratio.")
-    milestones: tuple[int, ...] = Field((), description="Epochs at which multistep multiplies the lr by gamma.")
+    milestones: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        (), description="Epochs (>= 0) at which multistep multiplies the lr by gamma.")
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="Multistep decay factor.")
     final_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Cosine ends at lr * final_ratio.")
 
@@ -174,7 +199,7 @@ class TrainSpec(_Spec):
     epochs: int = Field(16, ge=1, le=100_000, description="Epochs (full passes over the train set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
     batch_size: int = Field(16, ge=1, le=4096, description="Images per device per step.")
-    seed: int = Field(0, ge=0, description="Seed of init, shuffling and augmentation.")
+    seed: Seed = Field(0, description="Seed of init, shuffling and augmentation (0 .. 2**64 - 1).")
     log_every: int = Field(20, ge=1, description="Steps between TensorBoard scalar writes.")
     eval_every: int = Field(4, ge=0, description="Epochs between evaluations (0: only at the end).")
     checkpoint_every: int = Field(1, ge=0, description="Epochs between kept checkpoints (0: only the last).")
@@ -214,7 +239,7 @@ class RuntimeSpec(_Spec):
                                             "scale doubles.")
     channels_last: bool = Field(True, description="Channels-last memory format for images and conv weights "
                                 "(faster bf16 convolutions on cpu).")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch intra-op threads (None: torch's default).")
     sync_bn: bool = Field(False, description="Synchronised BatchNorm with several processes: training batch "
                           "statistics over the global batch (all ranks) instead of each rank's own images; two "
                           "small all-reduces per BatchNorm layer in the forward and two in the backward.")
@@ -265,8 +290,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key '{path}'{_suggest(path)}"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {path or 'spec'}: {first['msg']}{shown}{more}"
+    return f"{source}: {path or 'spec'}: {msg}{shown}{more}"
 
 
 def spec_from_dict(data: dict[str, Any], source: str = "spec") -> ExperimentSpec:

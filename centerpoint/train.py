@@ -242,6 +242,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
     # Skipped steps so far: steps taken minus updates applied; with fp16 loss scaling that difference also
     # holds the scaler's overflow steps, which are not failures, so the count restarts at resume there.
     skipped = torch.full((), 0.0 if state.scaler else float(step - int(state.step)), device=run.backend.device)
+    first_step, skipped_before = step, float(skipped)
     bad_images = 0
     first_step_s = None
     with progress:
@@ -316,10 +317,20 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
             if last:
                 break
     tb.close()
+    distributed.destroy(run.dist)
+    _check_trained(step - first_step, round(float(skipped) - skipped_before))
     if is_main and last_metrics:
         console.print(format_metrics_table(last_metrics), markup=False, highlight=False)
-    distributed.destroy(run.dist)
     return last_metrics
+
+
+def _check_trained(steps: int, skipped: int) -> None:
+    """A run whose every step was skipped as non-finite (train.nonfinite=skip) trained nothing: an error
+    (exit 2, as for other inputs that cannot train: the spec or the data has to change), not a success."""
+    if steps > 0 and skipped >= steps:
+        raise CenterpointError(f"all {steps} steps of this run had a non-finite loss or gradient and were skipped "
+                               "(train.nonfinite=skip): nothing was trained; lower optim.lr, set optim.grad_clip, "
+                               "check the loss weights, or check the data with `centerpoint data check`")
 
 
 def _jsonable(metrics: dict) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from centerpoint.coco_metrics import load_coco
+from centerpoint.coco_metrics import build_coco, load_coco
 from centerpoint.errors import CenterpointError
 
 
@@ -44,18 +44,16 @@ class CocoIndex:
         return len(self.cat_ids)
 
 
-def _boxes(ann_file: Path, anns: list[dict]) -> np.ndarray:
-    """(n, 4) float32 xywh of an image's annotations; a bbox that is not 4 numbers is an error."""
-    try:
-        return np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-    except (TypeError, ValueError):
-        for a in anns:
-            try:
-                np.array(a["bbox"], dtype=np.float32).reshape(4)
-            except (TypeError, ValueError):
-                raise CenterpointError(f"{ann_file}: annotation id {a.get('id')!r}: bbox must be 4 numbers "
-                                       f"[x, y, w, h], got {a['bbox']!r}") from None
-        raise
+def _without_nonfinite_boxes(coco: COCO) -> tuple[COCO, int]:
+    """`coco` without the annotations whose bbox holds NaN or an infinity (json's NaN / Infinity), and how
+    many there were. They are dropped like boxes of zero size, also from the evaluation's ground truth
+    (COCOeval would compute NaN overlaps with them)."""
+    anns = coco.dataset["annotations"]
+    finite = np.isfinite(np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)).all(axis=1)
+    if finite.all():
+        return coco, 0
+    kept = [a for a, ok in zip(anns, finite.tolist(), strict=True) if ok]
+    return build_coco(COCO, {**coco.dataset, "annotations": kept}), int((~finite).sum())
 
 
 def load_index(ann_file: Path, image_dir: Path, train: bool, min_box_size: float = 1.0,
@@ -65,22 +63,19 @@ def load_index(ann_file: Path, image_dir: Path, train: bool, min_box_size: float
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not image_dir.is_dir():
         raise CenterpointError(f"image directory not found: {image_dir} (check --data-dir and data.*_images)")
-    coco = load_coco(ann_file)
+    coco, nonfinite = _without_nonfinite_boxes(load_coco(ann_file))  # validated: ids, sizes, 4-number boxes
     cat_ids = tuple(sorted(coco.getCatIds()))
     if not cat_ids:
         raise CenterpointError(f"{ann_file}: no categories")
     label_of = {cid: i for i, cid in enumerate(cat_ids)}
     names = tuple(coco.cats[c]["name"] for c in cat_ids)
     ids, files, sizes, all_boxes, all_labels = [], [], [], [], []
-    dropped_boxes = dropped_images = 0
+    dropped_boxes, dropped_images = nonfinite, 0
     for img_id in sorted(coco.getImgIds()):
         info = coco.imgs[img_id]
-        try:
-            h, w, name = int(info["height"]), int(info["width"]), str(info["file_name"])
-        except (KeyError, TypeError, ValueError):
-            raise CenterpointError(f"{ann_file}: image {img_id} needs file_name, width and height") from None
+        h, w, name = int(info["height"]), int(info["width"]), info["file_name"]
         anns = [a for a in coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
-        xywh = _boxes(ann_file, anns)
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
         keep = ((boxes[:, 2] - boxes[:, 0]) >= max(min_box_size, 1e-3)) & (

@@ -15,11 +15,12 @@ from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from centerpoint.data.coco import CocoIndex
+from centerpoint.data.images import decode, open_image
 from centerpoint.data.photometric import Distortion, draw_distortion, photometric_distort
 from centerpoint.data.transforms import (
     center_crop_affine,
@@ -33,26 +34,21 @@ from centerpoint.data.transforms import (
     zero_padding_,
 )
 from centerpoint.errors import CenterpointError
-from centerpoint.spec import DataSpec
+from centerpoint.spec import PILLOW_MAX_PIXELS, DataSpec
 from centerpoint.targets import make_targets, max_radius
 
 Key = tuple[int, int]  # (epoch, sample index)
 
 
-def read_image(path: str, shrink_to: float | None = None) -> Image.Image:
+def read_image(path: str, shrink_to: float | None = None, max_pixels: int = PILLOW_MAX_PIXELS) -> Image.Image:
     """Decode an image file to RGB. `shrink_to`: the scale it will be resized by; JPEGs are decoded at
-    the smallest power-of-two reduction that stays above it (much cheaper for big downscales)."""
-    try:
-        img = Image.open(path)
-        if shrink_to is not None and shrink_to < 0.5 and img.format == "JPEG":
-            w, h = img.size
-            img.draft("RGB", (max(1, int(w * shrink_to)), max(1, int(h * shrink_to))))
-        img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
-    except FileNotFoundError:
-        raise CenterpointError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise CenterpointError(f"cannot decode image {path}: {err}") from None
+    the smallest power-of-two reduction that stays above it (much cheaper for big downscales). A file that
+    is missing, not an image or over `max_pixels` raises a CenterpointError (`images.open_image`)."""
+    img = open_image(path, max_pixels)
+    if shrink_to is not None and shrink_to < 0.5 and img.format == "JPEG":
+        w, h = img.size
+        img.draft("RGB", (max(1, int(w * shrink_to)), max(1, int(h * shrink_to))))
+    return decode(img, path)
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ class DetectionDataset(Dataset):
             a, out_size = pad_affine(w, h)
         path = str(idx.image_dir / idx.file_names[i])
         try:
-            img = read_image(path, shrink_to=abs(a[0, 0]))
+            img = read_image(path, shrink_to=abs(a[0, 0]), max_pixels=spec.max_image_pixels)
         except CenterpointError:
             if spec.on_bad_image == "fail":
                 raise
