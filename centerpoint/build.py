@@ -12,21 +12,48 @@ from centerpoint.errors import CenterpointError
 from centerpoint.spec import ExperimentSpec
 
 
+def shapes_root(spec: ExperimentSpec) -> Path:
+    """Where dataset=shapes lives: `data.root`, or by default a folder of the cache directory named for its
+    seed and counts."""
+    from centerpoint.data.synthetic import VERSION, default_cache_dir
+
+    data = spec.data
+    return Path(data.root) if data.root else default_cache_dir() / (
+        f"shapes-v{VERSION}-seed{data.shapes_seed}-{data.shapes_train}x{data.shapes_val}")
+
+
 def data_root(spec: ExperimentSpec, progress: Callable[[int, int], None] | None = None) -> Path:
-    """The dataset root; for dataset=shapes the synthetic dataset is generated there first if needed."""
+    """The dataset root; for dataset=shapes the synthetic dataset is generated there first if needed (only
+    into the cache, an empty directory, or over a synthetic set this project wrote: never over other data)."""
     data = spec.data
     if data.dataset == "shapes":
-        from centerpoint.data.synthetic import default_cache_dir, ensure_shapes_dataset
+        from centerpoint.data.synthetic import ensure_shapes_dataset
 
-        root = data.root or default_cache_dir() / (
-            f"shapes-v1-seed{data.shapes_seed}-{data.shapes_train}x{data.shapes_val}")
-        return ensure_shapes_dataset(root, data.shapes_seed, data.shapes_train, data.shapes_val, progress)
+        return ensure_shapes_dataset(shapes_root(spec), data.shapes_seed, data.shapes_train, data.shapes_val,
+                                     progress)
+    return coco_root(spec)
+
+
+def coco_root(spec: ExperimentSpec) -> Path:
+    """`data.root`, checked to be a directory (dataset=coco)."""
+    data = spec.data
     if data.root is None:
         raise CenterpointError("data.root is not set: pass --data-dir DIR (the COCO root holding "
                                "train2017/, val2017/ and annotations/)")
     if not Path(data.root).is_dir():
         raise CenterpointError(f"data directory not found: {data.root} (see `centerpoint data download`)")
     return Path(data.root)
+
+
+def existing_data_root(spec: ExperimentSpec) -> Path | None:
+    """The dataset root without writing anything: None when dataset=shapes is not generated yet."""
+    if spec.data.dataset == "coco":
+        return coco_root(spec)
+    from centerpoint.data.synthetic import is_shapes_dataset
+
+    d = spec.data
+    root = shapes_root(spec)
+    return root if is_shapes_dataset(root, d.shapes_seed, d.shapes_train, d.shapes_val) else None
 
 
 def load_split(spec: ExperimentSpec, root: Path, train: bool) -> CocoIndex:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from centerpoint import distributed
-from centerpoint.build import data_root, load_split
+from centerpoint.build import coco_root, data_root, load_split
 from centerpoint.checkpoint import Checkpoint, check_compatible
 from centerpoint.data.loader import read_image
 from centerpoint.data.transforms import invert, pad_affine, resize_affine, warp
@@ -129,17 +129,17 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
 
 def class_names_of(spec: ExperimentSpec) -> list[str]:
     """Class names for predictions: the val json's categories when it is at hand, else numbers."""
+    if spec.data.dataset == "shapes":
+        from centerpoint.data.synthetic import CLASSES
+
+        return list(CLASSES[: spec.model.num_classes])
     try:
-        root = data_root(spec) if spec.data.dataset == "coco" or spec.data.root else None
-        if spec.data.dataset == "shapes":
-            from centerpoint.data.synthetic import CLASSES
+        from centerpoint.coco_metrics import load_coco
 
-            return list(CLASSES[: spec.model.num_classes])
-        if root is not None:
-            from centerpoint.coco_metrics import load_coco
-
-            coco = load_coco(root / spec.data.val_ann)
-            return [coco.cats[c]["name"] for c in sorted(coco.getCatIds())]
+        coco = load_coco(coco_root(spec) / spec.data.val_ann)  # reads only
+        names = [coco.cats[c]["name"] for c in sorted(coco.getCatIds())]
+        if len(names) == spec.model.num_classes:
+            return names
     except CenterpointError:
         pass
     return [str(i) for i in range(spec.model.num_classes)]

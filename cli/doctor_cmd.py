@@ -28,18 +28,18 @@ def data_check(
     """Check a dataset: annotation json, image files, boxes, classes. Exit 2 on a blocking problem."""
     if split not in SPLITS:
         raise CenterpointError(f"--split {split}: choose from {', '.join(SPLITS)}")
-    spec = _resolve(spec_file, sets, data_dir=data_dir)
-    if data_dir is not None and spec.data.dataset == "shapes":
-        from centerpoint.spec import with_updates
-
-        spec = with_updates(spec, {"data.dataset": "coco"})  # a directory to check is read, never generated
+    spec = _resolve(spec_file, sets, data_dir=data_dir)  # --data-dir: a COCO-format dataset
     from rich.console import Console
     from rich.progress import Progress
 
-    from centerpoint.build import data_root
+    from centerpoint.build import existing_data_root, shapes_root
     from centerpoint.doctor import blocking_problems, check_split
 
-    root = data_root(spec)
+    root = existing_data_root(spec)  # read only: a synthetic set is checked if there, never generated
+    if root is None:
+        print(f"the synthetic dataset (data.dataset=shapes) is not generated yet at {shapes_root(spec)}: nothing "
+              "to check (`centerpoint train` generates it; its files are correct by construction)")
+        return
     reports = []
     with Progress(transient=True) as progress:
         for name in SPLITS[split]:

@@ -43,7 +43,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def _flag_updates(**flags: object) -> dict[str, object]:
     """Map CLI flag values (None = not given) to dotted spec keys."""
     keys = {"workdir": "logging.workdir", "device": "runtime.device", "epochs": "train.epochs",
-            "batch_size": "train.batch_size", "lr": "optim.lr", "data_dir": "data.root",
+            "batch_size": "train.batch_size", "lr": "optim.lr",
             "max_steps": "train.max_steps", "compile": "runtime.compile", "precision": "runtime.precision",
             "workers": "data.workers", "seed": "train.seed"}
     updates = {keys[k]: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None}
@@ -52,11 +52,25 @@ def _flag_updates(**flags: object) -> dict[str, object]:
     return updates
 
 
+def _data_dir_updates(data_dir: object, spec_file: Path | None, sets: list[str]) -> dict[str, object]:
+    """--data-dir DIR means "my COCO-format data is at DIR": data.root=DIR and data.dataset=coco, unless the
+    spec file or a --set names data.dataset itself (the built-in default does not count)."""
+    if data_dir is None:
+        return {}
+    from centerpoint.spec import parse_override, read_spec_dict
+
+    section = read_spec_dict(spec_file).get("data") if spec_file is not None else None
+    explicit = (isinstance(section, dict) and "dataset" in section) or any(
+        parse_override(item)[0] == "data.dataset" for item in sets)
+    return {"data.root": str(data_dir)} if explicit else {"data.root": str(data_dir), "data.dataset": "coco"}
+
+
 def _resolve(spec_file: Path | None, sets: list[str], **flags: object):  # noqa: ANN202
     from centerpoint.spec import load_spec, with_updates
 
     spec = load_spec(spec_file, sets)
-    updates = _flag_updates(**flags)
+    data_dir = flags.pop("data_dir", None)
+    updates = {**_flag_updates(**flags), **_data_dir_updates(data_dir, spec_file, sets)}
     return with_updates(spec, updates) if updates else spec
 
 
@@ -70,7 +84,8 @@ def train(
     max_steps: int | None = typer.Option(None, "--max-steps", "--max_steps", help="Stop after N steps."),
     batch_size: int | None = typer.Option(None, "--batch-size", "--batch_size", help="Images per device."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate, used as given (no batch scaling)."),
-    data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", "--data-root", help="Dataset root."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", "--data-root",
+                                         help="Your COCO-format dataset root (sets data.dataset=coco)."),
     compile: str | None = typer.Option(None, "--compile", help="auto | on | off."),
     precision: str | None = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes per device."),
@@ -119,7 +134,8 @@ def evaluate(
     spec_file: Path | None = typer.Argument(None, help="Spec YAML (default: the spec stored in the checkpoint)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .safetensors checkpoint."),
     sets: list[str] = SetOpt,
-    data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", help="Dataset root."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir",
+                                         help="Your COCO-format dataset root (sets data.dataset=coco)."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
     out: Path | None = typer.Option(None, "--out", help="Write metrics JSON here (and detections beside it)."),
     nproc_per_node: int = NprocOpt,
@@ -146,7 +162,7 @@ def evaluate(
 
     ckpt = load_checkpoint(checkpoint)
     base = load_spec(spec_file) if spec_file is not None else ckpt.spec
-    updates = {**_flag_updates(data_dir=data_dir, device=device)}
+    updates = {**_flag_updates(device=device), **_data_dir_updates(data_dir, spec_file, sets)}
     from centerpoint.spec import apply_override, parse_override, spec_from_dict
 
     data = spec_to_dict(base)

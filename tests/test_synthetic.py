@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,34 +126,53 @@ def test_cache_is_reused(dataset: Path) -> None:
     assert calls == []  # nothing was generated
 
 
-def test_incomplete_or_mismatched_cache_is_regenerated(tmp_path: Path) -> None:
+def test_a_set_of_ours_is_replaced_only_while_its_manifest_vouches_for_every_file(tmp_path: Path) -> None:
     root = tmp_path / "shapes"
+    root.mkdir()  # an empty directory may be filled
     calls: list[tuple[int, int]] = []
     ensure_shapes_dataset(root, seed=1, num_train=4, num_val=2, progress=lambda d, t: calls.append((d, t)))
     assert calls[0] == (0, 6) and calls[-1] == (6, 6)
-    first = (root / "train" / "000000.jpg").read_bytes()
+    manifest = json.loads((root / "DONE").read_text())
+    assert len(manifest["files"]) == 4 + 2 + 2  # every image and both annotation files, with size and sha256
 
-    # Simulate a crash: the marker is missing, and a stray half-written file is present.
-    (root / "DONE").unlink()
-    (root / "train" / "000000.jpg").write_bytes(b"truncated")
-    ensure_shapes_dataset(root, seed=1, num_train=4, num_val=2)
-    assert (root / "DONE").is_file()
-    assert (root / "train" / "000000.jpg").read_bytes() == first
-
-    # Different counts under the same root: regenerated to match, not half-used.
+    # Different counts under the same root: our own set (every file as the manifest lists it) is replaced.
     ensure_shapes_dataset(root, seed=1, num_train=3, num_val=1)
     assert sorted(p.name for p in (root / "train").iterdir()) == ["000000.jpg", "000001.jpg", "000002.jpg"]
     assert json.loads((root / "DONE").read_text())["num_train"] == 3
     assert not list(tmp_path.glob(".shapes.tmp-*"))  # temp dirs cleaned up
 
+    # A file that is not as written (or one added) makes the directory not ours any more: refused, kept.
+    for change in (lambda: (root / "train" / "000000.jpg").write_bytes(b"edited"),
+                   lambda: (root / "val" / "mine.jpg").write_bytes(b"added")):
+        change()
+        before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        with pytest.raises(CenterpointError, match="is not a synthetic dataset written by centerpoint"):
+            ensure_shapes_dataset(root, seed=1, num_train=2, num_val=1)
+        assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
-def test_refuses_to_delete_foreign_directory(tmp_path: Path) -> None:
-    root = tmp_path / "not-a-dataset"
-    root.mkdir()
-    (root / "precious.txt").write_text("keep me")
-    with pytest.raises(CenterpointError):
+
+def test_a_manifest_without_its_files_does_not_make_a_directory_ours(tmp_path: Path) -> None:
+    root = tmp_path / "mine"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "photo.jpg").write_bytes(b"a user's photo")
+    (root / "DONE").write_text(json.dumps({"name": "shapes", "version": 1, "seed": 0, "num_train": 1,
+                                           "num_val": 1, "classes": ["circle"]}))
+    with pytest.raises(CenterpointError, match=str(root)):
         ensure_shapes_dataset(root, num_train=1, num_val=1)
-    assert (root / "precious.txt").read_text() == "keep me"
+    assert (root / "train" / "photo.jpg").read_bytes() == b"a user's photo"
+
+
+def test_only_our_stale_temp_dirs_are_cleaned_up(tmp_path: Path) -> None:
+    old = time.time() - 2 * 3600
+    ours, theirs = tmp_path / ".shapes.tmp-crashed", tmp_path / ".shapes.tmp-someone-elses"
+    for d in (ours, theirs):
+        d.mkdir()
+        (d / "file").write_text("x")
+    (ours / ".centerpoint-tmp").write_text("")
+    for d in (ours, theirs):
+        os.utime(d, (old, old))
+    ensure_shapes_dataset(tmp_path / "shapes", num_train=1, num_val=1)
+    assert not ours.exists() and (theirs / "file").read_text() == "x"
 
 
 def test_worker_count_does_not_change_output(tmp_path: Path) -> None:
