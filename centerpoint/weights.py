@@ -85,8 +85,9 @@ def _progress() -> Progress:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+    console = Console(stderr=True)  # bars only on a terminal: elsewhere rich would leave an empty line
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    console=Console(stderr=True), transient=True)
+                    console=console, transient=True, disable=not console.is_interactive)
 
 
 def fetch_weights(url: str, dest_dir: Path | None = None) -> Path:
@@ -100,12 +101,16 @@ def fetch_weights(url: str, dest_dir: Path | None = None) -> Path:
         raise CenterpointError(f"{url}: the file name has no sha256 prefix (NAME-<hex>.pth), so a download "
                                "could not be verified; download it yourself and pass the local path")
     dest = Path(dest_dir or weights_cache_dir()) / name
-    if dest.is_file():
+    if dest.exists():
+        # Verified, or not ours to replace: only complete, verified downloads are ever renamed to this name,
+        # so a file there that fails the check was put there by someone else (or damaged since).
         try:
             verify_name_hash(dest)
-            return dest
         except CenterpointError:
-            dest.unlink()  # a damaged copy: fetch it again
+            raise CenterpointError(f"{dest}: sha256 does not match the prefix in its name (corrupt, incomplete or "
+                                   "another file); it is left as it is: delete it and rerun to download it "
+                                   "again") from None
+        return dest
     try:
         with atomic_path(dest) as tmp, _progress() as bars:
             _download(url, tmp, name, bars)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -18,6 +22,8 @@ from centerpoint.atomic import atomic_path, atomic_write_bytes, atomic_write_tex
 from centerpoint.data import download as dl
 from centerpoint.data.download import COCO2017, RemoteFile, download_coco, file_url
 from centerpoint.errors import CenterpointError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -149,7 +155,15 @@ def fetch(server: FakeServer, root: Path, **kwargs: object) -> list[Path]:
 
 def leftovers(root: Path) -> list[str]:
     """Temporary files or directories a crash-safe step must not leave behind."""
-    return sorted(p.name for p in root.iterdir() if p.name.endswith((".part", ".tmp", ".unpacking")))
+    return sorted(p.name for p in root.iterdir() if p.name.endswith((".part", ".owner", ".tmp", ".unpacking")))
+
+
+def our_part(root: Path, data: bytes) -> Path:
+    """A val2017.zip.part holding `data`, as an earlier run of the downloader left it (with its marker)."""
+    part = root / "val2017.zip.part"
+    dl._create_part(part, TABLE["val"])
+    part.write_bytes(data)  # in place: the same file the marker names
+    return part
 
 
 # ---------------------------------------------------------------------------------------- happy paths
@@ -191,11 +205,11 @@ def test_archives_only_are_skipped_via_sidecar_and_reverified(server: FakeServer
     fetch(server, tmp_path)
     assert server.requests == []
 
-    # Same size, different bytes: re-verification fails and the archive is fetched again.
+    # Same size, different bytes: not what this module wrote there, so it is refused and left as it is.
     archive.write_bytes(bytes(len(VAL_ZIP)))
-    fetch(server, tmp_path)
-    assert server.paths() == [VAL_PATH]
-    assert archive.read_bytes() == VAL_ZIP
+    with pytest.raises(CenterpointError, match="val2017.zip exists but is not the expected val2017.zip .md5 differs"):
+        fetch(server, tmp_path)
+    assert server.requests == [] and archive.read_bytes() == bytes(len(VAL_ZIP))
 
 
 def test_env_var_base_url_and_argument_precedence(
@@ -246,18 +260,36 @@ def test_progress_resets_retry_count(server: FakeServer, tmp_path: Path) -> None
     assert (tmp_path / "val2017.zip").read_bytes() == VAL_ZIP
 
 
-def test_preexisting_part_is_resumed(server: FakeServer, tmp_path: Path) -> None:
+def test_part_of_an_earlier_run_is_resumed(server: FakeServer, tmp_path: Path) -> None:
     serve_coco(server)
     k = 777
-    (tmp_path / "val2017.zip.part").write_bytes(VAL_ZIP[:k])
+    server.drop_after[VAL_PATH] = [k]
+    with pytest.raises(CenterpointError, match="it resumes from .*val2017.zip.part"):
+        fetch(server, tmp_path, retries=0)
+    assert (tmp_path / "val2017.zip.part").read_bytes() == VAL_ZIP[:k]
     fetch(server, tmp_path)
-    assert server.requests == [(VAL_PATH, f"bytes={k}-")]
+    assert server.requests == [(VAL_PATH, None), (VAL_PATH, f"bytes={k}-")]
     assert (tmp_path / "val2017.zip").read_bytes() == VAL_ZIP
-    assert not (tmp_path / "val2017.zip.part").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_part_file_the_downloader_did_not_start_is_left_alone(server: FakeServer, tmp_path: Path) -> None:
+    serve_coco(server)
+    (tmp_path / "val2017.zip.part").write_bytes(b"someone else's bytes")
+    with pytest.raises(CenterpointError, match="val2017.zip.part exists but was not started by this downloader"):
+        fetch(server, tmp_path)
+    assert server.requests == [] and (tmp_path / "val2017.zip.part").read_bytes() == b"someone else's bytes"
+    # Nor one that replaced ours since (the marker names the file it was written for).
+    our_part(tmp_path, VAL_ZIP[:100])
+    (tmp_path / "val2017.zip.part").unlink()
+    (tmp_path / "val2017.zip.part").write_bytes(b"x" * 100)
+    with pytest.raises(CenterpointError, match="not started by this downloader"):
+        fetch(server, tmp_path)
+    assert (tmp_path / "val2017.zip.part").read_bytes() == b"x" * 100
 
 
 def test_complete_part_is_verified_without_a_request(server: FakeServer, tmp_path: Path) -> None:
-    (tmp_path / "val2017.zip.part").write_bytes(VAL_ZIP)
+    our_part(tmp_path, VAL_ZIP)
     fetch(server, tmp_path)
     assert server.requests == []
     assert (tmp_path / "val2017.zip").read_bytes() == VAL_ZIP
@@ -267,7 +299,7 @@ def test_server_ignoring_range_restarts_from_zero(server: FakeServer, tmp_path: 
     serve_coco(server)
     server.ignore_range = True
     # Garbage that would corrupt the result if the 200 body were appended to it.
-    (tmp_path / "val2017.zip.part").write_bytes(b"x" * 500)
+    our_part(tmp_path, b"x" * 500)
     fetch(server, tmp_path)
     assert server.requests == [(VAL_PATH, "bytes=500-")]
     assert (tmp_path / "val2017.zip").read_bytes() == VAL_ZIP
@@ -275,7 +307,7 @@ def test_server_ignoring_range_restarts_from_zero(server: FakeServer, tmp_path: 
 
 def test_corrupt_part_is_discarded_and_refetched(server: FakeServer, tmp_path: Path) -> None:
     serve_coco(server)
-    (tmp_path / "val2017.zip.part").write_bytes(b"x" * 500)
+    our_part(tmp_path, b"x" * 500)
     fetch(server, tmp_path)
     # The resumed result fails md5, so the .part is deleted and the next attempt starts from zero.
     assert server.requests == [(VAL_PATH, "bytes=500-"), (VAL_PATH, None)]
@@ -285,9 +317,8 @@ def test_corrupt_part_is_discarded_and_refetched(server: FakeServer, tmp_path: P
 # ------------------------------------------------------------------------------------------- failures
 
 
-@pytest.mark.parametrize("served", [bytes(len(VAL_ZIP)), VAL_ZIP[:-10]], ids=["wrong-bytes", "wrong-size"])
-def test_checksum_mismatch_retries_then_fails(server: FakeServer, tmp_path: Path, served: bytes) -> None:
-    server.files[VAL_PATH] = served
+def test_checksum_mismatch_retries_then_fails(server: FakeServer, tmp_path: Path) -> None:
+    server.files[VAL_PATH] = bytes(len(VAL_ZIP))  # the right size, other bytes: a transfer may have gone wrong
     with pytest.raises(CenterpointError) as info:
         fetch(server, tmp_path, unzip=True, retries=2)
 
@@ -295,7 +326,44 @@ def test_checksum_mismatch_retries_then_fails(server: FakeServer, tmp_path: Path
     assert "val2017.zip" in message and TABLE["val"].md5 in message and str(len(VAL_ZIP)) in message
     assert "\n" not in message
     assert server.paths() == [VAL_PATH] * 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no archive, .part, sidecar or unpacked tree
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no archive, .part, marker, sidecar or unpacked tree
+
+
+@pytest.mark.parametrize("served", [VAL_ZIP[:-10], VAL_ZIP + b"tail"], ids=["shorter", "longer"])
+def test_a_size_known_from_the_headers_fails_at_once(server: FakeServer, tmp_path: Path, served: bytes) -> None:
+    server.files[VAL_PATH] = served  # Content-Length says it: another file, which no retry can change
+    with pytest.raises(CenterpointError, match=f"not the expected file: expected {len(VAL_ZIP)} bytes, the server "
+                       f"sends {len(served)} bytes"):
+        fetch(server, tmp_path, retries=1, backoff_s=5.0)
+    assert server.paths() == [VAL_PATH] and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_wrong_size_through_the_cli_is_one_error_line_at_once(server: FakeServer, tmp_path: Path) -> None:
+    """The real command (the real COCO table, no monkeypatching): one request, stderr exactly one line."""
+    server.files[VAL_PATH] = b"not the 815 MB archive"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}
+    res = subprocess.run([sys.executable, "-m", "centerpoint", "data", "download", "coco2017", "--root",
+                          str(tmp_path / "coco"), "--only", "val", "--base-url", server.url],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+    assert f"expected {COCO2017['val'].size} bytes, the server sends 22 bytes" in res.stderr
+    assert server.paths() == [VAL_PATH] and list((tmp_path / "coco").iterdir()) == []
+
+
+def test_a_full_disk_names_the_file_being_written(server: FakeServer, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_coco(server)
+
+    class Full(io.FileIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_open = open
+    monkeypatch.setattr(dl, "open", lambda path, mode="r", *a, **k: Full(path, mode) if mode == "ab"
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(CenterpointError, match=f"cannot write {tmp_path / 'val2017.zip.part'}: No space left"):
+        fetch(server, tmp_path)
+    assert server.paths() == [VAL_PATH]  # a full disk is not retried
 
 
 def test_server_errors_are_retried(server: FakeServer, tmp_path: Path) -> None:
@@ -419,9 +487,12 @@ def test_existing_destination_is_not_overwritten(server: FakeServer, tmp_path: P
 def test_stale_unpacking_dir_is_cleaned(server: FakeServer, tmp_path: Path) -> None:
     serve_coco(server)
     stale = tmp_path / ".val2017.zip.abc123.unpacking"
-    (stale / "val2017").mkdir(parents=True)  # what a kill -9 during extraction leaves
+    (stale / "val2017").mkdir(parents=True)  # what a kill -9 during extraction leaves: marked as ours first
+    (stale / ".centerpoint-tmp").write_bytes(b"")
+    unmarked = tmp_path / ".val2017.zip.mine.unpacking"
+    unmarked.mkdir()
     fetch(server, tmp_path, unzip=True)
-    assert not stale.exists()
+    assert not stale.exists() and unmarked.is_dir()  # only a marked one is the downloader's
     assert (tmp_path / "val2017" / "000002.jpg").read_bytes() == VAL_ENTRIES["val2017/000002.jpg"]
 
 

@@ -386,3 +386,15 @@ def test_import_from_url(tmp_path, http_dir, plain_sd, monkeypatch):
     monkeypatch.setenv("CENTERPOINT_CACHE", str(tmp_path / "cache"))
     result = import_mmdet(f"{url}/{src.name}", tmp_path / "u.safetensors")
     assert result.source == tmp_path / "cache" / "weights" / src.name and result.num_tensors == 168
+
+
+def test_a_cached_weights_file_that_fails_its_hash_is_refused_not_replaced(tmp_path, http_dir, monkeypatch):
+    url, served, hits = http_dir
+    name = save_pth(torchvision_resnet18(seed=7), served, "resnet18", mmdet=False).name
+    monkeypatch.setenv("CENTERPOINT_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "weights" / name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"a file someone put here")
+    with pytest.raises(CenterpointError, match=f"{name}: sha256 does not match .* left as it is: delete it"):
+        weights.fetch_weights(f"{url}/{name}")
+    assert cached.read_bytes() == b"a file someone put here" and hits == []

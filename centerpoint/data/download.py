@@ -2,12 +2,16 @@
 
 Layout under `root` for a file NAME:
   NAME.part          bytes received so far; resumed with an HTTP Range request on the next attempt/run
+  .NAME.part.owner   marker written when the .part is created (the file's identity and the expected size
+                     and md5): a .part is resumed, replaced or removed only while its marker vouches for it
   NAME               the archive, only ever created by renaming a fully verified .part
   NAME.verified      sidecar (size, md5, mtime) so a 19 GB archive is not re-hashed on every run
   .NAME.unpacked     marker written after the archive's top-level entries were moved into place
-  .NAME.*.unpacking  temporary extraction directory (removed on failure, cleaned up by the next run)
+  .NAME.*.unpacking  temporary extraction directory, marked inside as ours (removed on failure, cleaned
+                     up by the next run)
 
-Two processes downloading into the same root at once are not supported.
+Nothing else is ever removed or overwritten: an archive or .part that is not what this module wrote is an
+error naming it. Two processes downloading into the same root at once are not supported.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ MAX_BACKOFF_S = 60.0
 # TimeoutError are OSError subclasses, but a full disk raises a plain OSError and is not retried.
 _NETWORK_ERRORS = (URLError, HTTPException, ConnectionError, TimeoutError)
 _RETRY_HTTP = (408, 429)  # client-side codes that mean "try again later", not "wrong URL"
+_TMP_MARKER = ".centerpoint-tmp"  # first file in each extraction dir: only marked dirs are cleaned up
 
 
 @dataclass(frozen=True)
@@ -115,15 +120,19 @@ class _Bar:
 
 
 def _progress(enabled: bool) -> Progress:
-    # stderr keeps stdout clean for the CLI's own output; rich degrades gracefully when it is not a TTY.
+    # stderr keeps stdout clean for the CLI's own output. Bars only on a terminal, and transient: they vanish
+    # when the downloads end, so a failure leaves its one `error:` line alone (rich would also end a
+    # non-terminal display with an empty line).
+    console = Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
+        console=console,
+        disable=not (enabled and console.is_interactive),
+        transient=True,
     )
 
 
@@ -178,10 +187,14 @@ def _archive_is_good(archive: Path, remote: RemoteFile, bar: _Bar) -> bool:
         if md5.hexdigest() == remote.md5:
             _write_sidecar(archive, remote)
             return True
-    # A final name with the wrong content (a truncated copy, an older release): fetch it again.
-    archive.unlink()
-    _sidecar(archive).unlink(missing_ok=True)
-    return False
+    # A final name with the wrong content (a truncated copy, an older release) was not written by this
+    # module, which only renames verified files there: it is not ours to replace.
+    size = archive.stat().st_size
+    got = f"{size} bytes, expected {remote.size}" if size != remote.size else f"md5 differs from {remote.md5}"
+    raise CenterpointError(
+        f"{archive} exists but is not the expected {remote.name} ({got}); it is left as it is: move or delete "
+        "it, then rerun to download it"
+    )
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -224,18 +237,67 @@ def _open(url: str, have: int) -> HTTPResponse:
         ) from e
 
 
+def _owner(part: Path) -> Path:
+    return part.with_name(f".{part.name}.owner")
+
+
+def _own_part(part: Path, remote: RemoteFile) -> bool:
+    """Whether `part` is the file this module created for `remote` (its marker names it and that file)."""
+    try:
+        info = json.loads(_owner(part).read_text(encoding="utf-8"))
+        st = part.stat()
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info == {"size": remote.size, "md5": remote.md5, "device": st.st_dev,
+                                               "inode": st.st_ino}
+
+
+def _check_part(part: Path, remote: RemoteFile) -> None:
+    """Refuse a .part that this module did not create: it is someone else's file."""
+    if (part.exists() or part.is_symlink()) and not _own_part(part, remote):
+        raise CenterpointError(
+            f"{part} exists but was not started by this downloader (no matching {_owner(part).name}); move or "
+            "delete it, then rerun"
+        )
+
+
+def _create_part(part: Path, remote: RemoteFile) -> None:
+    """Create an empty .part and its marker; the marker is written before any byte is received."""
+    _remove_part(part)
+    with open(part, "xb"):
+        pass
+    st = part.stat()
+    info = {"size": remote.size, "md5": remote.md5, "device": st.st_dev, "inode": st.st_ino}
+    atomic_write_text(_owner(part), json.dumps(info) + "\n")
+
+
+def _remove_part(part: Path) -> None:
+    """Remove a .part of ours (checked by the caller) and its marker."""
+    part.unlink(missing_ok=True)
+    _owner(part).unlink(missing_ok=True)
+
+
 def _mismatch(part: Path, partial: _Partial, got: str) -> _Retryable:
     """Discard a .part whose bytes cannot be the expected file; the next attempt starts from zero."""
-    part.unlink(missing_ok=True)
+    _remove_part(part)
     partial.size = -1
     return _Retryable(f"verification failed, got {got}", got=got)
 
 
+def _wrong_file(url: str, remote: RemoteFile, got: str) -> CenterpointError:
+    """The server sends another file (a size known before the bytes arrive): no retry can change that."""
+    return CenterpointError(
+        f"{remote.name} from {url} is not the expected file: expected {remote.size} bytes, the server sends "
+        f"{got}; point {ENV_BASE_URL} at another mirror (or --base-url) and rerun"
+    )
+
+
 def _attempt(url: str, remote: RemoteFile, part: Path, partial: _Partial, bar: _Bar) -> None:
     """One GET that extends `part`; returns only when `part` holds exactly the expected, verified bytes."""
+    _check_part(part, remote)
     have = part.stat().st_size if part.exists() else 0
     if have > remote.size:  # cannot be a prefix of the expected file
-        part.unlink()
+        _remove_part(part)
         have = 0
     if partial.size != have:
         # Resuming a .part from an earlier run: its bytes must be hashed before new ones are appended.
@@ -262,17 +324,17 @@ def _attempt(url: str, remote: RemoteFile, part: Path, partial: _Partial, bar: _
             have, partial.md5, partial.size = 0, hashlib.md5(), 0
             total = _content_length(resp)
         if total is not None and total != remote.size:  # fail before streaming gigabytes of the wrong file
-            raise _mismatch(part, partial, f"{total} bytes")
+            raise _wrong_file(url, remote, f"{total} bytes (Content-{'Range' if resp.status == 206 else 'Length'})")
+        if not have:
+            _create_part(part, remote)
         bar.reset(remote.name, completed=have)
-        _stream(resp, remote, part, "ab" if have else "wb", partial, bar)
+        _stream(resp, remote, part, partial, bar, url)
 
 
-def _stream(
-    resp: HTTPResponse, remote: RemoteFile, part: Path, mode: str, partial: _Partial, bar: _Bar
-) -> None:
+def _stream(resp: HTTPResponse, remote: RemoteFile, part: Path, partial: _Partial, bar: _Bar, url: str) -> None:
     """Append the response body to `part`, hashing as it goes, and check the result when it is complete."""
     start = partial.size
-    with open(part, mode) as f:
+    with open(part, "ab") as f:
         while True:
             try:
                 chunk = resp.read(CHUNK_BYTES)
@@ -284,23 +346,30 @@ def _stream(
                 break
             if partial.size + len(chunk) > remote.size:
                 f.close()
-                raise _mismatch(part, partial, f"more than {remote.size} bytes")
+                _mismatch(part, partial, "")  # discards the .part
+                raise _wrong_file(url, remote, f"more than {remote.size} bytes")
             try:
                 f.write(chunk)
             except OSError as e:
-                raise CenterpointError(
-                    f"cannot write {part} ({e}); free some disk space or pick another --root"
-                ) from e
+                raise _write_error(part, e) from e
             partial.md5.update(chunk)
             partial.size += len(chunk)
             bar.advance(len(chunk))
         if partial.size < remote.size:
             # http.client returns a short body silently when the peer closes early: keep it and resume.
             raise _Retryable(f"connection closed at byte {partial.size}", progressed=partial.size > start)
-        f.flush()
-        os.fsync(f.fileno())  # the rename to the final name must never expose unwritten blocks
+        try:
+            f.flush()
+            os.fsync(f.fileno())  # the rename to the final name must never expose unwritten blocks
+        except OSError as e:
+            raise _write_error(part, e) from e
     if partial.md5.hexdigest() != remote.md5:
         raise _mismatch(part, partial, f"{partial.size} bytes md5 {partial.md5.hexdigest()}")
+
+
+def _write_error(path: Path, err: OSError) -> CenterpointError:
+    return CenterpointError(f"cannot write {path}: {err.strerror or err}; free some disk space or pick another "
+                            "--root (the download resumes from what was written)")
 
 
 def _download(url: str, remote: RemoteFile, archive: Path, retries: int, backoff_s: float, bar: _Bar) -> None:
@@ -331,6 +400,7 @@ def _download(url: str, remote: RemoteFile, archive: Path, retries: int, backoff
                 f"or point {ENV_BASE_URL} at a mirror, then rerun{resume}"
             ) from e
     os.replace(part, archive)
+    _owner(part).unlink(missing_ok=True)
     fsync_dir(archive.parent)
     _write_sidecar(archive, remote)
 
@@ -382,7 +452,8 @@ def _unpack(archive: Path, root: Path, remote: RemoteFile, progress: Progress) -
     `ROOT/train2017`. The marker is written last, so its presence means the unpack completed.
     """
     for stale in root.glob(f".{remote.name}.*.unpacking"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if (stale / _TMP_MARKER).is_file():  # ours: marked when it was made
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:
@@ -401,15 +472,19 @@ def _unpack(archive: Path, root: Path, remote: RemoteFile, progress: Progress) -
         bar = _Bar(progress, f"unpack {remote.name}", sum(i.file_size for i in infos))
         tmp = Path(tempfile.mkdtemp(prefix=f".{remote.name}.", suffix=".unpacking", dir=root))
         try:
+            (tmp / _TMP_MARKER).write_bytes(b"")
             for info in infos:
                 zf.extract(info, tmp)
                 bar.advance(info.file_size)
             for top in tops:
                 os.replace(tmp / top, root / top)
-        except (OSError, zipfile.BadZipFile) as e:
+        except OSError as e:
             raise CenterpointError(
-                f"cannot unpack {archive} into {root} ({e}); check free disk space and rerun"
+                f"cannot unpack {archive}: cannot write {e.filename or root}: {e.strerror or e}; check free "
+                "disk space and rerun"
             ) from e
+        except zipfile.BadZipFile as e:
+            raise CenterpointError(f"cannot unpack {archive} ({e}); delete it and rerun to download it again") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(root)
