@@ -3,7 +3,7 @@
 Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>` (fp16 runs) and `step`.
 Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
-latest evaluation).
+latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Checkpoint:
     epoch: int
     batch_in_epoch: int
     metrics: dict
+    data: dict  # the identity of the data it was trained on ({} when unknown, e.g. imported weights)
 
     def group(self, name: str) -> dict[str, Tensor]:
         """Tensors of one group ('params', 'buffers', 'opt') without the prefix."""
@@ -53,8 +54,9 @@ def state_tensors(state: TrainState) -> dict[str, Tensor]:
 
 
 def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int = 0,
-                    metrics: dict | None = None) -> Path:
-    """Write `state` to `path` atomically (temp file, fsync, rename); refuses non-finite tensors."""
+                    metrics: dict | None = None, data: dict | None = None) -> Path:
+    """Write `state` to `path` atomically (temp file, fsync, rename); refuses non-finite tensors.
+    `data`: the identity of the data trained on (`data.coco.data_identity`), checked when resuming."""
     tensors = state_tensors(state)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -66,6 +68,7 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
         "epoch": str(epoch),
         "batch_in_epoch": str(batch_in_epoch),
         "metrics": json.dumps(metrics or {}),
+        "data": json.dumps(data or {}),
     }
     try:
         with atomic_path(path) as tmp:
@@ -110,16 +113,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except Exception as err:  # noqa: BLE001 - any failure to parse foreign bytes: not a checkpoint
         raise CenterpointError(f"{path}: not a readable .safetensors checkpoint (truncated or another "
                                f"format?): {first_line(err)}") from None
-    spec, step, epoch, batch_in_epoch, metrics = read_metadata(path, meta)
+    spec, step, epoch, batch_in_epoch, metrics, data = read_metadata(path, meta)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # save_checkpoint never writes these: a damaged or foreign file
         raise CenterpointError(f"{path}: non-finite values in {', '.join(bad[:3])}"
                                f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; not a usable checkpoint")
-    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics)
+    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics, data)
 
 
-def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int, int, int, dict]:
-    """(spec, step, epoch, batch_in_epoch, metrics) of a checkpoint's metadata, checked as a whole: every
+def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int, int, int, dict, dict]:
+    """(spec, step, epoch, batch_in_epoch, metrics, data) of a checkpoint's metadata, checked as a whole: every
     field must be what `save_checkpoint` writes, else a CenterpointError names the file and the field."""
     if meta.get("format_version") != FORMAT_VERSION or "spec" not in meta:
         raise CenterpointError(f"{path}: not a centerpoint checkpoint (no format_version {FORMAT_VERSION} / "
@@ -141,7 +144,14 @@ def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int
         raise CenterpointError(f"{path}: metadata 'metrics' must be a JSON object of numbers, got "
                                f"{meta.get('metrics', '')[:80]!r}; the file was not written by centerpoint or "
                                "is damaged")
-    return spec_from_json(meta["spec"], str(path)), counts[0], counts[1], counts[2], metrics
+    try:
+        data = json.loads(meta.get("data", "{}"))  # absent in checkpoints of earlier versions
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise CenterpointError(f"{path}: metadata 'data' must be a JSON object, got {meta.get('data', '')[:80]!r}; "
+                               "the file was not written by centerpoint or is damaged")
+    return spec_from_json(meta["spec"], str(path)), counts[0], counts[1], counts[2], metrics, data
 
 
 def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
@@ -213,6 +223,19 @@ def resume_position(ckpt: Checkpoint, spec: ExperimentSpec, steps_per_epoch: int
         raise CenterpointError(f"--resume: {ckpt.path} has already trained {done} steps, more than the {total_steps} "
                                "this run is set to (train.max_steps / train.epochs); raise them to continue")
     return done
+
+
+def check_same_data(ckpt: Checkpoint, data: dict) -> None:
+    """Refuse to resume `ckpt` on data other than it was trained on (`data.coco.data_identity`): another
+    dataset root, edited annotations, a different number of usable images. A checkpoint that does not
+    record its data (written by an earlier version) is not checked."""
+    if not ckpt.data or ckpt.data == data:
+        return
+    changed = [f"{split} {key} {ckpt.data.get(split, {}).get(key)!r} -> {now!r}"
+               for split, fields in data.items() for key, now in fields.items()
+               if ckpt.data.get(split, {}).get(key) != now]
+    raise CenterpointError(f"--resume: {ckpt.path} was trained on other data ({'; '.join(changed[:3])}); resume "
+                           "with the same dataset or train into a new --workdir")
 
 
 def _header_step(path: Path) -> int | None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from centerpoint import distributed
 from centerpoint.build import build_optimizer, data_root, load_split
 from centerpoint.checkpoint import (
+    check_same_data,
     latest_checkpoint,
     remove_partial_writes,
     restore_state,
@@ -22,7 +23,7 @@ from centerpoint.checkpoint import (
     save_checkpoint,
 )
 from centerpoint.coco_metrics import format_metrics_table
-from centerpoint.data.coco import CocoIndex
+from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
 from centerpoint.devices import (
@@ -62,6 +63,7 @@ class Run:
     finished: dict | None = None  # resumed from the end of a completed run: its last evaluation
     compiled: bool = False
     augment_on_device: bool = False  # data.augment_on resolved
+    data: dict | None = None  # the data's identity, stored in every checkpoint (`data_identity`)
 
 
 def check_workdir(path: Path) -> Path:
@@ -100,6 +102,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     distributed.init_process_group(dist, backend)
     root = _prepare_data(spec, console, dist)
     train_index, val_index = load_split(spec, root, True), load_split(spec, root, False)
+    data = data_identity(train_index, val_index)
     world = dist.world_size
     spe = steps_per_epoch(len(train_index), spec.train.batch_size, world)
     if spe == 0:
@@ -126,6 +129,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
         ckpt = latest_checkpoint(workdir)
         if ckpt is not None:
             done = resume_position(ckpt, spec, spe, plan.total_steps)
+            check_same_data(ckpt, data)
             if done == plan.total_steps and ckpt.metrics.get("step") == done:
                 finished = ckpt.metrics
             state = restore_state(ckpt, state)
@@ -171,7 +175,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                           f"{train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist, finished, compiled, on_device)
+               start_epoch, start_batch, dist, finished, compiled, on_device, data)
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
@@ -290,7 +294,8 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                 progress.update(task, completed=step)
                 every = spec.train.checkpoint_every_steps
                 if is_main and every and step % every == 0:
-                    save_checkpoint(workdir / "checkpoints" / "latest.safetensors", state, spec, epoch, i + 1)
+                    save_checkpoint(workdir / "checkpoints" / "latest.safetensors", state, spec, epoch, i + 1,
+                                    data=run.data)
                 position = (epoch, i + 1)
                 t_wait = time.perf_counter()
             if position[1] == len(batches):
@@ -313,7 +318,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                     console.print(f"epoch {finished}: bbox_mAP {metrics_out['bbox_mAP']:.3f} "
                                   f"mAP_50 {metrics_out['bbox_mAP_50']:.3f}")
             if is_main:
-                _save_epoch(workdir, state, spec, finished, metrics_out, last, position)
+                _save_epoch(workdir, state, spec, finished, metrics_out, last, position, data=run.data)
             if last:
                 break
     tb.close()
@@ -338,17 +343,17 @@ def _jsonable(metrics: dict) -> dict:
 
 
 def _save_epoch(workdir: Path, state: TrainState, spec: ExperimentSpec, epoch: int, metrics: dict,
-                last: bool, position: tuple[int, int] | None = None) -> None:
+                last: bool, position: tuple[int, int] | None = None, *, data: dict | None = None) -> None:
     """latest (always), epoch_N every checkpoint_every epochs (keeping keep_last), best by bbox_mAP.
 
     `position`: (epochs completed, batches of the next one done) stored for resuming; (epoch, 0) unless
     the run stopped inside an epoch (train.max_steps)."""
     ckpt_dir = workdir / "checkpoints"
     at_epoch, at_batch = position or (epoch, 0)
-    save_checkpoint(ckpt_dir / "latest.safetensors", state, spec, at_epoch, at_batch, metrics)
+    save_checkpoint(ckpt_dir / "latest.safetensors", state, spec, at_epoch, at_batch, metrics, data)
     every = spec.train.checkpoint_every
     if (every and epoch % every == 0) or last:
-        save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, at_epoch, at_batch, metrics)
+        save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, at_epoch, at_batch, metrics, data)
         periodic = sorted(ckpt_dir.glob("epoch_*.safetensors"))
         for old in periodic[: -spec.train.keep_last]:
             old.unlink(missing_ok=True)
@@ -358,7 +363,7 @@ def _save_epoch(workdir: Path, state: TrainState, spec: ExperimentSpec, epoch: i
 
         best = json.loads(best_file.read_text()).get("bbox_mAP", -1.0) if best_file.exists() else -1.0
         if metrics["bbox_mAP"] > best:
-            save_checkpoint(ckpt_dir / "best.safetensors", state, spec, at_epoch, at_batch, metrics)
+            save_checkpoint(ckpt_dir / "best.safetensors", state, spec, at_epoch, at_batch, metrics, data)
             from centerpoint.atomic import atomic_write_text
 
             atomic_write_text(best_file, json.dumps({"bbox_mAP": metrics["bbox_mAP"], "epoch": epoch}))

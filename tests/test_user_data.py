@@ -129,3 +129,27 @@ def test_data_check_reads_a_generated_synthetic_set_without_writing(cache_dir: P
     res = run_cli("data", "check", *SMALL)
     assert res.returncode == 0, res.stderr
     assert f"dataset {root}" in res.stdout and "no blocking problems" in res.stdout and hashes(root) == before
+
+
+def test_resume_refuses_other_data_and_accepts_the_same_data_moved(tmp_path: Path) -> None:
+    import shutil
+
+    data = write_user_coco(tmp_path / "mydata")
+    run = tmp_path / "run"
+    common = ["--set", "model.num_classes=3", *SMALL, "--workdir", str(run), "--set", "eval.max_images=2"]
+    res = run_cli("train", "--data-dir", str(data), *common, "--max-steps", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    path = other / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["bbox"][0] += 1  # another dataset: the same layout and counts, other boxes
+    path.write_text(json.dumps(coco))
+    res = run_cli("train", "--data-dir", str(other), *common, "--max-steps", "2", "--resume")
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert ".safetensors was trained on other data (train sha256" in lines[0]
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)  # the same data under another path resumes
+    res = run_cli("train", "--data-dir", str(moved), *common, "--max-steps", "2", "--resume")
+    assert res.returncode == 0 and "resuming from" in res.stdout, res.stderr[-3000:]

@@ -6,6 +6,7 @@ boxes are clipped to the image and degenerate ones dropped (counted in `dropped_
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,3 +96,17 @@ def load_index(ann_file: Path, image_dir: Path, train: bool, min_box_size: float
         raise CenterpointError(f"{ann_file}: no usable images")
     return CocoIndex(coco, ann_file, image_dir, tuple(ids), tuple(files), np.array(sizes, dtype=np.int64),
                      tuple(all_boxes), tuple(all_labels), cat_ids, names, dropped_boxes, dropped_images)
+
+
+def data_identity(train: CocoIndex, val: CocoIndex) -> dict:
+    """What makes the data of a run that data, for `--resume` to compare: per split, the annotation file's
+    name, size and sha256 and the number of images used. JSON-compatible."""
+    def split(index: CocoIndex) -> dict:
+        digest = hashlib.sha256()
+        with open(index.ann_file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return {"annotations": index.ann_file.name, "bytes": index.ann_file.stat().st_size,
+                "sha256": digest.hexdigest(), "images": len(index)}
+
+    return {"train": split(train), "val": split(val)}
