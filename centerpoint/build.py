@@ -27,7 +27,7 @@ def data_root(spec: ExperimentSpec, progress: Callable[[int, int], None] | None 
     into the cache, an empty directory, or over a synthetic set this project wrote: never over other data)."""
     data = spec.data
     if data.dataset == "shapes":
-        from centerpoint.data.synthetic import ensure_shapes_dataset
+        from centerpoint.data.shapes_cache import ensure_shapes_dataset
 
         return ensure_shapes_dataset(shapes_root(spec), data.shapes_seed, data.shapes_train, data.shapes_val,
                                      progress)
@@ -49,7 +49,7 @@ def existing_data_root(spec: ExperimentSpec) -> Path | None:
     """The dataset root without writing anything: None when dataset=shapes is not generated yet."""
     if spec.data.dataset == "coco":
         return coco_root(spec)
-    from centerpoint.data.synthetic import is_shapes_dataset
+    from centerpoint.data.shapes_cache import is_shapes_dataset
 
     d = spec.data
     root = shapes_root(spec)

@@ -64,7 +64,7 @@ def _check_image(path: Path, size: tuple[int, int], decode: bool, max_pixels: in
         if not path.exists():
             return "missing", ""
         text = str(err).replace(f"cannot decode image {path}: ", "").replace(f"image {path} ", "")
-        return "undecodable", text[:100]
+        return "undecodable", text[:160]
     if found != size:
         return "size", f"{found[0]}x{found[1]}, json {size[0]}x{size[1]}"
     return "ok", ""

@@ -171,8 +171,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                       f"{'device' if on_device else 'workers'}")
         dropped = train_index.dropped_boxes + val_index.dropped_boxes
         if dropped or train_index.dropped_images:
-            console.print(f"dropped {dropped} boxes of zero, negative or below data.min_box_size size and "
-                          f"{train_index.dropped_images} train images left without boxes "
+            console.print(f"dropped {dropped} boxes of zero, negative or non-finite size or below "
+                          f"data.min_box_size and {train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
                start_epoch, start_batch, dist, finished, compiled, on_device, data)

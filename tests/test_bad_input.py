@@ -295,7 +295,8 @@ def test_degenerate_boxes_are_dropped_and_counted(shared: Shared, tmp_path: Path
     res = run_cli("train", *SETS, *COCO, "--data-dir", str(data), "--workdir", str(tmp_path / "run"),
                   "--max-steps", "1", "--set", "eval.max_images=1")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "dropped 3 boxes of zero, negative or below data.min_box_size size" in " ".join(res.stdout.split())
+    assert "dropped 3 boxes of zero, negative or non-finite size or below data.min_box_size" in " ".join(
+        res.stdout.split())
 
 
 # --- a full disk ----------------------------------------------------------------------------------------

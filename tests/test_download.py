@@ -279,10 +279,10 @@ def test_a_part_file_the_downloader_did_not_start_is_left_alone(server: FakeServ
     with pytest.raises(CenterpointError, match="val2017.zip.part exists but was not started by this downloader"):
         fetch(server, tmp_path)
     assert server.requests == [] and (tmp_path / "val2017.zip.part").read_bytes() == b"someone else's bytes"
-    # Nor one that replaced ours since (the marker names the file it was written for).
+    # Nor one that replaced ours since (the marker names the file it was written for: device and inode).
     our_part(tmp_path, VAL_ZIP[:100])
-    (tmp_path / "val2017.zip.part").unlink()
-    (tmp_path / "val2017.zip.part").write_bytes(b"x" * 100)
+    (tmp_path / "other").write_bytes(b"x" * 100)  # made while ours still exists: another inode for sure
+    os.replace(tmp_path / "other", tmp_path / "val2017.zip.part")
     with pytest.raises(CenterpointError, match="not started by this downloader"):
         fetch(server, tmp_path)
     assert (tmp_path / "val2017.zip.part").read_bytes() == b"x" * 100

@@ -1,7 +1,9 @@
 """COCO-format dataset index: image files, boxes (xyxy pixels) and contiguous labels per image.
 
 Labels are contiguous 0..C-1 in the order of the json's category ids; crowd boxes are ignored;
-boxes are clipped to the image and degenerate ones dropped (counted in `dropped_boxes`).
+boxes are clipped to the image and degenerate ones (zero, negative or non-finite size, nothing left inside
+the image) dropped (counted in `dropped_boxes`). The json's content is checked as a whole on loading
+(`coco_json.validate_coco`), so nothing here meets a malformed entry.
 """
 
 from __future__ import annotations

@@ -20,12 +20,9 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import urllib.parse
 import urllib.request
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException, HTTPResponse
@@ -44,6 +41,7 @@ from rich.progress import (
 )
 
 from centerpoint.atomic import atomic_write_text, fsync_dir
+from centerpoint.data.unpack import unpack, unpacked_entries
 from centerpoint.errors import CenterpointError
 
 __all__ = ["COCO2017", "DEFAULT_BASE_URL", "ENV_BASE_URL", "RemoteFile", "download_coco", "file_url"]
@@ -58,7 +56,6 @@ MAX_BACKOFF_S = 60.0
 # TimeoutError are OSError subclasses, but a full disk raises a plain OSError and is not retried.
 _NETWORK_ERRORS = (URLError, HTTPException, ConnectionError, TimeoutError)
 _RETRY_HTTP = (408, 429)  # client-side codes that mean "try again later", not "wrong URL"
-_TMP_MARKER = ".centerpoint-tmp"  # first file in each extraction dir: only marked dirs are cleaned up
 
 
 @dataclass(frozen=True)
@@ -405,93 +402,6 @@ def _download(url: str, remote: RemoteFile, archive: Path, retries: int, backoff
     _write_sidecar(archive, remote)
 
 
-# --------------------------------------------------------------------------------------------- unpack
-
-
-def _marker(root: Path, remote: RemoteFile) -> Path:
-    return root / f".{remote.name}.unpacked"
-
-
-def _unpacked_entries(root: Path, remote: RemoteFile) -> list[Path] | None:
-    """The entries a previous complete unpack produced, or None if that has to be done (again)."""
-    try:
-        info = json.loads(_marker(root, remote).read_text(encoding="utf-8"))
-        entries = [root / name for name in info["entries"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return entries if all(p.exists() for p in entries) else None
-
-
-def _top_level_entries(archive: Path, root: Path, names: list[str]) -> list[str]:
-    """Validate every member name (zip-slip) and return the archive's top-level names, sorted.
-
-    Everything is checked before anything is written, so a hostile archive leaves no trace. zipfile
-    would silently sanitize `../x` to `x`; refusing is clearer than extracting somewhere unexpected.
-    """
-    real_root = root.resolve()
-    tops: set[str] = set()
-    for name in names:
-        parts = re.split(r"[/\\]", name)  # backslashes too: archives made on Windows use them
-        escapes = not (root / name).resolve().is_relative_to(real_root)
-        if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts or escapes:
-            raise CenterpointError(
-                f"refusing to unpack {archive}: entry {name!r} would be written outside {root}; "
-                "the archive is unsafe, delete it and download it again from a trusted source"
-            )
-        # Same rule as zipfile's own extraction: empty and "." components are dropped.
-        kept = [p for p in name.split("/") if p not in ("", ".")]
-        if kept:
-            tops.add(kept[0])
-    return sorted(tops)
-
-
-def _unpack(archive: Path, root: Path, remote: RemoteFile, progress: Progress) -> list[Path]:
-    """Extract into a hidden temporary directory under root, then move the top-level entries into place.
-
-    A crash leaves at most the temporary directory (removed by the next attempt), never a half-filled
-    `ROOT/train2017`. The marker is written last, so its presence means the unpack completed.
-    """
-    for stale in root.glob(f".{remote.name}.*.unpacking"):
-        if (stale / _TMP_MARKER).is_file():  # ours: marked when it was made
-            shutil.rmtree(stale, ignore_errors=True)
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CenterpointError(
-            f"cannot open {archive} as a zip ({e}); delete it and rerun to download it again"
-        ) from e
-    with zf:
-        infos = zf.infolist()
-        tops = _top_level_entries(archive, root, [i.filename for i in infos])
-        for top in tops:
-            if (root / top).exists() or (root / top).is_symlink():
-                raise CenterpointError(
-                    f"{root / top} already exists but {_marker(root, remote)} does not, so it may be a "
-                    "partial or foreign copy; move or delete it and rerun"
-                )
-        bar = _Bar(progress, f"unpack {remote.name}", sum(i.file_size for i in infos))
-        tmp = Path(tempfile.mkdtemp(prefix=f".{remote.name}.", suffix=".unpacking", dir=root))
-        try:
-            (tmp / _TMP_MARKER).write_bytes(b"")
-            for info in infos:
-                zf.extract(info, tmp)
-                bar.advance(info.file_size)
-            for top in tops:
-                os.replace(tmp / top, root / top)
-        except OSError as e:
-            raise CenterpointError(
-                f"cannot unpack {archive}: cannot write {e.filename or root}: {e.strerror or e}; check free "
-                "disk space and rerun"
-            ) from e
-        except zipfile.BadZipFile as e:
-            raise CenterpointError(f"cannot unpack {archive} ({e}); delete it and rerun to download it again") from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(root)
-    atomic_write_text(_marker(root, remote), json.dumps({"archive": remote.name, "entries": tops}) + "\n")
-    return [root / top for top in tops]
-
-
 # ------------------------------------------------------------------------------------------------- API
 
 
@@ -536,13 +446,13 @@ def download_coco(
         for part_name in dict.fromkeys(parts):  # de-duplicate, keep order
             remote = files[part_name]
             archive = root / remote.name
-            done = _unpacked_entries(root, remote) if unzip else None
+            done = unpacked_entries(root, remote.name) if unzip else None
             if done is None:
                 bar = _Bar(bars, remote.name, remote.size)
                 if not _archive_is_good(archive, remote, bar):
                     _download(file_url(base, remote), remote, archive, retries, backoff_s, bar)
                 bar.reset(remote.name, completed=remote.size)
-                done = _unpack(archive, root, remote, bars) if unzip else [archive]
+                done = unpack(archive, root, bars) if unzip else [archive]
             if delete:  # only reached with a marker in place, i.e. after a complete unpack
                 archive.unlink(missing_ok=True)
                 _sidecar(archive).unlink(missing_ok=True)

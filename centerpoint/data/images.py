@@ -8,6 +8,7 @@ stop or a skipped and counted image. The pixel count is checked from the header,
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from PIL import Image
@@ -31,18 +32,21 @@ def open_image(path: str, max_pixels: int) -> Image.Image:
             img = Image.open(path)
     except FileNotFoundError:
         raise CenterpointError(f"image file not found: {path}") from None
-    except Image.DecompressionBombError:
-        raise CenterpointError(f"image {path} has more pixels than data.max_image_pixels={max_pixels} (a guard "
-                               "against decompression bombs); raise it if the image is genuine") from None
+    except Image.DecompressionBombError as err:  # over twice Pillow's limit: it refuses before we can look
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        raise _too_big(path, claimed.group(1) if claimed else "more", max_pixels) from None
     except Exception as err:  # noqa: BLE001 - any failure to parse foreign bytes means "not an image"
         raise CenterpointError(f"cannot decode image {path}: {_reason(err, path)}") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
-        raise CenterpointError(f"image {path} is {w} x {h} = {w * h} pixels, more than data.max_image_pixels="
-                               f"{max_pixels} (a guard against decompression bombs); raise it if the image is "
-                               "genuine")
+        raise _too_big(path, f"{w} x {h} = {w * h}", max_pixels)
     return img
+
+
+def _too_big(path: str, pixels: str, max_pixels: int) -> CenterpointError:
+    return CenterpointError(f"image {path} is {pixels} pixels, more than data.max_image_pixels={max_pixels} (a "
+                            "decompression-bomb guard; raise it if the image is genuine)")
 
 
 def decode(img: Image.Image, path: str) -> Image.Image:
