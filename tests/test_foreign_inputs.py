@@ -139,9 +139,11 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
     "inf in a spec file": (_spec_file("schedule:\n  final_ratio: .inf\n", "spec"), ["schedule.final_ratio"]),
     # COCO files: checked when loaded, before training, naming the file and the entry
     "string image ids": (_train_on(_json("train", lambda j: _string_ids(j, slice(None)))),
-                         ["instances_train.json: images[0]: id must be an integer, got 'img1'"]),
+                         ["instances_train.json: images[0]: id must be an integer from 0 to 2**53, got 'img1'"]),
     "mixed image ids": (_train_on(_json("train", lambda j: _string_ids(j, slice(3, 4)))),
-                        ["instances_train.json: images[3]: id must be an integer, got 'img4'"]),
+                        ["instances_train.json: images[3]: id must be an integer from 0 to 2**53, got 'img4'"]),
+    "image id beyond 2**53": (_train_on(_json("val", lambda j: j["images"][0].update(id=2**63))),
+                              ["instances_val.json: images[0]: id must be an integer", str(2**63)]),
     "val image of width 0": (_train_on(_json("val", lambda j: j["images"][2].update(width=0))),
                              ["instances_val.json: images[2] (000002.jpg, id 3): width must be a positive whole "
                               "number of pixels, got 0"]),

@@ -102,13 +102,13 @@ def load_index(ann_file: Path, image_dir: Path, train: bool, min_box_size: float
 
 def data_identity(train: CocoIndex, val: CocoIndex) -> dict:
     """What makes the data of a run that data, for `--resume` to compare: per split, the annotation file's
-    name, size and sha256 and the number of images used. JSON-compatible."""
+    size and sha256 and the number of images used (not paths: the same files moved elsewhere are the same
+    data). JSON-compatible."""
     def split(index: CocoIndex) -> dict:
         digest = hashlib.sha256()
         with open(index.ann_file, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
-        return {"annotations": index.ann_file.name, "bytes": index.ann_file.stat().st_size,
-                "sha256": digest.hexdigest(), "images": len(index)}
+        return {"bytes": index.ann_file.stat().st_size, "sha256": digest.hexdigest(), "images": len(index)}
 
     return {"train": split(train), "val": split(val)}

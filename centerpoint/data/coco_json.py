@@ -21,6 +21,9 @@ _REQUIRED = {
 }
 
 
+_MAX_ID = 2**53  # ids travel through float64 detection rows (COCO results) and int64 tensors: exact up to here
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int  # bool is an int subclass, and True == 1 would pass as an id
 
@@ -39,9 +42,9 @@ def _check_ids(source: str, section: str, entries: list) -> set[int]:
         if lacking:
             raise CenterpointError(f"{source}: {section}[{i}] lacks {', '.join(map(repr, lacking))}")
         ident = entry["id"]
-        if not _is_int(ident):
-            raise CenterpointError(f"{source}: {section}[{i}]: id must be an integer, got {ident!r} (COCO ids are "
-                                   "integers; renumber the entries and the references to them)")
+        if not _is_int(ident) or not 0 <= ident <= _MAX_ID:
+            raise CenterpointError(f"{source}: {section}[{i}]: id must be an integer from 0 to 2**53, got {ident!r} "
+                                   "(COCO ids are integers; renumber the entries and the references to them)")
         # pycocotools indexes by id, so a duplicate would silently replace the earlier entry.
         if ident in seen:
             raise CenterpointError(f"{source}: {section}[{i}] repeats id {ident!r}")

@@ -207,10 +207,14 @@ def ensure_shapes_dataset(
         (tmp / _TMP_MARKER).write_text("")
         for sub in ("train", "val", "annotations"):
             (tmp / sub).mkdir()
-        files = _generate(tmp, seed, {"train": num_train, "val": num_val}, workers, progress)
-        (tmp / _TMP_MARKER).unlink()
-        manifest = {**identity, "files": {rel: list(d) for rel, d in sorted(files.items())}}
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks tmp complete
+        try:
+            files = _generate(tmp, seed, {"train": num_train, "val": num_val}, workers, progress)
+            (tmp / _TMP_MARKER).unlink()
+            manifest = {**identity, "files": {rel: list(d) for rel, d in sorted(files.items())}}
+            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks tmp complete
+        except OSError as err:  # a full disk, most likely: name what was being written
+            raise CenterpointError(f"cannot write the synthetic dataset ({err.filename or tmp}): "
+                                   f"{err.strerror or err}; free some space or set CENTERPOINT_CACHE") from None
         if _is_complete(root, identity):  # another process finished first
             return root
         _remove_ours(root)
