@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -21,6 +22,64 @@ from tests.conftest import TINY
 from tests.test_bad_input import COCO, SETS, Shared, run_cli, snapshot
 
 Setup = Callable[[Path, Shared], list[str]]
+
+SPEC_CASES = {  # --set override -> what the one-line error must name
+    "data.std=[58.4,0,57.4]": ["data.std.1", "greater than 0"],
+    "data.mean=[.nan,116.3,103.5]": ["data.mean.0", "finite number"],
+    "optim.betas=[0.9,1.0]": ["optim.betas.1", "less than 1"],
+    "optim.betas=[-0.1,0.999]": ["optim.betas.0", "greater than or equal to 0"],
+    "optim.weight_decay=.inf": ["optim.weight_decay", "finite number"],
+    "optim.lr=nan": ["optim.lr", "finite number"],
+    "loss.wh_weight=1e400": ["loss.wh_weight", "finite number"],
+    "schedule.milestones=[90,-1]": ["schedule.milestones.1", "greater than or equal to 0"],
+    "model.neck_channels=[128,0,32]": ["model.neck_channels.1", "greater than or equal to 1"],
+    "train.seed=18446744073709551616": ["train.seed", "less than or equal to 18446744073709551615"],
+    "data.max_image_pixels=0": ["data.max_image_pixels"],
+    "logging.workdir=runs/a\x00b": ["logging.workdir", "must not contain a NUL character"],
+}
+
+COCO_CASES = {  # an edit of a valid COCO dict -> what the error must name
+    "height not a number": (lambda j: j["images"][0].update(height="96"), "images[0] (0.jpg, id 1): height must"),
+    "fractional width": (lambda j: j["images"][1].update(width=72.5), "images[1] (1.jpg, id 2): width must"),
+    "file name not a string": (lambda j: j["images"][1].update(file_name=7), "images[1] (id 2): file_name must"),
+    "boolean image id": (lambda j: j["images"][0].update(id=True), "images[0]: id must be an integer"),
+    "negative id": (lambda j: j["categories"][0].update(id=-1), "categories[0]: id must be an integer"),
+    "boolean category ref": (lambda j: j["annotations"][0].update(category_id=True),
+                             "annotations[0] refers to unknown category_id True (annotation id 1)"),
+    "string image ref": (lambda j: j["annotations"][0].update(image_id="1"),
+                         "annotations[0] refers to unknown image_id '1'"),
+    "area not a number": (lambda j: j["annotations"][2].update(area="big"), "annotation id 3: area must be a number"),
+    "bbox of strings": (lambda j: j["annotations"][1].update(bbox=["1", 2, 3, 4]), "annotation id 2: bbox must be 4"),
+    "iscrowd of 2": (lambda j: j["annotations"][0].update(iscrowd=2), "annotation id 1: iscrowd must be 0 or 1"),
+    "category name not a string": (lambda j: j["categories"][0].update(name=None),
+                                   "categories[0] (id 1): name must be a string"),
+    "entry not an object": (lambda j: j["images"].append([1]), "images[4] must be an object, got list"),
+}
+
+
+@pytest.mark.parametrize("override", list(SPEC_CASES))
+def test_spec_rejects(override: str) -> None:
+    from centerpoint.errors import CenterpointError
+
+    with pytest.raises(CenterpointError) as info:
+        load_spec(None, [override])
+    assert "\n" not in str(info.value) and all(f in str(info.value) for f in SPEC_CASES[override]), info.value
+
+
+@pytest.mark.parametrize("name", list(COCO_CASES))
+def test_coco_json_rejects(name: str, tmp_path: Path) -> None:
+    from centerpoint.coco_metrics import load_coco
+    from centerpoint.errors import CenterpointError
+
+    edit, fragment = COCO_CASES[name]
+    images = [{"id": i + 1, "file_name": f"{i}.jpg", "width": 64, "height": 48} for i in range(4)]
+    anns = [{"id": k + 1, "image_id": k % 4 + 1, "category_id": 1, "bbox": [1, 2, 10, 12], "area": 120, "iscrowd": 0}
+            for k in range(6)]
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}
+    edit(data)
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    with pytest.raises(CenterpointError, match=re.escape(f"{tmp_path / 'ann.json'}: {fragment}")):
+        load_coco(tmp_path / "ann.json")
 
 
 @pytest.fixture(scope="module")
@@ -123,20 +182,11 @@ def _predict_bomb(d: Path, s: Shared) -> list[str]:
 
 
 CASES: dict[str, tuple[Setup, list[str]]] = {
-    # specs that would train nothing: each field named
+    # specs that would train nothing: each field named (every field's rule: test_spec_rejects)
     "std with a zero": (_spec("data.std=[58.4,0,57.4]"), ["data.std.1", "greater than 0"]),
     "nan in mean": (_spec("data.mean=[.nan,116.3,103.5]"), ["data.mean.0", "finite number"]),
-    "beta of 1": (_spec("optim.betas=[0.9,1.0]"), ["optim.betas.1", "less than 1"]),
-    "negative beta": (_spec("optim.betas=[-0.1,0.999]"), ["optim.betas.0"]),
-    "infinite weight decay": (_spec("optim.weight_decay=.inf"), ["optim.weight_decay", "finite number"]),
-    "nan lr as text": (_spec("optim.lr=nan"), ["optim.lr", "finite number"]),
-    "overflowing float": (_spec("loss.wh_weight=1e400"), ["loss.wh_weight", "finite number"]),
-    "negative milestone": (_spec("schedule.milestones=[90,-1]"), ["schedule.milestones.1", "greater than or equal"]),
-    "zero-width neck": (_spec("model.neck_channels=[128,0,32]"), ["model.neck_channels.1"]),
     "seed beyond 64 bits": (_spec("train.seed=18446744073709551616"), ["train.seed", "18446744073709551615"]),
-    "nul in a path": (_spec_file('logging:\n  workdir: "runs/a\\0b"\n', "spec"), ["logging.workdir", "NUL"]),
     "nan in a spec file": (_spec_file("data:\n  scale_range: [.nan, 1.3]\n"), ["data.scale_range.0", "finite"]),
-    "inf in a spec file": (_spec_file("schedule:\n  final_ratio: .inf\n", "spec"), ["schedule.final_ratio"]),
     # COCO files: checked when loaded, before training, naming the file and the entry
     "string image ids": (_train_on(_json("train", lambda j: _string_ids(j, slice(None)))),
                          ["instances_train.json: images[0]: id must be an integer from 0 to 2**53, got 'img1'"]),
@@ -147,16 +197,6 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
     "val image of width 0": (_train_on(_json("val", lambda j: j["images"][2].update(width=0))),
                              ["instances_val.json: images[2] (000002.jpg, id 3): width must be a positive whole "
                               "number of pixels, got 0"]),
-    "height not a number": (_train_on(_json("train", lambda j: j["images"][0].update(height="96"))),
-                            ["images[0] (000000.jpg, id 1): height must be"]),
-    "file name not a string": (_train_on(_json("train", lambda j: j["images"][1].update(file_name=7))),
-                               ["images[1] (id 2): file_name must be a non-empty string"]),
-    "boolean category id": (_train_on(_json("train", lambda j: j["annotations"][0].update(category_id=True))),
-                            ["annotations[0] refers to unknown category_id True (annotation id 1)"]),
-    "area not a number": (_train_on(_json("train", lambda j: j["annotations"][2].update(area="big"))),
-                          ["annotation id 3: area must be a number"]),
-    "category name not a string": (_train_on(_json("val", lambda j: j["categories"][0].update(name=None))),
-                                   ["instances_val.json: categories[0] (id 1): name must be a string"]),
     # image headers
     "decompression bomb in training": (_train_on(_bomb), ["000000.jpg is 10000000000 pixels, more than "
                                                           "data.max_image_pixels=89478485"]),
