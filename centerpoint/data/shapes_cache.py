@@ -78,7 +78,7 @@ def _is_ours(root: Path) -> bool:
     files = (_read_manifest(root) or {}).get("files")
     if not isinstance(files, dict):
         return False
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()} - {_MANIFEST}
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()} - {_MANIFEST, _TMP_MARKER}
     if present != set(files):
         return False
     return all(list(_digest(root / rel)) == list(want) for rel, want in files.items())
@@ -209,7 +209,6 @@ def ensure_shapes_dataset(
             (tmp / sub).mkdir()
         try:
             files = _generate(tmp, seed, {"train": num_train, "val": num_val}, workers, progress)
-            (tmp / _TMP_MARKER).unlink()
             manifest = {**identity, "files": {rel: list(d) for rel, d in sorted(files.items())}}
             (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks tmp complete
         except OSError as err:  # a full disk, most likely: name what was being written
@@ -220,6 +219,7 @@ def ensure_shapes_dataset(
         _remove_ours(root)
         try:
             tmp.rename(root)
+            (root / _TMP_MARKER).unlink()  # kept until now: a killed run's temp dir is marked to its end
         except OSError:
             # Lost a race with a concurrent generator between removal and rename; theirs is as good.
             if not _is_complete(root, identity):
