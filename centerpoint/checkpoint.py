@@ -3,12 +3,13 @@
 Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>` (fp16 runs) and `step`.
 Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
-latest evaluation).
+latest evaluation), `run_id` (the run that wrote it: a run only replaces or deletes its own files).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Checkpoint:
     epoch: int
     batch_in_epoch: int
     metrics: dict
+    run_id: str = ""
 
     def group(self, name: str) -> dict[str, Tensor]:
         """Tensors of one group ('params', 'buffers', 'opt') without the prefix."""
@@ -53,7 +55,7 @@ def state_tensors(state: TrainState) -> dict[str, Tensor]:
 
 
 def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int = 0,
-                    metrics: dict | None = None) -> Path:
+                    metrics: dict | None = None, run_id: str = "") -> Path:
     """Write `state` to `path` atomically (temp file, fsync, rename); refuses non-finite tensors."""
     tensors = state_tensors(state)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -66,6 +68,7 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
         "epoch": str(epoch),
         "batch_in_epoch": str(batch_in_epoch),
         "metrics": json.dumps(metrics or {}),
+        "run_id": run_id,
     }
     try:
         with atomic_path(path) as tmp:
@@ -85,15 +88,23 @@ def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
 def remove_partial_writes(run_dir: Path) -> int:
     """Delete the temp files that killed checkpoint writes left in `run_dir/checkpoints`; returns how many.
 
-    Only for the run's single writer, before it starts: a concurrent writer's temp file would go too.
+    For the run's writer, holding the run directory's lock, before it starts. A temp file whose writer
+    (the pid in its name) is still alive is left alone: it is another process's write in progress.
     """
+    from centerpoint.atomic import writer_pid
+    from centerpoint.rundir import alive
+
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return 0
-    stale = list(ckpt_dir.glob(".*.safetensors.*.tmp"))
-    for path in stale:
+    removed = 0
+    for path in ckpt_dir.glob(".*.safetensors.*.tmp"):
+        pid = writer_pid(path)
+        if pid is not None and pid != os.getpid() and alive(pid):
+            continue
         path.unlink(missing_ok=True)
-    return len(stale)
+        removed += 1
+    return removed
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -115,7 +126,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
                                "spec metadata); import foreign weights with `centerpoint checkpoint import`")
     return Checkpoint(path, tensors, spec_from_json(meta["spec"], str(path)), int(meta.get("step", 0)),
                       int(meta.get("epoch", 0)), int(meta.get("batch_in_epoch", 0)),
-                      json.loads(meta.get("metrics", "{}") or "{}"))
+                      json.loads(meta.get("metrics", "{}") or "{}"), meta.get("run_id", ""))
 
 
 def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
@@ -189,37 +200,66 @@ def resume_position(ckpt: Checkpoint, spec: ExperimentSpec, steps_per_epoch: int
     return done
 
 
-def _header_step(path: Path) -> int | None:
-    """The step recorded in a checkpoint's header (read without loading tensors); None if unreadable."""
+def header_position(meta: dict[str, str]) -> tuple[int, int, int] | None:
+    """(updates applied, epochs completed, batches of the next epoch) recorded in a checkpoint header, in
+    the order of training progress; None if the header does not hold them as numbers."""
+    try:
+        return int(meta["step"]), int(meta.get("epoch", 0)), int(meta.get("batch_in_epoch", 0))
+    except (KeyError, ValueError):
+        return None
+
+
+def read_header(path: Path) -> dict[str, str] | None:
+    """A checkpoint's metadata, read without its tensors; None if the file is not readable safetensors."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {}).get("step", 0))
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
 
 
+def run_dir_of(path: Path) -> Path:
+    """The run directory a checkpoint file belongs to: the parent of its `checkpoints/` folder (else its
+    own folder)."""
+    parent = Path(path).parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest readable checkpoint of a run: the highest step (most recent file among equal steps).
-    Headers pick the order, so only the chosen file is loaded in full; unreadable (e.g. truncated)
-    files met on the way are skipped with a warning."""
-    import warnings
+    """The newest usable checkpoint of a run: the highest step (most recent file among equal steps); None
+    when the run has no checkpoint files at all.
+
+    Headers pick the order, so only the chosen file is loaded in full. Files whose header cannot be read
+    (truncated, not safetensors) are skipped with a warning. A CenterpointError names every file and why
+    when none is usable, and when the newest one is readable but unusable (e.g. written by a newer version):
+    silently going back to an older state would then overwrite the newer one."""
+    from centerpoint.warn import warn
 
     ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
+    files = sorted(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []
+    if not files:
         return None
-    ranked = []
-    for path in ckpt_dir.glob("*.safetensors"):
-        step = _header_step(path)
-        if step is None:
-            warnings.warn(f"skipping unreadable checkpoint: {path}: header cannot be read (truncated?)",
-                          stacklevel=2)
-            continue
-        ranked.append((step, path.stat().st_mtime, path))
+    ranked, skipped, unusable = [], [], []
+    for path in files:
+        meta = read_header(path)
+        position = header_position(meta) if meta is not None else None
+        if position is None:
+            skipped.append(f"{path}: header cannot be read (truncated or not a checkpoint)")
+        else:
+            ranked.append((position, path.stat().st_mtime, path))
     for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
         try:
-            return load_checkpoint(path)
+            ckpt = load_checkpoint(path)
         except CenterpointError as err:
-            warnings.warn(f"skipping unreadable checkpoint: {err}", stacklevel=2)
-    return None
+            unusable.append(str(err))
+            continue
+        if unusable:
+            raise CenterpointError(f"--resume: the newest checkpoint cannot be used ({'; '.join(unusable)}); "
+                                   f"resume from an older one with --resume FILE (e.g. --resume {path}), or "
+                                   "use the centerpoint version that wrote it")
+        for problem in skipped:
+            warn(f"--resume: skipping unreadable checkpoint {problem}")
+        return ckpt
+    raise CenterpointError(f"--resume: no usable checkpoint in {ckpt_dir}: {'; '.join(unusable + skipped)}")
