@@ -262,4 +262,5 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         for problem in skipped:
             warn(f"--resume: skipping unreadable checkpoint {problem}")
         return ckpt
-    raise CenterpointError(f"--resume: no usable checkpoint in {ckpt_dir}: {'; '.join(unusable + skipped)}")
+    raise CenterpointError(f"--resume: no usable checkpoint in {ckpt_dir}: {'; '.join(unusable + skipped)}; resume "
+                           "with the centerpoint version that wrote them, or train afresh into another --workdir")

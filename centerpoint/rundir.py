@@ -135,7 +135,13 @@ def _flock_file(path: Path) -> int | None:
     """The lock through flock(2); None where the filesystem does not support it."""
     lock_file = path / LOCK_NAME
     for _ in range(3):
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, created = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(lock_file, os.O_RDWR), False
+            except FileNotFoundError:  # its holder just removed it
+                continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -144,6 +150,8 @@ def _flock_file(path: Path) -> int | None:
         except OSError as err:
             os.close(fd)
             if err.errno in _NO_FLOCK:
+                if created:
+                    lock_file.unlink(missing_ok=True)
                 return None
             raise
         try:  # the holder we waited on may have removed the file as it released it: lock the new one
