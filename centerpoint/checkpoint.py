@@ -160,12 +160,13 @@ def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
 
     def like(tree: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
         # empty_like keeps the template's memory format (channels-last weights stay channels-last, so a
-        # resumed run computes exactly what the uninterrupted one did).
-        return {k: torch.empty_like(ref[k]).copy_(v) for k, v in tree.items()}
+        # resumed run computes exactly what the uninterrupted one did). The template's key order, not the
+        # file's (sorted): ranks that did not read the file broadcast and compare in that order.
+        return {k: torch.empty_like(r).copy_(tree[k]) for k, r in ref.items()}
 
     return TrainState(like(groups["params"], template.params), like(groups["buffers"], template.buffers),
                       like(groups["opt"], template.opt_state), ckpt.tensors["step"].to(template.step.device),
-                      like(groups.get("scaler", {}), template.scaler) or dict(template.scaler))
+                      like(groups["scaler"], template.scaler) if groups.get("scaler") else dict(template.scaler))
 
 
 # Fields that fix the data order a checkpoint's position (epoch, batch_in_epoch) refers to.

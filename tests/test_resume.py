@@ -1,6 +1,6 @@
 """Nothing lost: a training run SIGKILLed at a random moment, or stopped by SIGINT / SIGTERM, and resumed
 ends bit-identical to an uninterrupted one; a checkpoint writer killed mid-write never leaves a corrupt
-`latest`; retention keeps the last K periodic checkpoints plus the best."""
+`latest`; `--resume FILE` continues from a chosen checkpoint."""
 
 from __future__ import annotations
 
