@@ -236,7 +236,7 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     (truncated, not safetensors) are skipped with a warning. A CenterpointError names every file and why
     when none is usable, and when the newest one is readable but unusable (e.g. written by a newer version):
     silently going back to an older state would then overwrite the newer one."""
-    from centerpoint.warn import warn
+    from centerpoint.errors import warn
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     files = sorted(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []

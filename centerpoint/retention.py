@@ -7,9 +7,17 @@ file names or a side file that could disagree), and a run replaces or deletes on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from centerpoint.checkpoint import header_position, read_header, save_checkpoint
+from centerpoint.checkpoint import (
+    Checkpoint,
+    header_position,
+    latest_checkpoint,
+    load_checkpoint,
+    read_header,
+    save_checkpoint,
+)
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import TrainState
@@ -53,6 +61,21 @@ def check_resume_dir(run_dir: Path, run_id: str, position: tuple[int, int, int],
         if _position(meta) > position:
             raise CenterpointError(f"--resume: {path} is newer (step {meta.get('step')}) than {source}; resuming "
                                    "from the older file would replace it: pass another --workdir")
+
+
+def resume_checkpoint(run_dir: Path, resume_from: Path | None, say: Callable[[str], object]) -> Checkpoint | None:
+    """The checkpoint a resumed run continues from: `resume_from`, else the run directory's newest usable one
+    (None, said with `say`, when the run has none: it starts fresh); checked against the directory's files."""
+    if resume_from is None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            say(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; starting fresh")
+            return None
+    else:
+        ckpt = load_checkpoint(resume_from)
+    position = header_position(read_header(ckpt.path) or {}) or (ckpt.step, ckpt.epoch, ckpt.batch_in_epoch)
+    check_resume_dir(run_dir, ckpt.run_id, position, ckpt.path)
+    return ckpt
 
 
 def best_map(ckpt_dir: Path, run_id: str) -> float:

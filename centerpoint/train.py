@@ -16,16 +16,7 @@ from rich.console import Console
 
 from centerpoint import distributed, rundir
 from centerpoint.build import build_optimizer, data_root, load_split
-from centerpoint.checkpoint import (
-    Checkpoint,
-    header_position,
-    latest_checkpoint,
-    load_checkpoint,
-    read_header,
-    remove_partial_writes,
-    restore_state,
-    resume_position,
-)
+from centerpoint.checkpoint import Checkpoint, remove_partial_writes, restore_state, resume_position
 from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.device_augment import augment_batch
@@ -44,9 +35,9 @@ from centerpoint.interrupt import Interrupted, StopRequest, stop_requests
 from centerpoint.layout import channels_last as to_channels_last
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
-from centerpoint.retention import check_resume_dir, save_epoch, save_own
+from centerpoint.retention import resume_checkpoint, save_epoch, save_own
 from centerpoint.spec import ExperimentSpec, spec_to_yaml
-from centerpoint.step import TrainState, init_state, make_predict_step, make_train_step
+from centerpoint.step import Divergence, TrainState, init_state, make_predict_step, make_train_step
 
 
 @dataclass
@@ -128,10 +119,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     if dist.rank == 0:
         lock = rundir.lock(workdir)
         try:
-            if not resume:
-                rundir.check_fresh(workdir)  # again, now under the lock: another run may have just started here
-            remove_partial_writes(workdir)
-            ckpt = _resume_checkpoint(workdir, resume, resume_from, console)
+            ckpt = _claim(workdir, resume, resume_from, console)
             if ckpt is not None:
                 done = resume_position(ckpt, spec, spe, plan.total_steps)
                 if done == plan.total_steps and ckpt.metrics.get("step") == done:
@@ -182,21 +170,13 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
                start_epoch, start_batch, dist, finished, compiled, on_device, lock, run_id)
 
 
-def _resume_checkpoint(workdir: Path, resume: bool, resume_from: Path | None, console: Console) -> Checkpoint | None:
-    """The checkpoint to continue from (None: start fresh), checked against the run directory's files."""
+def _claim(workdir: Path, resume: bool, resume_from: Path | None, console: Console) -> Checkpoint | None:
+    """Rank 0, holding the run directory's lock: check it again, clean up killed writes, and pick the
+    checkpoint to resume from (None: start fresh)."""
     if not resume:
-        return None
-    if resume_from is None:
-        ckpt = latest_checkpoint(workdir)
-        if ckpt is None:
-            console.print(f"--resume: no checkpoint in {workdir / 'checkpoints'}; starting fresh")
-            return None
-    else:
-        ckpt = load_checkpoint(resume_from)
-    meta = read_header(ckpt.path) or {}
-    check_resume_dir(workdir, ckpt.run_id, header_position(meta) or (ckpt.step, ckpt.epoch, ckpt.batch_in_epoch),
-                     ckpt.path)
-    return ckpt
+        rundir.check_fresh(workdir)  # again, now under the lock: another run may have just started here
+    remove_partial_writes(workdir)
+    return resume_checkpoint(workdir, resume_from, console.print) if resume else None
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
@@ -360,37 +340,6 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
         console.print(format_metrics_table(last_metrics), markup=False, highlight=False)
     distributed.destroy(run.dist)
     return last_metrics
-
-
-class Divergence:
-    """train.nonfinite=stop: end the run at its first step with a non-finite loss or gradient, before any
-    checkpoint or evaluation of a later state.
-
-    Where reading a device scalar costs nothing (cpu) each step's `finite` flag is read at once. Elsewhere
-    the first such step is recorded on the device, without a host sync, and read where the loop syncs
-    anyway: at log steps, before each checkpoint and before each evaluation."""
-
-    def __init__(self, enabled: bool, free_sync: bool, device: torch.device | str) -> None:
-        self.enabled, self.free_sync = enabled, free_sync
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step number, -1: none yet
-
-    def record(self, finite: torch.Tensor, step: int) -> None:
-        if not self.enabled:
-            return
-        if self.free_sync:
-            if not bool(finite):
-                self._stop(step)
-            return
-        self.first_bad = torch.where((self.first_bad < 0) & (finite == 0), step, self.first_bad)
-
-    def check(self) -> None:
-        if self.enabled and not self.free_sync and int(self.first_bad) >= 0:
-            self._stop(int(self.first_bad))
-
-    @staticmethod
-    def _stop(step: int) -> None:
-        raise CenterpointError(f"non-finite loss or gradient at step {step}; stopped (train.nonfinite=stop) without "
-                               "writing a checkpoint after it. Lower optim.lr or enable optim.grad_clip.")
 
 
 def _stop_if_asked(stop: StopRequest, run: Run, state: TrainState, position: tuple[int, int], step: int,

@@ -107,7 +107,7 @@ def _max_steps_from_spec(spec_file: Path | None, sets: list[str], epochs: int | 
     from_spec = load_spec(spec_file).train.max_steps
     if from_spec is None:
         return {}
-    from centerpoint.warn import warn
+    from centerpoint.errors import warn
 
     warn(f"--epochs {epochs} replaces train.max_steps={from_spec} of {spec_file} (it would stop the run first)")
     return {"train.max_steps": None}
@@ -361,8 +361,8 @@ def _interrupted(sig: Interrupted) -> None:
 def main() -> None:
     """Console-script entry: CenterpointError, OSError and usage errors -> one line on stderr, exit 2
     (--debug: traceback); SIGINT / SIGTERM -> exit 130 / 143."""
+    from centerpoint.errors import one_line_warnings
     from centerpoint.interrupt import raise_on_signals
-    from centerpoint.warn import one_line_warnings
 
     raise_on_signals()
     one_line_warnings()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from centerpoint.errors import one_line_warnings
 from centerpoint.interrupt import Interrupted, stop_requests
-from centerpoint.warn import one_line_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -228,7 +228,7 @@ def test_nonfinite_stop_ends_at_the_first_bad_step_before_any_later_checkpoint(
 
 
 def test_divergence_on_an_accelerator_is_read_where_the_loop_syncs() -> None:
-    from centerpoint.train import Divergence
+    from centerpoint.step import Divergence
 
     watch = Divergence(enabled=True, free_sync=False, device="cpu")
     for step, finite in ((1, 1.0), (2, 1.0), (3, 0.0), (4, 0.0)):
