@@ -105,8 +105,11 @@ def stop_requests(announce: bool = True, clock: Callable[[], float] = time.monot
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
-def ignore_in_worker(worker_id: int = 0) -> None:
-    """Data-loader worker start-up: leave SIGINT/SIGTERM to the main process, which stops the workers itself
-    (a worker killed by them would fail the main process's next step with an error instead)."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def loader_worker_init(worker_id: int = 0) -> None:
+    """Data-loader worker start-up: move the worker into a process group of its own, so that Ctrl-C at the
+    terminal and a launcher's signal to the main process's group reach only the main process, which then
+    stops its workers itself (a worker killed by them would fail the main process's next step instead)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not permitted here (e.g. a session leader): keep the parent's group
+        pass

@@ -1,10 +1,11 @@
 """Where `centerpoint predict` writes, without ever replacing a file of the user's.
 
-The output directory may not be (or lie inside) a folder that holds the inputs. Each input gets its own
-drawing, named `<stem>.jpg`, or `<stem>-<8 hex digits of its absolute path>.jpg` when another input (or
-`detections.json`) would get the same name: unique, and the same for the same input on every run. An
-existing file is replaced only if an earlier `predict` wrote it, as its manifest (`.centerpoint-predict.json`
-in the output directory: names and sha256 of the files it wrote) says and its content still matches.
+The output directory may not be (or lie inside) an input directory, nor be the folder of an input file.
+Each input gets its own drawing, named `<stem>.jpg`, or `<stem>-<8 hex digits of its absolute path>.jpg`
+when another input (or `detections.json`) would get the same name: unique, and the same for the same
+input on every run. An existing file is replaced only if an earlier `predict` wrote it, as its manifest
+(`.centerpoint-predict.json` in the output directory: names and sha256 of the files it wrote) says and
+its content still matches.
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ def _ours(path: Path, manifest: dict[str, str]) -> bool:
 def check_outputs(inputs: Sequence[Path], files: Sequence[Path], out: Path, names: dict[Path, str]) -> None:
     """Refuse (CenterpointError) an output directory that holds inputs or files predict did not write."""
     target = out.resolve()
-    folders = {Path(p).resolve() for p in inputs if Path(p).is_dir()} | {f.resolve().parent for f in files}
-    for folder in sorted(folders):
-        if _inside(target, folder):
-            raise CenterpointError(f"--out {out} is (inside) {folder}, which holds input images: the drawings could "
-                                   "replace them; choose another --out")
+    input_dirs = {Path(p).resolve() for p in inputs if Path(p).is_dir()}
+    folders = [d for d in input_dirs if _inside(target, d)] + [f.parent for f in files if f.resolve().parent == target]
+    if folders:
+        raise CenterpointError(f"--out {out} is (inside) {folders[0]}, a folder of input images: the drawings could "
+                               "replace them; choose another --out")
     if out.exists() and not out.is_dir():
         raise CenterpointError(f"--out {out} is a file; choose a directory")
     manifest = read_manifest(out)

@@ -306,10 +306,12 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
                 progress.update(task, completed=step)
                 position = (epoch, i + 1)
                 every = spec.train.checkpoint_every_steps
-                if is_main and every and step % every == 0:
-                    diverged.check()
+                saving = bool(every and step % every == 0)
+                if saving:
+                    diverged.check()  # on every rank, so that all stop together
+                if saving and is_main:
                     save_own(workdir / "checkpoints" / "latest.safetensors", state, spec, *position, None, run.run_id)
-                _stop_if_asked(stop, run, state, position, step, diverged, saved=bool(every and step % every == 0))
+                _stop_if_asked(stop, run, state, position, step, diverged, saved=saving)
                 t_wait = time.perf_counter()
             if position[1] == len(batches):
                 position = (epoch + 1, 0)

@@ -46,12 +46,13 @@ def test_an_output_folder_among_the_inputs_is_refused(checkpoint: Path, tmp_path
     for i in range(2):
         _photo(photos / f"p{i}.jpg", i)
     before = _files(tmp_path)
-    for out, inputs in ((photos, [photos]), (photos / "pred", [photos]), (photos, [photos / "p0.jpg"])):
+    for out, inputs, folder in ((photos, [photos], photos.resolve()), (photos / "pred", [photos], photos.resolve()),
+                                (photos, [photos / "p0.jpg"], photos)):
         code, _, err = call_cli(capsys, "predict", "--checkpoint", str(checkpoint), *map(str, inputs),
                                 "--out", str(out))
         assert code == 2, err
-        assert err.strip() == (f"error: --out {out} is (inside) {photos.resolve()}, which holds input images: the "
-                               "drawings could replace them; choose another --out")
+        assert err.strip() == (f"error: --out {out} is (inside) {folder}, a folder of input images: the drawings "
+                               "could replace them; choose another --out")
     assert _files(tmp_path) == before and not (photos / "pred").exists()
 
 

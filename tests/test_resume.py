@@ -121,11 +121,12 @@ def test_resume_of_a_finished_run_does_nothing(reference: Path, tmp_path: Path) 
     _assert_same_final_state(work, reference)
 
 
-def _start(work: Path) -> tuple[subprocess.Popen, Path]:
-    """A training subprocess, returned once its `latest` holds at least one step (it is in the loop)."""
+def _start(work: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """A training subprocess in a session of its own, returned once its `latest` holds at least one step
+    (it is in the loop)."""
     latest = work / "checkpoints" / "latest.safetensors"
-    proc = subprocess.Popen(_train_args(work), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(_train_args(work, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 300
     while _saved_step(latest) < 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
@@ -136,8 +137,13 @@ def _start(work: Path) -> tuple[subprocess.Popen, Path]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_at_a_step_boundary_and_the_printed_resume_is_exact(sig: signal.Signals, reference: Path,
                                                                          tmp_path: Path) -> None:
-    proc, latest = _start(tmp_path)
-    proc.send_signal(sig)
+    # SIGTERM goes to the whole process group, data-loader worker included, as a launcher sends it.
+    extra = ("--workers", "1") if sig == signal.SIGTERM else ()
+    proc, latest = _start(tmp_path, *extra)
+    if sig == signal.SIGTERM:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err  # 130 / 143
     lines = [line for line in err.splitlines() if line.strip()]
@@ -151,7 +157,8 @@ def test_signal_stops_at_a_step_boundary_and_the_printed_resume_is_exact(sig: si
     assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.safetensors"]  # no temp files either
     assert not (tmp_path / ".lock").exists()
     command = shlex.split(found[2])
-    assert command[:3] == ["python", "-m", "centerpoint"] and command[3:] == [*_train_args(tmp_path)[3:], "--resume"]
+    assert command[:3] == ["python", "-m", "centerpoint"]
+    assert command[3:] == [*_train_args(tmp_path, *extra)[3:], "--resume"]
 
     res = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=_env(), cwd=ROOT,
                          timeout=600)
