@@ -29,15 +29,17 @@ def contents(path: Path) -> list[str]:
     except FileNotFoundError:
         return []
     except NotADirectoryError:
-        raise CenterpointError(f"run directory {path} is a file; choose another --workdir") from None
+        what = "is a file" if Path(path).is_file() else "is not writable: a folder above it is a file"
+        raise CenterpointError(f"run directory {path} {what}; choose another --workdir") from None
     except OSError as err:
         raise CenterpointError(f"run directory {path} cannot be read: {err.strerror or err}") from None
 
 
-def check_fresh(path: Path) -> None:
-    """A fresh run needs an absent or empty run directory: never mix two runs' files."""
+def check_start(path: Path, resume: bool) -> None:
+    """Before any long work: the run directory must be usable (not a file, nor under one), and a fresh run
+    needs it absent or empty: never mix two runs' files."""
     names = contents(path)
-    if names:
+    if names and not resume:
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise CenterpointError(f"run directory {path} is not empty ({shown}): pass --resume to continue the run "
                                "in it, or choose another --workdir")
@@ -176,7 +178,8 @@ def lock(path: Path) -> RunLock:
         if fd is None:
             fd = _exclusive_file(path)
     except (FileExistsError, NotADirectoryError):
-        raise CenterpointError(f"run directory {path}: a file is in the way; choose another --workdir") from None
+        raise CenterpointError(f"run directory {path} is not writable: a file is in the way; choose another "
+                               "--workdir") from None
     except OSError as err:
         raise CenterpointError(f"run directory {path} is not writable: {err.strerror or err}") from None
     return RunLock(path, fd, created)

@@ -87,8 +87,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         resume, resume_from = True, None
     resume = resume or resume_from is not None
     workdir = Path(spec.logging.workdir)
-    if dist.rank == 0 and not resume:
-        rundir.check_fresh(workdir)
+    if dist.rank == 0:
+        rundir.check_start(workdir, resume)
     backend = select_backend(spec.runtime.device, dist.local_rank)
     precision = resolve_precision(backend, spec.runtime.precision)
     if spec.runtime.threads:
@@ -173,8 +173,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
 def _claim(workdir: Path, resume: bool, resume_from: Path | None, console: Console) -> Checkpoint | None:
     """Rank 0, holding the run directory's lock: check it again, clean up killed writes, and pick the
     checkpoint to resume from (None: start fresh)."""
-    if not resume:
-        rundir.check_fresh(workdir)  # again, now under the lock: another run may have just started here
+    rundir.check_start(workdir, resume)  # again, now under the lock: another run may have just started here
     remove_partial_writes(workdir)
     return resume_checkpoint(workdir, resume_from, console.print) if resume else None
 

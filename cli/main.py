@@ -162,10 +162,10 @@ def train(
     plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port, max_restarts)
     check_plan(plan)
     if needs_launch(plan):
-        if not (resume or resume_from) and node_rank == 0:
-            from centerpoint.rundir import check_fresh
+        if node_rank == 0:
+            from centerpoint.rundir import check_start
 
-            check_fresh(Path(spec.logging.workdir))  # before starting workers that would all fail on it
+            check_start(Path(spec.logging.workdir), bool(resume or resume_from))  # before workers all fail on it
         launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])
         return
     from centerpoint.distributed import context
