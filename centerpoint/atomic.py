@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "temp_name", "writer_pid"]
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -40,6 +40,19 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def temp_name(path: Path, pid: int, token: str) -> Path:
+    """`.<name>.<pid>-<token>.tmp` beside `path`: the writer's pid in the name lets a clean-up tell a live
+    process's write in progress from the leftover of a killed one."""
+    return path.with_name(f".{path.name}.{pid}-{token}.tmp")
+
+
+def writer_pid(tmp: Path) -> int | None:
+    """The pid in a temp file name made by `temp_name` (None for other names)."""
+    parts = tmp.name.rsplit(".", 2)
+    pid = parts[1].split("-", 1)[0] if len(parts) == 3 and parts[2] == "tmp" else ""
+    return int(pid) if pid.isdigit() else None
+
+
 def _new_temp_file(path: Path) -> Path:
     """Create an empty, uniquely named, hidden sibling of `path`.
 
@@ -47,7 +60,7 @@ def _new_temp_file(path: Path) -> Path:
     umask-based permissions instead of mkstemp's 0600.
     """
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temp_name(path, os.getpid(), secrets.token_hex(4))
         try:
             with open(tmp, "xb"):
                 return tmp

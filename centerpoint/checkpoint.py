@@ -3,12 +3,14 @@
 Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>` (fp16 runs) and `step`.
 Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
-latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown).
+latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown),
+`run_id` (the run that wrote it: a run only replaces or deletes its own files).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class Checkpoint:
     batch_in_epoch: int
     metrics: dict
     data: dict  # the identity of the data it was trained on ({} when unknown, e.g. imported weights)
+    run_id: str = ""
 
     def group(self, name: str) -> dict[str, Tensor]:
         """Tensors of one group ('params', 'buffers', 'opt') without the prefix."""
@@ -54,9 +57,10 @@ def state_tensors(state: TrainState) -> dict[str, Tensor]:
 
 
 def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int = 0,
-                    metrics: dict | None = None, data: dict | None = None) -> Path:
+                    metrics: dict | None = None, run_id: str = "", data: dict | None = None) -> Path:
     """Write `state` to `path` atomically (temp file, fsync, rename); refuses non-finite tensors.
-    `data`: the identity of the data trained on (`data.coco.data_identity`), checked when resuming."""
+    `run_id`: the run writing it; `data`: the identity of the data trained on (`data.coco.data_identity`),
+    checked when resuming."""
     tensors = state_tensors(state)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -69,6 +73,7 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
         "batch_in_epoch": str(batch_in_epoch),
         "metrics": json.dumps(metrics or {}),
         "data": json.dumps(data or {}),
+        "run_id": run_id,
     }
     try:
         with atomic_path(path) as tmp:
@@ -88,15 +93,23 @@ def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
 def remove_partial_writes(run_dir: Path) -> int:
     """Delete the temp files that killed checkpoint writes left in `run_dir/checkpoints`; returns how many.
 
-    Only for the run's single writer, before it starts: a concurrent writer's temp file would go too.
+    For the run's writer, holding the run directory's lock, before it starts. A temp file whose writer
+    (the pid in its name) is still alive is left alone: it is another process's write in progress.
     """
+    from centerpoint.atomic import writer_pid
+    from centerpoint.rundir import alive
+
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return 0
-    stale = list(ckpt_dir.glob(".*.safetensors.*.tmp"))
-    for path in stale:
+    removed = 0
+    for path in ckpt_dir.glob(".*.safetensors.*.tmp"):
+        pid = writer_pid(path)
+        if pid is not None and pid != os.getpid() and alive(pid):
+            continue
         path.unlink(missing_ok=True)
-    return len(stale)
+        removed += 1
+    return removed
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -118,7 +131,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if bad:  # save_checkpoint never writes these: a damaged or foreign file
         raise CenterpointError(f"{path}: non-finite values in {', '.join(bad[:3])}"
                                f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; not a usable checkpoint")
-    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics, data)
+    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics, data, meta.get("run_id", ""))
 
 
 def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int, int, int, dict, dict]:
@@ -185,12 +198,13 @@ def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
 
     def like(tree: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
         # empty_like keeps the template's memory format (channels-last weights stay channels-last, so a
-        # resumed run computes exactly what the uninterrupted one did).
-        return {k: torch.empty_like(ref[k]).copy_(v) for k, v in tree.items()}
+        # resumed run computes exactly what the uninterrupted one did). The template's key order, not the
+        # file's (sorted): ranks that did not read the file broadcast and compare in that order.
+        return {k: torch.empty_like(r).copy_(tree[k]) for k, r in ref.items()}
 
     return TrainState(like(groups["params"], template.params), like(groups["buffers"], template.buffers),
                       like(groups["opt"], template.opt_state), ckpt.tensors["step"].to(template.step.device),
-                      like(groups.get("scaler", {}), template.scaler) or dict(template.scaler))
+                      like(groups["scaler"], template.scaler) if groups.get("scaler") else dict(template.scaler))
 
 
 # Fields that fix the data order a checkpoint's position (epoch, batch_in_epoch) refers to.
@@ -238,37 +252,67 @@ def check_same_data(ckpt: Checkpoint, data: dict) -> None:
                            "with the same dataset or train into a new --workdir")
 
 
-def _header_step(path: Path) -> int | None:
-    """The step recorded in a checkpoint's header (read without loading tensors); None if unreadable."""
+def header_position(meta: dict[str, str]) -> tuple[int, int, int] | None:
+    """(updates applied, epochs completed, batches of the next epoch) recorded in a checkpoint header, in
+    the order of training progress; None if the header does not hold them as numbers."""
+    try:
+        return int(meta["step"]), int(meta.get("epoch", 0)), int(meta.get("batch_in_epoch", 0))
+    except (KeyError, ValueError):
+        return None
+
+
+def read_header(path: Path) -> dict[str, str] | None:
+    """A checkpoint's metadata, read without its tensors; None if the file is not readable safetensors."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {}).get("step", 0))
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
 
 
+def run_dir_of(path: Path) -> Path:
+    """The run directory a checkpoint file belongs to: the parent of its `checkpoints/` folder (else its
+    own folder)."""
+    parent = Path(path).parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest readable checkpoint of a run: the highest step (most recent file among equal steps).
-    Headers pick the order, so only the chosen file is loaded in full; unreadable (e.g. truncated)
-    files met on the way are skipped with a warning."""
-    import warnings
+    """The newest usable checkpoint of a run: the highest step (most recent file among equal steps); None
+    when the run has no checkpoint files at all.
+
+    Headers pick the order, so only the chosen file is loaded in full. Files whose header cannot be read
+    (truncated, not safetensors) are skipped with a warning. A CenterpointError names every file and why
+    when none is usable, and when the newest one is readable but unusable (e.g. written by a newer version):
+    silently going back to an older state would then overwrite the newer one."""
+    from centerpoint.errors import warn
 
     ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
+    files = sorted(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []
+    if not files:
         return None
-    ranked = []
-    for path in ckpt_dir.glob("*.safetensors"):
-        step = _header_step(path)
-        if step is None:
-            warnings.warn(f"skipping unreadable checkpoint: {path}: header cannot be read (truncated?)",
-                          stacklevel=2)
-            continue
-        ranked.append((step, path.stat().st_mtime, path))
+    ranked, skipped, unusable = [], [], []
+    for path in files:
+        meta = read_header(path)
+        position = header_position(meta) if meta is not None else None
+        if position is None:
+            skipped.append(f"{path}: header cannot be read (truncated or not a checkpoint)")
+        else:
+            ranked.append((position, path.stat().st_mtime, path))
     for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
         try:
-            return load_checkpoint(path)
+            ckpt = load_checkpoint(path)
         except CenterpointError as err:
-            warnings.warn(f"skipping unreadable checkpoint: {err}", stacklevel=2)
-    return None
+            unusable.append(str(err))
+            continue
+        if unusable:
+            raise CenterpointError(f"--resume: the newest checkpoint cannot be used ({'; '.join(unusable)}); "
+                                   f"resume from an older one with --resume FILE (e.g. --resume {path}), or "
+                                   "use the centerpoint version that wrote it")
+        for problem in skipped:
+            warn(f"--resume: skipping unreadable checkpoint {problem}")
+        return ckpt
+    raise CenterpointError(f"--resume: no usable checkpoint in {ckpt_dir}: {'; '.join(unusable + skipped)}; resume "
+                           "with the centerpoint version that wrote them, or train afresh into another --workdir")

@@ -83,6 +83,7 @@ def init_process_group(ctx: Context, backend: Backend) -> None:
 def destroy(ctx: Context) -> None:
     """Leave the process group."""
     if ctx.distributed and dist.is_initialized():
+        _CONTROL.clear()
         dist.destroy_process_group()
 
 
@@ -90,6 +91,23 @@ def barrier(ctx: Context) -> None:
     """Wait for all ranks."""
     if ctx.distributed and dist.is_initialized():
         dist.barrier()
+
+
+_CONTROL: dict[str, Any] = {}  # the gloo group for host-side decisions, made on first use
+
+
+def max_over_ranks(value: int, ctx: Context) -> int:
+    """The largest of every rank's `value` (a small host integer, e.g. a stop request), on every rank.
+
+    Runs on a cpu (gloo) group, so on accelerators it costs a message between the hosts and no device
+    sync. Every rank must call it at the same points of the loop."""
+    if not ctx.distributed or not dist.is_initialized():
+        return value
+    if "group" not in _CONTROL:
+        _CONTROL["group"] = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_CONTROL["group"])
+    return int(box)
 
 
 def _functional_all_reduce() -> Callable[[Tensor], Tensor] | None:

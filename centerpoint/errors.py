@@ -1,4 +1,11 @@
-"""The one exception type the CLI turns into a single clear line (exit code 2)."""
+"""Problems for people: the one exception type the CLI turns into a single clear line (exit code 2), and
+warnings printed the same way, one `warning: ...` line on stderr."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import TextIO
 
 
 class CenterpointError(Exception):
@@ -14,3 +21,23 @@ def first_line(err: BaseException, limit: int = 160) -> str:
     message is empty: for quoting a library's error inside a CenterpointError."""
     lines = str(err).strip().splitlines()
     return lines[0][:limit] if lines else type(err).__name__
+
+
+def format_warning(message: object) -> str:
+    """`warning: <message on one line>`."""
+    return "warning: " + " ".join(str(message).split())
+
+
+def warn(message: str, file: TextIO | None = None) -> None:
+    """The project's warnings: one line on stderr (or `file`), never Python's warning with its source line."""
+    print(format_warning(message), file=file or sys.stderr, flush=True)
+
+
+def _show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+          file: TextIO | None = None, line: str | None = None) -> None:
+    warn(str(message), file)
+
+
+def one_line_warnings() -> None:
+    """Print every Python `warnings.warn` (from any library) as one `warning: ...` line (the CLI installs it)."""
+    warnings.showwarning = _show

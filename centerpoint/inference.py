@@ -91,39 +91,52 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path], out_dir: Path,
-                  score_thr: float, class_names: Sequence[str]) -> list[dict]:
-    """Detect objects in each image, write `out_dir/<name>.jpg` with boxes drawn and
-    `out_dir/detections.json`; returns the detections (original pixels, xywh)."""
-    from centerpoint.atomic import atomic_path, atomic_write_text
-    from centerpoint.monitor import draw_boxes
+                  score_thr: float, class_names: Sequence[str], names: dict[Path, str] | None = None) -> list[dict]:
+    """Detect objects in each image, write `out_dir/<names[file]>` with boxes drawn (default `<stem>.jpg`)
+    and `out_dir/detections.json`, recording what it wrote in the directory's manifest (`predict_out`);
+    returns the detections (original pixels, xywh)."""
+    import io
 
+    from PIL import Image
+
+    from centerpoint.atomic import atomic_write_bytes
+    from centerpoint.monitor import draw_boxes
+    from centerpoint.predict_out import RESULTS, record, sha256
+
+    names = names or {f: f.stem + ".jpg" for f in files}
     backend = select_backend(spec.runtime.device)
     predict, params, buffers = load_model(spec, ckpt, backend)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    names = dict(enumerate(class_names))
-    for i, path in enumerate(files):
-        img = read_image(str(path), max_pixels=spec.data.max_image_pixels)
-        w, h = img.size
-        if spec.data.test_mode == "resize":
-            a, size = resize_affine(w, h, spec.data.test_size or spec.data.input_size)
-        else:
-            a, size = pad_affine(w, h)
-        pixels = torch.from_numpy(np.ascontiguousarray(warp(img, a, size).transpose(2, 0, 1)))[None]
-        with torch.no_grad():
-            boxes, scores, labels = predict(params, buffers, pixels.to(backend.device))
-        boxes = boxes_to_original(boxes.float(), torch.from_numpy(invert(a))[None].float().to(boxes.device))
-        rows = detections_to_rows(boxes, scores, labels, torch.tensor([i]), np.array([[h, w]]),
-                                  tuple(range(len(class_names))), score_thr)
-        drawn = draw_boxes(np.asarray(img), rows, names, score_thr=score_thr)
-        from PIL import Image
-
-        with atomic_path(out_dir / (path.stem + ".jpg")) as tmp:
-            Image.fromarray(drawn).save(tmp, format="JPEG", quality=92)
-        for r in rows:
-            results.append({"file": str(path), "label": names[int(r[6])], "score": round(float(r[5]), 5),
-                            "bbox": [round(float(v), 2) for v in r[1:5]]})
-    atomic_write_text(out_dir / "detections.json", json.dumps(results, indent=1))
+    labels_of = dict(enumerate(class_names))
+    written: dict[str, str] = {}
+    try:
+        for i, path in enumerate(files):
+            img = read_image(str(path), max_pixels=spec.data.max_image_pixels)
+            w, h = img.size
+            if spec.data.test_mode == "resize":
+                a, size = resize_affine(w, h, spec.data.test_size or spec.data.input_size)
+            else:
+                a, size = pad_affine(w, h)
+            pixels = torch.from_numpy(np.ascontiguousarray(warp(img, a, size).transpose(2, 0, 1)))[None]
+            with torch.no_grad():
+                boxes, scores, labels = predict(params, buffers, pixels.to(backend.device))
+            boxes = boxes_to_original(boxes.float(), torch.from_numpy(invert(a))[None].float().to(boxes.device))
+            rows = detections_to_rows(boxes, scores, labels, torch.tensor([i]), np.array([[h, w]]),
+                                      tuple(range(len(class_names))), score_thr)
+            drawn = io.BytesIO()
+            Image.fromarray(draw_boxes(np.asarray(img), rows, labels_of, score_thr=score_thr)).save(
+                drawn, format="JPEG", quality=92)
+            atomic_write_bytes(out_dir / names[path], drawn.getvalue())
+            written[names[path]] = sha256(drawn.getvalue())
+            for r in rows:
+                results.append({"file": str(path), "drawing": names[path], "label": labels_of[int(r[6])],
+                                "score": round(float(r[5]), 5), "bbox": [round(float(v), 2) for v in r[1:5]]})
+        text = json.dumps(results, indent=1).encode()
+        atomic_write_bytes(out_dir / RESULTS, text)
+        written[RESULTS] = sha256(text)
+    finally:
+        record(out_dir, written)
     return results
 
 

@@ -121,16 +121,27 @@ def launch_workers(plan: LaunchPlan, command: Sequence[str]) -> None:
 
     _set_thread_default(plan.nproc_per_node)
     config = launch_config(plan)
+    # The elastic agent installs its own SIGINT/SIGTERM handlers (it forwards the signal to the workers,
+    # which stop at a step boundary, save and exit) and leaves them installed: restore ours afterwards.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         elastic_launch(config, command[0])(*command[1:])
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
+        if failure.exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # workers stopped by a signal
+            from centerpoint.interrupt import Interrupted
+
+            raise Interrupted(failure.exitcode - 128, quiet=True) from None  # rank 0 said where it stopped
         restarts = f" after {plan.max_restarts} restart(s)" if plan.max_restarts else ""
         raise CenterpointError(f"{describe_failure(rank, failure.exitcode, failure.pid)}{restarts}; all workers "
                                "were stopped (the worker's own error, if any, is printed above)") from None
     except SignalException as err:
-        if err.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        raise CenterpointError(f"the launcher received {err.sigval.name}; all workers were stopped") from None
+        from centerpoint.interrupt import Interrupted
+
+        raise Interrupted(err.sigval) from None
     except (ValueError, RuntimeError) as err:  # rendezvous: port in use, node 0 unreachable, timeout
         raise CenterpointError(f"could not start the workers at {config.rdzv_endpoint}: {err}") from None
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)

@@ -246,7 +246,8 @@ class RuntimeSpec(_Spec):
 
 
 class LoggingSpec(_Spec):
-    workdir: Path = Field(Path("runs/shapes"), description="Run directory: spec, checkpoints, logs, metrics.")
+    workdir: Path = Field(Path("runs/shapes"), description="Run directory: spec, checkpoints, logs, metrics. A spec "
+                          "file that does not set it trains into runs/<spec file name without .yaml>.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
     progress: bool = Field(True, description="Show progress bars.")
 
@@ -354,6 +355,11 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]
 def load_spec(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
     """Load a spec file (None: the built-in default experiment) and apply `--set` overrides in order."""
     data = read_spec_dict(path) if path is not None else {}
+    logging = data.get("logging")
+    if path is not None and (logging is None or isinstance(logging, dict) and "workdir" not in logging):
+        # A spec file without a run directory of its own trains into runs/<its name>, never into the
+        # built-in experiment's runs/shapes.
+        data = {**data, "logging": {**(logging or {}), "workdir": f"runs/{Path(path).stem}"}}
     source = str(path) if path is not None else "default spec"
     for item in overrides:
         data = apply_override(data, *parse_override(item))

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from centerpoint import optim
 from centerpoint.decode import decode_heatmap
+from centerpoint.errors import CenterpointError
 from centerpoint.loss import centernet_loss
 from centerpoint.loss_scale import init_loss_scale, update_loss_scale
 from centerpoint.model import Apply, normalize
@@ -190,3 +191,34 @@ def make_predict_step(apply: Apply, spec: ExperimentSpec, autocast: Callable[[],
         return decode_heatmap(heatmap, wh, offset, stride, k=k)
 
     return predict
+
+
+class Divergence:
+    """train.nonfinite=stop, read by the training loop from each step's `finite` metric: end the run at its
+    first step with a non-finite loss or gradient, before any checkpoint or evaluation of a later state.
+
+    Where reading a device scalar costs nothing (cpu) each step's `finite` flag is read at once. Elsewhere
+    the first such step is recorded on the device, without a host sync, and read where the loop syncs
+    anyway: at log steps, before each checkpoint and before each evaluation."""
+
+    def __init__(self, enabled: bool, free_sync: bool, device: torch.device | str) -> None:
+        self.enabled, self.free_sync = enabled, free_sync
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step number, -1: none yet
+
+    def record(self, finite: torch.Tensor, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.free_sync:
+            if not bool(finite):
+                self._stop(step)
+            return
+        self.first_bad = torch.where((self.first_bad < 0) & (finite == 0), step, self.first_bad)
+
+    def check(self) -> None:
+        if self.enabled and not self.free_sync and int(self.first_bad) >= 0:
+            self._stop(int(self.first_bad))
+
+    @staticmethod
+    def _stop(step: int) -> None:
+        raise CenterpointError(f"non-finite loss or gradient at step {step}; stopped (train.nonfinite=stop) without "
+                               "writing a checkpoint after it. Lower optim.lr or enable optim.grad_clip.")

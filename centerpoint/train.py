@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,16 +14,9 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from centerpoint import distributed
+from centerpoint import distributed, rundir
 from centerpoint.build import build_optimizer, data_root, load_split
-from centerpoint.checkpoint import (
-    check_same_data,
-    latest_checkpoint,
-    remove_partial_writes,
-    restore_state,
-    resume_position,
-    save_checkpoint,
-)
+from centerpoint.checkpoint import Checkpoint, check_same_data, remove_partial_writes, restore_state, resume_position
 from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.device_augment import augment_batch
@@ -36,11 +31,13 @@ from centerpoint.devices import (
 )
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
+from centerpoint.interrupt import Interrupted, StopRequest, stop_requests
 from centerpoint.layout import channels_last as to_channels_last
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
+from centerpoint.retention import resume_checkpoint, save_epoch, save_own
 from centerpoint.spec import ExperimentSpec, spec_to_yaml
-from centerpoint.step import TrainState, init_state, make_predict_step, make_train_step
+from centerpoint.step import Divergence, TrainState, init_state, make_predict_step, make_train_step
 
 
 @dataclass
@@ -63,19 +60,9 @@ class Run:
     finished: dict | None = None  # resumed from the end of a completed run: its last evaluation
     compiled: bool = False
     augment_on_device: bool = False  # data.augment_on resolved
+    lock: rundir.RunLock | None = None  # rank 0's lock on the run directory, held until the run ends
+    run_id: str = ""  # written into every checkpoint: the run replaces and deletes only its own files
     data: dict | None = None  # the data's identity, stored in every checkpoint (`data_identity`)
-
-
-def check_workdir(path: Path) -> Path:
-    """Create the run directory and make sure it is writable (before any long work starts)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise CenterpointError(f"run directory {path} is not writable: {err.strerror or err}") from None
-    return path
 
 
 def to_device(state: TrainState, backend: Backend, channels_last: bool) -> TrainState:
@@ -90,15 +77,23 @@ def to_device(state: TrainState, backend: Backend, channels_last: bool) -> Train
                       {k: move(v) for k, v in state.scaler.items()})
 
 
-def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
-    """Everything up to the first step: device, data, model, optimizer, (resumed) state, compiled step."""
+def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from: Path | None = None) -> Run:
+    """Everything up to the first step: device, data, model, optimizer, (resumed) state, compiled step.
+
+    `resume`: continue from the run directory's newest usable checkpoint; `resume_from`: from that file.
+    The run directory is created (and locked, on rank 0) only once the data and the model are ready, so
+    bad input leaves nothing behind."""
     dist = distributed.context()
-    resume = resume or dist.restart_count > 0  # a restarted worker continues from the latest checkpoint
+    if dist.restart_count > 0:  # a restarted worker continues from the run's latest checkpoint
+        resume, resume_from = True, None
+    resume = resume or resume_from is not None
+    workdir = Path(spec.logging.workdir)
+    if dist.rank == 0:
+        rundir.check_start(workdir, resume)
     backend = select_backend(spec.runtime.device, dist.local_rank)
     precision = resolve_precision(backend, spec.runtime.precision)
     if spec.runtime.threads:
         torch.set_num_threads(spec.runtime.threads)
-    workdir = check_workdir(Path(spec.logging.workdir)) if dist.rank == 0 else Path(spec.logging.workdir)
     distributed.init_process_group(dist, backend)
     root = _prepare_data(spec, console, dist)
     train_index, val_index = load_split(spec, root, True), load_split(spec, root, False)
@@ -121,23 +116,23 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
     loss_scale = spec.runtime.loss_scale if precision == "fp16" else None
     state = to_device(init_state(params, buffers, plan.transform, loss_scale), backend, spec.runtime.channels_last)
-    if dist.rank == 0:
-        remove_partial_writes(workdir)
     start_epoch = start_batch = 0
-    finished = None
-    if resume:
-        ckpt = latest_checkpoint(workdir)
-        if ckpt is not None:
-            done = resume_position(ckpt, spec, spe, plan.total_steps)
-            check_same_data(ckpt, data)
-            if done == plan.total_steps and ckpt.metrics.get("step") == done:
-                finished = ckpt.metrics
-            state = restore_state(ckpt, state)
-            start_epoch, start_batch = ckpt.epoch, ckpt.batch_in_epoch
-            if dist.rank == 0:
+    finished, lock, run_id = None, None, uuid.uuid4().hex
+    if dist.rank == 0:
+        lock = rundir.lock(workdir)
+        try:
+            ckpt = _claim(workdir, resume, resume_from, console)
+            if ckpt is not None:
+                done = resume_position(ckpt, spec, spe, plan.total_steps)
+                check_same_data(ckpt, data)
+                if done == plan.total_steps and ckpt.metrics.get("step") == done:
+                    finished = ckpt.metrics
+                state = restore_state(ckpt, state)
+                start_epoch, start_batch, run_id = ckpt.epoch, ckpt.batch_in_epoch, ckpt.run_id
                 console.print(f"resuming from {ckpt.path} (step {ckpt.step}, epoch {ckpt.epoch})")
-        elif dist.rank == 0:
-            console.print(f"--resume: no checkpoint in {workdir / 'checkpoints'}; starting fresh")
+        except BaseException:
+            lock.release(remove_created=True)
+            raise
     start_epoch, start_batch, finished = distributed.broadcast_object((start_epoch, start_batch, finished), dist)
     state = distributed.broadcast_state(state, dist)
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
@@ -175,7 +170,15 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                           f"data.min_box_size and {train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist, finished, compiled, on_device, data)
+               start_epoch, start_batch, dist, finished, compiled, on_device, lock, run_id, data)
+
+
+def _claim(workdir: Path, resume: bool, resume_from: Path | None, console: Console) -> Checkpoint | None:
+    """Rank 0, holding the run directory's lock: check it again, clean up killed writes, and pick the
+    checkpoint to resume from (None: start fresh)."""
+    rundir.check_start(workdir, resume)  # again, now under the lock: another run may have just started here
+    remove_partial_writes(workdir)
+    return resume_checkpoint(workdir, resume_from, console.print) if resume else None
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
@@ -218,13 +221,25 @@ def evaluate_run(run: Run, state: TrainState) -> dict:
     return metrics
 
 
-def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = None) -> dict:
-    """Train `spec` to the end; returns the last evaluation's metrics (rank 0; {} elsewhere)."""
+def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = None,
+          resume_from: Path | None = None) -> dict:
+    """Train `spec` to the end; returns the last evaluation's metrics (rank 0; {} elsewhere).
+
+    SIGINT/SIGTERM stop the run at the next step boundary: `latest` is saved there and `Interrupted`
+    raised (see `centerpoint.interrupt`). The run directory stays locked (rank 0) while this runs."""
     console = console or Console()
     t_start = time.perf_counter()
-    run = build_run(spec, resume, console)
-    is_main = run.dist.rank == 0
-    workdir = run.workdir
+    run = build_run(spec, resume, console, resume_from)
+    try:
+        return _train(run, console, t_start)
+    finally:
+        if run.lock is not None:
+            run.lock.release(remove_created=True)  # removes the run directory only if it is still empty
+
+
+def _train(run: Run, console: Console, t_start: float) -> dict:
+    """The loop of `train`, from the built run to the final metrics."""
+    spec, is_main, workdir = run.spec, run.dist.rank == 0, run.workdir
     if run.finished is not None:
         if is_main:
             console.print(f"{workdir} already trained all {run.total_steps} steps; nothing to do (raise "
@@ -247,9 +262,10 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
     # holds the scaler's overflow steps, which are not failures, so the count restarts at resume there.
     skipped = torch.full((), 0.0 if state.scaler else float(step - int(state.step)), device=run.backend.device)
     first_step, skipped_before = step, float(skipped)
+    diverged = Divergence(spec.train.nonfinite == "stop", run.backend.free_sync, run.backend.device)
     bad_images = 0
     first_step_s = None
-    with progress:
+    with progress, stop_requests(announce=is_main) as stop, closing(tb):
         task = progress.add_task("train", total=run.total_steps, completed=step, info="")
         for epoch in range(run.start_epoch, epochs):
             batches = epoch_batches(len(run.train_index), spec.train.batch_size, spec.train.seed, epoch,
@@ -271,6 +287,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                 state, metrics = run.step_fn(state, batch)
                 step += 1
                 skipped += 1 - metrics["finite"]
+                diverged.record(metrics["finite"], step)
                 meter.add(spec.train.batch_size * run.dist.world_size, wait)
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t_start
@@ -278,13 +295,11 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                         console.print(f"first step after {first_step_s:.1f} s (compiling the step included; the "
                                       f"compiled graphs are cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})")
                 if step % spec.train.log_every == 0 or step == run.total_steps:
+                    diverged.check()
                     values = {k: float(v) for k, v in metrics.items()}
                     values.update(meter.read())
                     values["skipped_steps"] = float(skipped)
                     values["bad_images"] = float(bad_images)
-                    if spec.train.nonfinite == "stop" and values["skipped_steps"] > 0:
-                        raise CenterpointError(f"non-finite loss or gradient before step {step}; stopped "
-                                               "(train.nonfinite=stop). Lower optim.lr or enable grad_clip.")
                     tb.scalars(values, step, "train")
                     info = f"ep {epoch + 1}/{epochs} loss {values['loss']:.3f} {values['img_per_s']:.0f} img/s"
                     progress.update(task, info=info)
@@ -292,11 +307,15 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                         console.print(f"step {step}/{run.total_steps} {info}")  # logs without a live bar
                         console.file.flush()
                 progress.update(task, completed=step)
-                every = spec.train.checkpoint_every_steps
-                if is_main and every and step % every == 0:
-                    save_checkpoint(workdir / "checkpoints" / "latest.safetensors", state, spec, epoch, i + 1,
-                                    data=run.data)
                 position = (epoch, i + 1)
+                every = spec.train.checkpoint_every_steps
+                saving = bool(every and step % every == 0)
+                if saving:
+                    diverged.check()  # on every rank, so that all stop together
+                if saving and is_main:
+                    save_own(workdir / "checkpoints" / "latest.safetensors", state, spec, *position, None, run.run_id,
+                             run.data)
+                _stop_if_asked(stop, run, state, position, step, diverged, saved=saving)
                 t_wait = time.perf_counter()
             if position[1] == len(batches):
                 position = (epoch + 1, 0)
@@ -304,6 +323,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
             last = finished == epochs or step >= run.total_steps
             every_eval = spec.train.eval_every
             metrics_out: dict = {}
+            diverged.check()
             if last or (every_eval and finished % every_eval == 0):
                 t_eval = time.perf_counter()
                 metrics_out = evaluate_run(run, state)
@@ -318,10 +338,10 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                     console.print(f"epoch {finished}: bbox_mAP {metrics_out['bbox_mAP']:.3f} "
                                   f"mAP_50 {metrics_out['bbox_mAP_50']:.3f}")
             if is_main:
-                _save_epoch(workdir, state, spec, finished, metrics_out, last, position, data=run.data)
+                save_epoch(workdir, state, spec, finished, metrics_out, last, position, run.run_id, run.data)
             if last:
                 break
-    tb.close()
+            _stop_if_asked(stop, run, state, position, step, diverged, saved=True)
     distributed.destroy(run.dist)
     _check_trained(step - first_step, round(float(skipped) - skipped_before))
     if is_main and last_metrics:
@@ -338,32 +358,21 @@ def _check_trained(steps: int, skipped: int) -> None:
                                "check the loss weights, or check the data with `centerpoint data check`")
 
 
+def _stop_if_asked(stop: StopRequest, run: Run, state: TrainState, position: tuple[int, int], step: int,
+                   diverged: Divergence, saved: bool) -> None:
+    """At a step boundary: if any rank got SIGINT/SIGTERM, save `latest` here (rank 0, unless `saved` just
+    did) and raise `Interrupted` on every rank. The ranks agree first, so all stop at the same step."""
+    signum = distributed.max_over_ranks(stop.signum, run.dist)
+    if not signum:
+        return
+    main = run.dist.rank == 0
+    diverged.check()
+    if main and not saved:
+        save_own(run.workdir / "checkpoints" / "latest.safetensors", state, run.spec, *position, None, run.run_id,
+                 run.data)
+    distributed.destroy(run.dist)
+    raise Interrupted(signum, step, run.workdir, quiet=not main)
+
+
 def _jsonable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, type(None)))}
-
-
-def _save_epoch(workdir: Path, state: TrainState, spec: ExperimentSpec, epoch: int, metrics: dict,
-                last: bool, position: tuple[int, int] | None = None, *, data: dict | None = None) -> None:
-    """latest (always), epoch_N every checkpoint_every epochs (keeping keep_last), best by bbox_mAP.
-
-    `position`: (epochs completed, batches of the next one done) stored for resuming; (epoch, 0) unless
-    the run stopped inside an epoch (train.max_steps)."""
-    ckpt_dir = workdir / "checkpoints"
-    at_epoch, at_batch = position or (epoch, 0)
-    save_checkpoint(ckpt_dir / "latest.safetensors", state, spec, at_epoch, at_batch, metrics, data)
-    every = spec.train.checkpoint_every
-    if (every and epoch % every == 0) or last:
-        save_checkpoint(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, at_epoch, at_batch, metrics, data)
-        periodic = sorted(ckpt_dir.glob("epoch_*.safetensors"))
-        for old in periodic[: -spec.train.keep_last]:
-            old.unlink(missing_ok=True)
-    if "bbox_mAP" in metrics:
-        best_file = ckpt_dir / "best.json"
-        import json
-
-        best = json.loads(best_file.read_text()).get("bbox_mAP", -1.0) if best_file.exists() else -1.0
-        if metrics["bbox_mAP"] > best:
-            save_checkpoint(ckpt_dir / "best.safetensors", state, spec, at_epoch, at_batch, metrics, data)
-            from centerpoint.atomic import atomic_write_text
-
-            atomic_write_text(best_file, json.dumps({"bbox_mAP": metrics["bbox_mAP"], "epoch": epoch}))

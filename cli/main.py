@@ -5,12 +5,15 @@ Nothing here imports torch at module level, so `centerpoint --help` stays fast.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from centerpoint.errors import CenterpointError
+from centerpoint.interrupt import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="CenterNet object detection on torch.func: train, evaluate, predict.")
@@ -74,7 +77,57 @@ def _resolve(spec_file: Path | None, sets: list[str], **flags: object):  # noqa:
     return with_updates(spec, updates) if updates else spec
 
 
-@app.command()
+def split_resume(args: list[str]) -> list[str]:
+    """`--resume FILE.safetensors` / `--resume=FILE` -> `--resume-from FILE`: `--resume` alone continues the
+    run directory's newest checkpoint; followed by a checkpoint file, from that file."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        if arg.startswith("--resume="):
+            out += ["--resume-from", arg.split("=", 1)[1]]
+        elif arg == "--resume" and i + 1 < len(args) and args[i + 1].endswith(".safetensors"):
+            out += ["--resume-from", args[i + 1]]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class _TrainCommand(TyperCommand):
+    """The train command, whose `--resume` takes an optional checkpoint file."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:  # noqa: ANN001 (typer's vendored click Context)
+        return super().parse_args(ctx, split_resume(args))
+
+
+def _max_steps_from_spec(spec_file: Path | None, sets: list[str], epochs: int | None,
+                         max_steps: int | None) -> dict[str, object]:
+    """An explicit --epochs clears a train.max_steps that comes from the spec file (it would stop the run
+    first, silently); one given on the same command line (--max-steps, --set) contradicts it: refused."""
+    if epochs is None:
+        return {}
+    set_here = max_steps is not None or any(s.partition("=")[0].strip() == "train.max_steps" for s in sets)
+    if set_here:
+        given = f"--max-steps {max_steps}" if max_steps is not None else "--set train.max_steps"
+        raise CenterpointError(f"--epochs {epochs} and {given} contradict each other (train.max_steps would "
+                               "silently override --epochs); give one of them")
+    from centerpoint.spec import load_spec
+
+    from_spec = load_spec(spec_file).train.max_steps
+    if from_spec is None:
+        return {}
+    from centerpoint.errors import warn
+
+    warn(f"--epochs {epochs} replaces train.max_steps={from_spec} of {spec_file} (it would stop the run first)")
+    return {"train.max_steps": None}
+
+
+@app.command(cls=_TrainCommand)
 def train(
     spec_file: Path | None = SpecArg,
     sets: list[str] = SetOpt,
@@ -90,7 +143,10 @@ def train(
     precision: str | None = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes per device."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of init, shuffling and augmentation."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run: from its directory's newest usable "
+                                "checkpoint, or `--resume FILE.safetensors` from that file (its run directory "
+                                "unless --workdir says otherwise)."),
+    resume_from: Path | None = typer.Option(None, "--resume-from", hidden=True),
     nproc_per_node: int = NprocOpt,
     nnodes: int = NnodesOpt,
     node_rank: int = NodeRankOpt,
@@ -104,24 +160,34 @@ def train(
 
     --nproc-per-node N starts N workers (one per device) running this same command; under torchrun or srun it joins.
     """
-    if epochs is not None and max_steps is not None:
-        raise CenterpointError(f"--epochs {epochs} and --max-steps {max_steps} contradict each other (--max-steps "
-                               "would silently override --epochs); give one of them")
+    cleared = _max_steps_from_spec(spec_file, sets, epochs, max_steps)
+    if resume_from is not None and workdir is None:
+        from centerpoint.checkpoint import run_dir_of
+
+        workdir = run_dir_of(resume_from)
     spec = _resolve(spec_file, sets, workdir=workdir, device=device, epochs=epochs, max_steps=max_steps,
                     batch_size=batch_size, lr=lr, data_dir=data_dir, compile=compile, precision=precision,
                     workers=workers, seed=seed)
+    if cleared:
+        from centerpoint.spec import with_updates
+
+        spec = with_updates(spec, cleared)
     from centerpoint.launch import LaunchPlan, check_plan, launch_workers, needs_launch
 
     plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port, max_restarts)
     check_plan(plan)
     if needs_launch(plan):
+        if node_rank == 0:
+            from centerpoint.rundir import check_start
+
+            check_start(Path(spec.logging.workdir), bool(resume or resume_from))  # before workers all fail on it
         launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])
         return
     from centerpoint.distributed import context
     from centerpoint.train import train as run_train
 
     try:
-        run_train(spec, resume=resume)
+        run_train(spec, resume=resume, resume_from=resume_from)
     except CenterpointError as err:
         ctx = context()
         if ctx.distributed:
@@ -198,16 +264,21 @@ def predict(
                                     help="Minimum score to keep."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
 ) -> None:
-    """Detect objects in images: writes images with boxes drawn and detections.json."""
+    """Detect objects in images: writes images with boxes drawn and detections.json.
+
+    --out must not be a folder of the inputs; a file there is replaced only if predict wrote it."""
     from centerpoint.checkpoint import load_checkpoint
     from centerpoint.inference import class_names_of, collect_images, predict_files
+    from centerpoint.predict_out import check_outputs, drawing_names
     from centerpoint.spec import with_updates
 
     ckpt = load_checkpoint(checkpoint)
     spec = with_updates(ckpt.spec, _flag_updates(device=device)) if device else ckpt.spec
     files = collect_images(inputs)
+    names = drawing_names(files)
+    check_outputs(inputs, files, out, names)
     _check_output_dir(out, out)
-    results = predict_files(spec, ckpt, files, out, score_thr, class_names_of(spec))
+    results = predict_files(spec, ckpt, files, out, score_thr, class_names_of(spec), names)
     print(f"{len(results)} detections in {len(files)} image(s) -> {out}")
 
 
@@ -270,12 +341,53 @@ def _one_line(err: BaseException | str) -> str:
     return " ".join(text.split())
 
 
+def resume_command(argv: list[str], workdir: Path | None) -> str:
+    """The command line that continues an interrupted `train`: the one given, its `--resume [FILE]` replaced
+    by `--resume` (plus the run directory when a checkpoint file chose it)."""
+    prog = "centerpoint" if Path(argv[0]).name == "centerpoint" else "python -m centerpoint"
+    args = split_resume(argv[1:])
+    kept: list[str] = []
+    from_file = has_workdir = False
+    i = 0
+    while i < len(args):
+        if args[i] == "--resume-from":
+            from_file = True
+            i += 2
+            continue
+        if args[i] != "--resume":
+            kept.append(args[i])
+        has_workdir |= args[i].split("=", 1)[0] in ("--workdir", "--work-dir", "--work_dir")
+        i += 1
+    if from_file and not has_workdir and workdir is not None:
+        kept += ["--workdir", str(workdir)]
+    return shlex.join([*prog.split(), *kept, "--resume"])
+
+
+def _interrupted(sig: Interrupted) -> None:
+    """The one line an interrupted command prints (none on workers that rank 0 speaks for)."""
+    if sig.quiet:
+        return
+    if sig.step is not None:
+        print(f"interrupted at step {sig.step}; resume with: {resume_command(sys.argv, sig.workdir)}",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"interrupted ({sig})", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     """Console-script entry: CenterpointError, OSError and usage errors -> one line on stderr, exit 2
-    (--debug: traceback)."""
+    (--debug: traceback); SIGINT / SIGTERM -> exit 130 / 143."""
+    from centerpoint.errors import one_line_warnings
+    from centerpoint.interrupt import raise_on_signals
+
+    raise_on_signals()
+    one_line_warnings()
     debug = _DEBUG["on"] or "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except Interrupted as sig:
+        _interrupted(sig)
+        sys.exit(sig.exit_code)
     except CenterpointError as err:
         if debug:
             raise
@@ -304,6 +416,12 @@ def main() -> None:
             print(f"error: {_one_line(err.format_message())}{hint}", file=sys.stderr)  # type: ignore[attr-defined]
             sys.exit(2)
         raise
+    # Without standalone mode typer returns an exit code instead of exiting (130 for a KeyboardInterrupt
+    # raised by code that is not ours): pass it on rather than ending with 0.
+    if isinstance(code, int) and code:
+        if code == 130:
+            print("interrupted", file=sys.stderr)
+        sys.exit(code)
 
 
 from cli import (  # noqa: E402,F401  (registers commands)

@@ -48,3 +48,30 @@ def write_box_coco(root: Path, count: int, seed: int, suffix: str,
     cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
     (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return root / "ann.json", root / "img"
+
+
+def call_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the real CLI entry point (`cli.main.main`, as the `centerpoint` script does) in this process;
+    returns (exit code, stdout, stderr). Restores what `main` installs process-wide (signal handlers,
+    the warnings printer)."""
+    import signal
+    import sys
+    import warnings
+
+    from cli.main import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    show, argv = warnings.showwarning, sys.argv
+    capsys.readouterr()
+    sys.argv = ["centerpoint", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv, warnings.showwarning = argv, show
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return code, out, err

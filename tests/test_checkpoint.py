@@ -73,13 +73,48 @@ def test_refuses_non_finite_and_keeps_previous(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_latest_skips_truncated_newest(tmp_path):
+def test_latest_skips_truncated_newest(tmp_path, capsys):
     spec = load_spec(None)
     ckpt_dir = tmp_path / "checkpoints"
     save_checkpoint(ckpt_dir / "epoch_0001.safetensors", _state(spec), spec, 1)
     latest = save_checkpoint(ckpt_dir / "latest.safetensors", _state(spec)._replace(step=torch.tensor(9)), spec, 2)
     data = latest.read_bytes()
     latest.write_bytes(data[:100])
-    with pytest.warns(UserWarning, match="skipping unreadable"):
-        found = latest_checkpoint(tmp_path)
+    found = latest_checkpoint(tmp_path)
     assert found is not None and found.step == 7
+    err = capsys.readouterr().err.splitlines()  # one `warning:` line, no Python warning with its source line
+    assert len(err) == 1 and err[0].startswith("warning: --resume: skipping unreadable checkpoint ")
+    assert "latest.safetensors" in err[0]
+
+
+def as_newer_version(path):
+    """Rewrite a checkpoint as a later version would write it: its spec has a key this version lacks."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from centerpoint.checkpoint import read_header
+
+    meta = read_header(path)
+    spec = json.loads(meta["spec"])
+    spec["train"]["ema_decay"] = 0.999
+    save_file(load_file(str(path)), str(path), metadata={**meta, "spec": json.dumps(spec)})
+
+
+def test_latest_refuses_unusable_checkpoints_naming_each(tmp_path):
+    spec = load_spec(None)
+    ckpt_dir = tmp_path / "checkpoints"
+    older = save_checkpoint(ckpt_dir / "epoch_0001.safetensors", _state(spec), spec, 1)
+    latest = save_checkpoint(ckpt_dir / "latest.safetensors", _state(spec)._replace(step=torch.tensor(9)), spec, 2)
+    as_newer_version(latest)
+    # The newest cannot be read by this version: going back to the older one would overwrite it.
+    with pytest.raises(CenterpointError, match="newest checkpoint cannot be used") as err:
+        latest_checkpoint(tmp_path)
+    assert "latest.safetensors: unknown key 'train.ema_decay'" in str(err.value)
+    assert f"--resume {older}" in str(err.value)
+    as_newer_version(older)
+    (ckpt_dir / "best.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CenterpointError, match="no usable checkpoint") as err:
+        latest_checkpoint(tmp_path)
+    for name in ("latest", "epoch_0001", "best"):
+        assert f"{name}.safetensors" in str(err.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -304,6 +305,36 @@ def test_restarted_workers_resume_and_finish(tmp_path, tiny_overrides, cache_dir
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.safetensors").step == steps
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == steps
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker processes through /proc")
+def test_ctrl_c_to_the_launcher_stops_every_worker_at_one_step(tmp_path, tiny_overrides, cache_dir) -> None:
+    """Ctrl-C reaches the launcher (the workers run in sessions of their own); it forwards the signal, the
+    ranks agree on a step, rank 0 saves `latest` there, and the launcher exits 130."""
+    from centerpoint.checkpoint import load_checkpoint
+
+    work = tmp_path / "run"
+    proc = _start_cli(work, cache_dir, 300, 0, tiny_overrides)
+    try:
+        latest = work / "checkpoints" / "latest.safetensors"
+        deadline = time.monotonic() + 240
+        while not latest.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, work.with_suffix(".err").read_text()[-3000:]
+            time.sleep(0.05)
+        workers = _worker_pids(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        _stop(proc)
+    err = work.with_suffix(".err").read_text()
+    assert rc == 130, err[-3000:]
+    found = re.search(r"^interrupted at step (\d+); resume with: .* --resume$", err, re.MULTILINE)
+    assert found, err[-3000:]
+    assert err.count("interrupted at step") == 1  # rank 0 speaks for the job
+    ckpt = load_checkpoint(latest)
+    per_epoch = 24 // (4 * 2)
+    assert ckpt.step == int(found[1]) == ckpt.epoch * per_epoch + ckpt.batch_in_epoch
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers.values())
 
 
 # ---------------------------------------------------------------- pieces, without processes

@@ -1,12 +1,14 @@
-"""Nothing lost: a training run SIGKILLed at a random moment and resumed ends bit-identical to an
-uninterrupted one; a checkpoint writer killed mid-write never leaves a corrupt `latest`; retention keeps
-the last K periodic checkpoints plus the best."""
+"""Nothing lost: a training run SIGKILLed at a random moment, or stopped by SIGINT / SIGTERM, and resumed
+ends bit-identical to an uninterrupted one; a checkpoint writer killed mid-write never leaves a corrupt
+`latest`; `--resume FILE` continues from a chosen checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -117,6 +119,99 @@ def test_resume_of_a_finished_run_does_nothing(reference: Path, tmp_path: Path) 
     assert res.returncode == 0, res.stderr
     assert "already" in res.stdout and not (work / "metrics.jsonl").exists()
     _assert_same_final_state(work, reference)
+
+
+def _start(work: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """A training subprocess in a session of its own, returned once its `latest` holds at least one step
+    (it is in the loop)."""
+    latest = work / "checkpoints" / "latest.safetensors"
+    proc = subprocess.Popen(_train_args(work, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _saved_step(latest) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    return proc, latest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_at_a_step_boundary_and_the_printed_resume_is_exact(sig: signal.Signals, reference: Path,
+                                                                         tmp_path: Path) -> None:
+    # SIGTERM goes to the whole process group, data-loader worker included, as a launcher sends it.
+    extra = ("--workers", "1") if sig == signal.SIGTERM else ()
+    proc, latest = _start(tmp_path, *extra)
+    if sig == signal.SIGTERM:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err  # 130 / 143
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "stopping at the next step boundary" in lines[0], err
+    found = re.fullmatch(r"interrupted at step (\d+); resume with: (.*)", lines[-1])
+    assert found and len(lines) == 2, err
+    stopped = int(found[1])
+    assert 1 <= stopped < TOTAL_STEPS
+    ckpt = load_checkpoint(latest)  # saved at that very step boundary
+    assert ckpt.step == stopped and ckpt.epoch * 3 + ckpt.batch_in_epoch == stopped
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.safetensors"]  # no temp files either
+    assert not (tmp_path / ".lock").exists()
+    command = shlex.split(found[2])
+    assert command[:3] == ["python", "-m", "centerpoint"]
+    assert command[3:] == [*_train_args(tmp_path, *extra)[3:], "--resume"]
+
+    res = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=_env(), cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from {latest} (step {stopped}," in " ".join(res.stdout.split())
+    _assert_same_final_state(tmp_path, reference)
+
+
+def _wait_stopped(pid: int) -> None:
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process state from /proc")
+def test_a_second_signal_stops_at_once_without_writing(tmp_path: Path) -> None:
+    proc, latest = _start(tmp_path)
+    # Frozen, the run gets both signals before it can reach a step boundary: the second one counts.
+    proc.send_signal(signal.SIGSTOP)
+    _wait_stopped(proc.pid)
+    before = latest.stat()
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "stopping at the next step boundary" in lines[0] and lines[-1] == "interrupted (SIGTERM)", err
+    after = latest.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # nothing written since
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.safetensors"]
+
+
+def test_resume_from_a_checkpoint_file(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resume FILE`: that checkpoint, in its own run directory unless --workdir says otherwise; never by
+    replacing newer checkpoints of that run."""
+    from tests.conftest import call_cli
+
+    first = reference / "checkpoints" / "epoch_0001.safetensors"  # step 3 of 6
+    before = {p.name: p.stat().st_mtime_ns for p in (reference / "checkpoints").iterdir()}
+    args = _train_args(reference, "--resume", str(first))[3:]
+    args[args.index("--workdir"): args.index("--workdir") + 2] = []  # the file's own run directory
+    code, _, err = call_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith(f"error: --resume: {reference / 'checkpoints'}/") and f"than {first}; resuming from the " \
+        "older file would replace it: pass another --workdir" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in (reference / "checkpoints").iterdir()} == before
+
+    branch = tmp_path / "branch"
+    res = subprocess.run(_train_args(branch, "--resume", str(first)), capture_output=True, text=True, env=_env(),
+                         cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from {first} (step 3," in " ".join(res.stdout.split())
+    _assert_same_final_state(branch, reference)
 
 
 class _Crash(Exception):
@@ -278,21 +373,6 @@ def test_checkpoint_files_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
-
-
-def test_keeps_last_k_plus_best(tmp_path: Path) -> None:
-    from centerpoint.train import _save_epoch
-
-    spec = load_spec(None, ["train.keep_last=2", "train.checkpoint_every=1"])
-    maps = [0.1, 0.5, 0.3, 0.2]  # the best is epoch 2, which falls out of the last two
-    for epoch, m in enumerate(maps, start=1):
-        _save_epoch(tmp_path, _small_state(epoch), spec, epoch, {"bbox_mAP": m}, epoch == len(maps))
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["best.json", "best.safetensors", "epoch_0003.safetensors", "epoch_0004.safetensors",
-                     "latest.safetensors"]
-    best = load_checkpoint(tmp_path / "checkpoints" / "best.safetensors")
-    assert best.step == 2 and best.metrics["bbox_mAP"] == 0.5
-    assert load_checkpoint(tmp_path / "checkpoints" / "latest.safetensors").step == 4
 
 
 def test_restore_keeps_the_template_memory_format(tmp_path: Path) -> None:

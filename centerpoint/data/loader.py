@@ -311,6 +311,8 @@ def make_loader(dataset: DetectionDataset, batches: list[list[Key]], workers: in
         collate = partial(collate_train, num_classes=num_classes, stride=stride, min_overlap=min_overlap)
     else:
         collate = collate_eval
+    from centerpoint.interrupt import loader_worker_init
+
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=loader_worker_init)
