@@ -164,7 +164,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
         gb = spec.train.batch_size * world
         scaled = f" (scaled from {spec.optim.lr:g} for base batch {spec.optim.base_batch})" \
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
-        console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
+        group = f" ({backend.dist_backend} process group)" if dist.distributed else ""
+        console.print(f"device {backend.device} x {world}{group} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
                       f"compile {compile_with or 'off'} | {precision} | "
                       f"{loader_workers(backend, spec.data.workers)} loader workers | augment on "

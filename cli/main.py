@@ -25,8 +25,9 @@ _DEBUG = {"on": False}
 
 SpecArg = typer.Argument(None, help="Spec YAML file (default: the built-in shapes experiment).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a spec field: --set optim.lr=0.001 (repeatable).")
-NprocOpt = typer.Option(1, "--nproc-per-node", "--nproc_per_node",
-                        help="Worker processes (devices) on this machine; >1 starts them here.")
+NprocOpt = typer.Option(None, "--nproc-per-node", "--nproc_per_node",
+                        help="Worker processes (devices) on this machine, started here through the elastic "
+                        "launcher (1: one worker in a one-rank process group). Default: this process alone.")
 NnodesOpt = typer.Option(1, "--nnodes", "--nnode", help="Machines in the job.")
 NodeRankOpt = typer.Option(0, "--node-rank", "--node_rank", help="This machine's index, 0..nnodes-1.")
 MasterAddrOpt = typer.Option(None, "--master-addr", "--master_addr",
@@ -76,7 +77,7 @@ def train(
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes per device."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of init, shuffling and augmentation."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
-    nproc_per_node: int = NprocOpt,
+    nproc_per_node: int | None = NprocOpt,
     nnodes: int = NnodesOpt,
     node_rank: int = NodeRankOpt,
     master_addr: str | None = MasterAddrOpt,
@@ -97,7 +98,8 @@ def train(
                     workers=workers, seed=seed)
     from centerpoint.launch import LaunchPlan, check_plan, launch_workers, needs_launch
 
-    plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port, max_restarts)
+    plan = LaunchPlan(nproc_per_node or 1, nnodes, node_rank, master_addr, master_port, max_restarts,
+                      requested=nproc_per_node is not None)
     check_plan(plan)
     if needs_launch(plan):
         launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])
@@ -122,7 +124,7 @@ def evaluate(
     data_dir: Path | None = typer.Option(None, "--data-dir", "--data_dir", help="Dataset root."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
     out: Path | None = typer.Option(None, "--out", help="Write metrics JSON here (and detections beside it)."),
-    nproc_per_node: int = NprocOpt,
+    nproc_per_node: int | None = NprocOpt,
     nnodes: int = NnodesOpt,
     node_rank: int = NodeRankOpt,
     master_addr: str | None = MasterAddrOpt,
@@ -155,7 +157,8 @@ def evaluate(
     spec = with_updates(spec_from_dict(data, "--set"), updates) if updates else spec_from_dict(data, "--set")
     if out is not None:
         _check_output_dir(out.parent, out)
-    plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+    plan = LaunchPlan(nproc_per_node or 1, nnodes, node_rank, master_addr, master_port,
+                      requested=nproc_per_node is not None)
     check_plan(plan)
     if needs_launch(plan):
         launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])

@@ -312,6 +312,8 @@ def test_restarted_workers_resume_and_finish(tmp_path, tiny_overrides, cache_dir
 def test_context_from_launcher_and_slurm_environments() -> None:
     ctx = distributed.context({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "TORCHELASTIC_RESTART_COUNT": "2"})
     assert (ctx.rank, ctx.local_rank, ctx.world_size, ctx.restart_count, ctx.distributed) == (3, 1, 4, 2, True)
+    one = distributed.context({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})  # torchrun --nproc-per-node 1
+    assert one.world_size == 1 and one.joined and one.distributed and not distributed.Context().distributed
     ctx = distributed.context({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"})
     assert (ctx.rank, ctx.local_rank, ctx.world_size, ctx.restart_count) == (5, 1, 8, 0)
     assert distributed.context({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == distributed.Context()
@@ -323,6 +325,8 @@ def test_context_from_launcher_and_slurm_environments() -> None:
 def test_launch_plan_decides_and_configures_the_elastic_agent() -> None:
     assert launch.needs_launch(launch.LaunchPlan(2), {})
     assert not launch.needs_launch(launch.LaunchPlan(1), {})
+    assert launch.needs_launch(launch.LaunchPlan(1, requested=True), {})  # --nproc-per-node 1: one launched worker
+    assert not launch.needs_launch(launch.LaunchPlan(1, requested=True), {"WORLD_SIZE": "1", "RANK": "0"})
     assert not launch.needs_launch(launch.LaunchPlan(3), {"WORLD_SIZE": "3", "RANK": "0"})  # under torchrun
     assert launch.needs_launch(launch.LaunchPlan(1, nnodes=2, master_addr="h"), {})
     cfg = launch.launch_config(launch.LaunchPlan(3, 2, 1, "node0", 1234, 2))
