@@ -276,11 +276,12 @@ def levers(paths: list[str], size: int) -> dict[str, object]:
     out["warp_pil"] = per_image(lambda k: warp(img, a, (size, size)))
     out["warp_opencv"] = per_image(lambda k: warp_bgr(bgr, a, (size, size)))
     pixels = warp(img, a, (size, size))
+    pixels_bgr = np.ascontiguousarray(pixels[..., ::-1])
     hsv = Distortion(10.0, 1.2, True, 1.3, 10.0, (2, 0, 1))
     values = Distortion(10.0, 1.2, True, None, None, (2, 0, 1))
     for name, d in (("hsv", hsv), ("values_only", values)):
         out[f"photometric_{name}_numpy"] = per_image(lambda k, d=d: apply_distortion(pixels, d, True))
-        out[f"photometric_{name}_opencv"] = per_image(lambda k, d=d: to_planes(pixels[..., ::-1], d))
+        out[f"photometric_{name}_opencv"] = per_image(lambda k, d=d: to_planes(pixels_bgr, d))
     return out
 
 

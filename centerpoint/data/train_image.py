@@ -107,32 +107,33 @@ def to_planes(bgr: np.ndarray, d: Distortion | None) -> np.ndarray:
     height, width, _ = bgr.shape
     out = np.empty((3, height, width), dtype=np.uint8)
     order = (d.channel_order if d is not None else None) or (0, 1, 2)
+    # Output plane j is RGB channel order[j], i.e. BGR channel 2 - order[j]: one split writes them all.
+    planes = [out[order.index(2 - c)] for c in range(3)]
     if d is not None and (d.saturation is not None or d.hue is not None):
-        planes = _hsv_distorted_bgr(bgr, d)
+        cv2.split(_hsv_distorted_bgr(bgr, d), planes)
     elif d is not None:
-        planes = cv2.split(cv2.LUT(bgr, value_table(d)))
+        cv2.split(cv2.LUT(bgr, value_table(d)), planes)
     else:
-        planes = cv2.split(bgr)
-    for j, k in enumerate(order):  # output channel j is RGB channel k, i.e. BGR plane 2 - k
-        np.copyto(out[j], planes[2 - k], casting="unsafe")  # float32 -> uint8 truncates, as astype does
+        cv2.split(bgr, planes)
     return out
 
 
-def _hsv_distorted_bgr(bgr: np.ndarray, d: Distortion) -> list[np.ndarray]:
-    """Brightness, contrast first, the HSV round trip, contrast last on float32; returns the B, G, R planes
-    clipped to [0, 255] (float32, not yet truncated)."""
+def _hsv_distorted_bgr(bgr: np.ndarray, d: Distortion) -> np.ndarray:
+    """Brightness, contrast first, the HSV round trip, contrast last on float32, then clipped and truncated:
+    (H, W, 3) uint8 BGR."""
     values = _value_steps(bgr.astype(np.float32), d)
-    h, s, v = cv2.split(cv2.cvtColor(values, cv2.COLOR_BGR2HSV))  # H in degrees [0, 360)
-    # OpenCV divides by |V| where photometric.py sets S = 0 for V <= 0 (all channels <= 0 after the
-    # value steps); there both give V in every channel, clipped to 0 in the end, if S is 0 here too.
-    np.copyto(s, 0.0, where=v <= 0)
+    hsv = cv2.cvtColor(values, cv2.COLOR_BGR2HSV)  # H in degrees [0, 360], S, V
+    # photometric.py sets S = 0 where V <= 0 (every channel <= 0 after the value steps), which makes the
+    # pixel V everywhere, 0 once clipped; OpenCV divides by |V| there instead. V = 0 gives 0 as well.
+    big = float(np.finfo(np.float32).max)
+    cv2.max(hsv, (-big, -big, 0.0, 0.0), dst=hsv)
     if d.saturation is not None:
-        s *= np.float32(d.saturation)
+        cv2.multiply(hsv, (1.0, d.saturation, 1.0, 1.0), dst=hsv)
     if d.hue is not None:
-        h += np.float32(d.hue)
-        # OpenCV's vectorised HSV -> RGB wants H in [0, 360); H is in [-18, 378) here.
-        h += np.float32(360) * (h < 0) - np.float32(360) * (h >= 360)
-    rgb = cv2.cvtColor(cv2.merge([h, s, v]), cv2.COLOR_HSV2BGR)
+        # OpenCV's vectorised HSV -> RGB takes the sector modulo 6 of H / 60 truncated towards 0: H must not
+        # be negative, and H + hue is in [-18, 378]; a full turn more keeps it positive.
+        cv2.add(hsv, (d.hue + 360.0, 0.0, 0.0, 0.0), dst=hsv)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
     if not d.contrast_first and d.contrast is not None:
         rgb *= np.float32(d.contrast)
     # Many exact results are whole levels (a hue shift of a grey-level multiple, ...); float32 rounding puts
@@ -141,4 +142,4 @@ def _hsv_distorted_bgr(bgr: np.ndarray, d: Distortion) -> list[np.ndarray]:
     # into the whole level (on the test's colour cube: 1.5-5.6% of values a level apart instead of 8-19%).
     rgb += _NUDGE
     np.clip(rgb, 0, 255, out=rgb)
-    return cv2.split(rgb)
+    return rgb.astype(np.uint8)  # truncates
