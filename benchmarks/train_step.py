@@ -201,9 +201,12 @@ def main() -> None:
     # Rounds interleave the variants, so drifting machine load hits all of them alike; each variant's
     # figure is its best round's median step.
     seconds: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, fn in variants.items():
+            backend.reset_peak_memory()  # device memory: each variant's own peak (the others' states stay)
             seconds[name].append(timed(fn, args.steps, 2, sync))
+            peaks[name] = max(peaks.get(name, 0.0), backend.max_memory_mb())
     base = min(seconds["baseline"])
     result["baseline_img_s"] = args.batch / base
     for name in ("eager", "compiled"):
@@ -211,7 +214,7 @@ def main() -> None:
             result[f"{name}_img_s"] = args.batch / min(seconds[name])
             result[f"{name}_ratio"] = base / min(seconds[name])
     if dev.type != "cpu":
-        result["peak_mem_mb"] = backend.max_memory_mb()  # all variants of this process
+        result["peak_mem_mb"] = {name: round(v, 1) for name, v in peaks.items()}
     elif not args.no_memory:
         variants = ["baseline", "eager", *(["compiled"] if args.compile else [])]
         result["peak_rss_mb"] = {v: round(peak_rss_mb(args, v), 1) for v in variants}

@@ -67,6 +67,13 @@ class Backend:
             return torch.sdaa.max_memory_allocated(self.index) / 2**20  # type: ignore[attr-defined]
         return 0.0
 
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for `max_memory_mb` (no-op on cpu)."""
+        if self.name == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.index)
+        elif self.name == "sdaa":
+            torch.sdaa.reset_max_memory_allocated(self.index)  # type: ignore[attr-defined]
+
     def manual_seed(self, seed: int) -> None:
         """Seed this process's device random generator (the host's on cpu)."""
         if self.name == "cuda":

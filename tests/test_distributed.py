@@ -408,9 +408,10 @@ def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.Monkey
 def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp: bool, bf16: bool) -> None:
     """In a fresh process: a stand-in `torch_sdaa` registers the 'sdaa' device name the way the real one
     does and gives `torch.sdaa` the surface Tecorigin's own DeepSpeed accelerator uses (is_available,
-    device_count, set_device, synchronize, max_memory_allocated, manual_seed, is_bf16_supported, each taking a
-    device index) and nothing more, besides what torch.autocast requires of any such device
-    (get_amp_supported_dtype) and `torch.sdaa.amp.autocast` when `vendor_amp` (the real one has it).
+    device_count, set_device, synchronize, max_memory_allocated, reset_max_memory_allocated, manual_seed,
+    is_bf16_supported, each taking a device index) and nothing more, besides what torch.autocast requires
+    of any such device (get_amp_supported_dtype) and `torch.sdaa.amp.autocast` when `vendor_amp` (the real
+    one has it).
     Selection sets the card of the local rank; synchronisation, memory and seeding go to that card;
     precision auto is bf16 where the card has it, else fp16; mixed precision autocasts on 'sdaa' (through
     the vendor's amp when present). Selecting cpu never imports torch_sdaa."""
@@ -426,6 +427,7 @@ def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp
         torch.sdaa = types.SimpleNamespace(
             is_available=lambda: True, device_count=lambda: 3, set_device=record("set_device"),
             synchronize=record("synchronize"), max_memory_allocated=record("max_memory_allocated", 3 * 2**20),
+            reset_max_memory_allocated=record("reset_max_memory_allocated"),
             manual_seed=record("manual_seed"), is_bf16_supported=lambda: {bf16},
             get_amp_supported_dtype=lambda: [torch.float16, torch.bfloat16])  # torch.autocast asks any such device
         amp_calls = []
@@ -446,6 +448,7 @@ def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp
         import torch, torch_sdaa
         backend.synchronize()
         backend.manual_seed(7)
+        backend.reset_peak_memory()
         mb = backend.max_memory_mb()
         amp = backend.autocast(devices.resolve_precision(backend, "fp16"))
         auto = devices.resolve_precision(backend, "auto")
@@ -455,6 +458,7 @@ def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     amp_calls = ["[torch.float16]"] if vendor_amp else ["[]"]
-    calls = "[('set_device', 1), ('synchronize', 1), ('manual_seed', 7), ('max_memory_allocated', 1)]"
+    calls = ("[('set_device', 1), ('synchronize', 1), ('manual_seed', 7), ('reset_max_memory_allocated', 1), "
+             "('max_memory_allocated', 1)]")
     assert res.stdout.split() == ["sdaa:1", *calls.split(), "3.0", "sdaa", "torch.float16", "bf16" if bf16 else "fp16",
                                   *amp_calls]
