@@ -41,6 +41,12 @@ class Backend:
     def device(self) -> torch.device:
         return torch.device(self.device_string)
 
+    @property
+    def pin_memory_device(self) -> str:
+        """DataLoader's `pin_memory_device`: torch 2.0 (the sdaa stack's) pins for CUDA unless told the
+        device; later versions pin for the current accelerator and ignore it ("": the default)."""
+        return "sdaa" if self.name == "sdaa" else ""
+
     def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for the forward pass (`precision` already resolved); fp32 is a no-op."""
         if precision == "fp32":

@@ -259,7 +259,8 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
                                        on_device=run.augment_on_device)
             loader = make_loader(dataset, batches[start:], loader_workers(run.backend, spec.data.workers),
                                  run.backend.pin_memory,
-                                 spec.model.num_classes, spec.model.stride, spec.loss.min_overlap)
+                                 spec.model.num_classes, spec.model.stride, spec.loss.min_overlap,
+                                 pin_device=run.backend.pin_memory_device)
             t_wait = time.perf_counter()
             position = (epoch, start)  # (epoch, batches of it done) for the checkpoint
             for i, batch in enumerate(loader, start=start):

@@ -34,6 +34,8 @@ def test_backends_strings_and_policies():
     assert devices.should_compile(sdaa, "on") and not devices.should_compile(sdaa, "auto")
     assert sdaa.pin_memory and cuda.pin_memory and not cpu.pin_memory
     assert (sdaa.index, cuda.index, sdaa.compile_backend) == (2, 1, "inductor")
+    # torch 2.0's DataLoader pins for CUDA unless told the device
+    assert (sdaa.pin_memory_device, cuda.pin_memory_device, cpu.pin_memory_device) == ("sdaa", "", "")
 
 
 def test_precision_resolution():

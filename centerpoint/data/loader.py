@@ -325,7 +325,7 @@ def eval_batches(num_samples: int, batch_size: int, rank: int = 0, world_size: i
 
 
 def make_loader(dataset: DetectionDataset, batches: list[list[Key]], workers: int, pin_memory: bool,
-                num_classes: int = 0, stride: int = 4, min_overlap: float = 0.3) -> DataLoader:
+                num_classes: int = 0, stride: int = 4, min_overlap: float = 0.3, pin_device: str = "") -> DataLoader:
     """A DataLoader over precomputed batches (train collate builds targets, or with `dataset.on_device`
     ships decoded images for `device_augment`; eval collate keeps affines)."""
     if dataset.on_device:
@@ -338,7 +338,8 @@ def make_loader(dataset: DetectionDataset, batches: list[list[Key]], workers: in
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=init_worker if workers > 0 else None)
+                      worker_init_fn=init_worker if workers > 0 else None,
+                      **({"pin_memory_device": pin_device} if pin_memory and pin_device else {}))
 
 
 def init_worker(worker_id: int) -> None:
