@@ -209,4 +209,5 @@ def test_checkpoint_round_trip_between_devices(device: str, tmp_path: Path) -> N
     save_checkpoint(tmp_path / "b.safetensors", on_cpu, spec, 1)
     back = restore_state(load_checkpoint(tmp_path / "b.safetensors"), state)
     assert all(v.device == state.params[k].device and torch.equal(v, state.params[k]) for k, v in back.params.items())
-    assert int(back.step) == 1 and sorted(back.scaler) == sorted(state.scaler)
+    assert int(back.step) == int(state.step) and sorted(back.scaler) == sorted(state.scaler)
+    assert all(torch.equal(v, state.scaler[k]) for k, v in back.scaler.items())
