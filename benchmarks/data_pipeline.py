@@ -52,7 +52,7 @@ from centerpoint.data.loader import (
     shared_empty,
 )
 from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion, photometric_distort
-from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr
+from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr, zero_outside_
 from centerpoint.data.transforms import train_affine, transform_boxes, warp, zero_padding_
 from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import make_targets
@@ -229,7 +229,7 @@ def stage_times(ds: DetectionDataset, keys: list[tuple[int, int]], batch: int, i
                            if spec.photometric else None)
         acc["photometric"] += time.process_time() - t
         t = time.process_time()
-        zero_padding_(planes, a, w, h)
+        zero_outside_(planes, a, w, h)
         transform_boxes(idx.boxes[i], a, size, spec.min_box_size)
         acc["padding+boxes"] += time.process_time() - t
     feat = (spec.input_size // STRIDE,) * 2

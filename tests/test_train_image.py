@@ -13,8 +13,8 @@ from PIL import Image
 
 from centerpoint.data.loader import read_image
 from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion
-from centerpoint.data.train_image import decode_bgr, jpeg_reduction, to_planes, warp_bgr
-from centerpoint.data.transforms import inside_mask, scale_translate, warp
+from centerpoint.data.train_image import decode_bgr, jpeg_reduction, to_planes, warp_bgr, zero_outside_
+from centerpoint.data.transforms import inside_mask, scale_translate, warp, zero_padding_
 from centerpoint.errors import CenterpointError
 from tests.test_pipeline import _test_image
 
@@ -134,3 +134,14 @@ def test_decode_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(CenterpointError, match="cannot decode"):
         decode_bgr(str(tmp_path / "bad.png"), (4, 4))
+
+
+def test_zero_outside_sets_the_same_pixels_as_zero_padding() -> None:
+    rng = np.random.default_rng(5)
+    for k in range(40):
+        w, h = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        flip = 64.0 if k % 2 else None
+        a = scale_translate(float(rng.uniform(0.1, 3.0)), float(rng.uniform(-200, 60)), float(rng.uniform(-200, 60)),
+                            flip)
+        planes = rng.integers(1, 256, (3, 64, 64), dtype=np.uint8)
+        assert np.array_equal(zero_outside_(planes.copy(), a, w, h), zero_padding_(planes.copy(), a, w, h)), k

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.photometric import Distortion, draw_distortion
-from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr
+from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr, zero_outside_
 from centerpoint.data.transforms import (
     center_crop_affine,
     inside_window,
@@ -31,7 +31,6 @@ from centerpoint.data.transforms import (
     train_affine,
     transform_boxes,
     warp,
-    zero_padding_,
 )
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import DataSpec
@@ -178,7 +177,7 @@ class DetectionDataset(Dataset):
         decoded = a @ np.diag([w / bgr.shape[1], h / bgr.shape[0], 1.0])  # a JPEG may be decoded reduced
         pixels = warp_bgr(bgr, decoded, out_size)
         draw = draw_distortion(np.random.default_rng([self.seed, epoch, i, 1])) if self.spec.photometric else None
-        planes = zero_padding_(to_planes(pixels, draw), a, w, h)  # the warp repeats edges; outside is 0
+        planes = zero_outside_(to_planes(pixels, draw), a, w, h)  # the warp repeats edges; outside is 0
         boxes, keep = transform_boxes(boxes, a, out_size, self.spec.min_box_size)
         return Sample(torch.from_numpy(planes), torch.from_numpy(boxes), torch.from_numpy(labels[keep]),
                       torch.from_numpy(invert(a)), image_id)

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from centerpoint.data.photometric import Distortion, _value_steps
+from centerpoint.data.transforms import inside_window
 from centerpoint.errors import CenterpointError
 
 _NUDGE = np.float32(1e-3)  # levels added before truncating the colour-space result (see below)
@@ -74,7 +75,7 @@ def warp_bgr(pixels: np.ndarray, a: np.ndarray, out_size: tuple[int, int]) -> np
     covers [j, j + 1) x [i, i + 1), as `transforms.warp`) into (H, W, 3) uint8, out_size = (W, H).
 
     Bilinear at output pixel centres with the edge pixels repeated beyond the image: the caller zeroes
-    the padding (`transforms.zero_padding_`), as for PIL's warp. A pure integer shift is a copy."""
+    the padding (`zero_outside_`), as for PIL's warp. A pure integer shift is a copy."""
     out_w, out_h = out_size
     if np.allclose(a[:, :2], np.eye(2)) and float(a[0, 2]).is_integer() and float(a[1, 2]).is_integer():
         canvas = np.zeros((out_h, out_w, 3), dtype=np.uint8)
@@ -88,6 +89,18 @@ def warp_bgr(pixels: np.ndarray, a: np.ndarray, out_size: tuple[int, int]) -> np
     m = a.astype(np.float64).copy()
     m[:, 2] += m[:, :2].sum(1) * 0.5 - 0.5
     return cv2.warpAffine(pixels, m, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def zero_outside_(planes: np.ndarray, a: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Set the padding of warped (3, H, W) planes to 0, in place: the pixels whose centre maps outside the
+    `width` x `height` original image (`transforms.zero_padding_`'s pixels, as four slices rather than
+    boolean masks: 6x cheaper)."""
+    x0, x1, y0, y1 = inside_window(a, width, height, (planes.shape[2], planes.shape[1]))
+    planes[:, :y0] = 0
+    planes[:, y1:] = 0
+    planes[:, :, :x0] = 0
+    planes[:, :, x1:] = 0
+    return planes
 
 
 def value_table(d: Distortion) -> np.ndarray:
