@@ -131,6 +131,14 @@ def test_decode_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(CenterpointError, match="cannot decode"):
         decode_bgr(str(tmp_path / "bad.jpg"), (4, 4))
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(_smooth_image(2)).save(whole, quality=90)
+    (tmp_path / "cut.jpg").write_bytes(whole.read_bytes()[:1500])  # cut short: PIL refuses it, so do we
+    with pytest.raises(CenterpointError, match="cannot decode"):
+        decode_bgr(str(tmp_path / "cut.jpg"), (120, 90))
+    (tmp_path / "tail.jpg").write_bytes(whole.read_bytes() + b"trailing bytes")  # decoded (by PIL)
+    assert np.array_equal(decode_bgr(str(tmp_path / "tail.jpg"), (120, 90), 0.3)[..., ::-1],
+                          np.asarray(read_image(str(whole), 0.3)))
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(CenterpointError, match="cannot decode"):
         decode_bgr(str(tmp_path / "bad.png"), (4, 4))

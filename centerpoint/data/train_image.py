@@ -56,14 +56,18 @@ def decode_bgr(path: str, size: tuple[int, int], shrink_to: float | None = None)
         raise CenterpointError(f"image file not found: {path}") from None
     except OSError as err:
         raise CenterpointError(f"cannot read image {path}: {err}") from None
-    if data[:3] == _JPEG_MAGIC:
+    # A JPEG cut short decodes in OpenCV with a warning and grey rows; PIL refuses it, which is what
+    # data.on_bad_image counts on: only a complete JPEG (ending in its EOI marker) goes to OpenCV.
+    if data[:3] == _JPEG_MAGIC and data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
         flags = _REDUCED[jpeg_reduction(*size, shrink_to)] | cv2.IMREAD_IGNORE_ORIENTATION
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if pixels is None:
             raise CenterpointError(f"cannot decode image {path}: not a readable JPEG")
         return pixels
-    try:  # PNG, BMP, ...: PIL (no draft reduction outside JPEG)
+    try:  # PNG, BMP, ..., and JPEGs with anything after their end: PIL, as loader.read_image does
         with Image.open(io.BytesIO(data)) as img:
+            if shrink_to is not None and shrink_to < 0.5 and img.format == "JPEG":
+                img.draft("RGB", (max(1, int(img.width * shrink_to)), max(1, int(img.height * shrink_to))))
             rgb = np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
         raise CenterpointError(f"cannot decode image {path}: {err}") from None
