@@ -142,6 +142,13 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
                                  "step": {"step": state.step}, "scaler": state.scaler}, dist)
     compiled = should_compile(backend, spec.runtime.compile)
+    if compiled:
+        # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
+        # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
+        # torch._dynamo is asked for its backends, which settles the directory.
+        from centerpoint.data.synthetic import default_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
     on_device = augments_on_device(backend, spec.data.augment_on)
     apply = make_apply(net, traced=compiled)
@@ -153,11 +160,6 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
                               growth_interval=spec.runtime.loss_scale_growth_interval)
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:
-        # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
-        # them beside the datasets so a later run of the same shapes skips most of the compile.
-        from centerpoint.data.synthetic import default_cache_dir
-
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
         step_fn = compile_step(step_fn, compile_with)
         predict_fn = compile_step(predict_fn, compile_with, dynamic=spec.data.test_mode == "pad")
     if dist.rank == 0:
