@@ -8,7 +8,9 @@ DataLoader worker, it runs on one thread and (unless --no-ipc) hands each batch 
 its tensors are moved into shared memory (a copy, unless they were made there).
 
 The reference decodes each JPEG in full, warps it with PIL (bilinear), distorts it with a direct numpy
-HSV round trip and draws each object's gaussian in a Python loop (as the original CenterNet does).
+HSV round trip and draws each object's gaussian in a Python loop (as the original CenterNet does). The
+project's workers path uses OpenCV (`data/train_image.py`); the alternatives for each step are timed
+too (`levers_ms_per_image`), and its images are compared with the previous PIL + numpy path's.
 
 It also times the `data.augment_on: device` split: the worker's share (decode, draw the augmentation,
 map the boxes, batch the decoded images on a canvas in shared memory) per process, and the device's
@@ -17,7 +19,7 @@ share (`device_augment.augment_batch`: batched warp, distortion, padding, target
 
 Prints one JSON line: images/s per process from CPU time (this process's own, so less disturbed by
 other load than wall time; wall figures too), the ratios, and where the project's time goes (ms per
-image per stage). Targets: ratio >= 2 and >= 200 images/s per worker process.
+image per stage). Targets: ratio >= 2 and >= 250 images/s per worker process.
 
     python benchmarks/data_pipeline.py [--images 64] [--batch 16] [--rounds 5] [--size 512] [--no-photometric]
 """
@@ -25,6 +27,7 @@ image per stage). Targets: ratio >= 2 and >= 200 images/s per worker process.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import shutil
@@ -39,9 +42,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from centerpoint.data.coco import load_index
-from centerpoint.data.loader import DetectionDataset, collate_source, collate_train, read_image
-from centerpoint.data.photometric import photometric_distort
-from centerpoint.data.transforms import train_affine, transform_boxes, warp
+from centerpoint.data.loader import (
+    DetectionDataset,
+    collate_source,
+    collate_train,
+    init_worker,
+    pad_boxes,
+    read_image,
+    shared_empty,
+)
+from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion, photometric_distort
+from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr, zero_outside_
+from centerpoint.data.transforms import train_affine, transform_boxes, warp, zero_padding_
 from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import make_targets
 
@@ -196,31 +208,30 @@ def hand_over(batch: dict[str, torch.Tensor]) -> None:
 
 
 def stage_times(ds: DetectionDataset, keys: list[tuple[int, int]], batch: int, ipc: bool) -> dict[str, float]:
-    """CPU ms per image of each step the project's pipeline takes (the steps of DetectionDataset, whose
-    spec here draws rescales relative to input_size, train_affine's default)."""
+    """CPU ms per image of each step the project's workers path takes (the steps of
+    `DetectionDataset._train_sample`, whose spec here draws rescales relative to input_size)."""
     idx, spec = ds.index, ds.spec
-    acc = dict.fromkeys(("decode", "warp", "photometric", "boxes", "collate", "targets (part of collate)"), 0.0)
+    acc = dict.fromkeys(("decode", "warp", "photometric", "padding+boxes", "collate",
+                         "targets (part of collate)"), 0.0)
+    size = (spec.input_size, spec.input_size)
     for epoch, i in keys:
         h, w = (int(v) for v in idx.sizes[i])
         a = train_affine(np.random.default_rng([ds.seed, epoch, i]), w, h, spec.input_size, spec.scale_range,
                          spec.flip_prob)
         t = time.process_time()
-        img = read_image(str(idx.image_dir / idx.file_names[i]), shrink_to=abs(a[0, 0]))
+        bgr = decode_bgr(str(idx.image_dir / idx.file_names[i]), (w, h), shrink_to=abs(a[0, 0]))
         acc["decode"] += time.process_time() - t
-        if img.size != (w, h):
-            a = a @ np.diag([w / img.size[0], h / img.size[1], 1.0])
         t = time.process_time()
-        pixels = warp(img, a, (spec.input_size, spec.input_size))
+        pixels = warp_bgr(bgr, a @ np.diag([w / bgr.shape[1], h / bgr.shape[0], 1.0]), size)
         acc["warp"] += time.process_time() - t
         t = time.process_time()
-        if spec.photometric:
-            photometric_distort(pixels, np.random.default_rng([ds.seed, epoch, i, 1]), True)
-        else:
-            np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        planes = to_planes(pixels, draw_distortion(np.random.default_rng([ds.seed, epoch, i, 1]))
+                           if spec.photometric else None)
         acc["photometric"] += time.process_time() - t
         t = time.process_time()
-        transform_boxes(idx.boxes[i], a, (spec.input_size,) * 2, spec.min_box_size)
-        acc["boxes"] += time.process_time() - t
+        zero_outside_(planes, a, w, h)
+        transform_boxes(idx.boxes[i], a, size, spec.min_box_size)
+        acc["padding+boxes"] += time.process_time() - t
     feat = (spec.input_size // STRIDE,) * 2
     for j in range(0, len(keys), batch):
         group = [ds[k] for k in keys[j:j + batch]]
@@ -229,13 +240,73 @@ def stage_times(ds: DetectionDataset, keys: list[tuple[int, int]], batch: int, i
         if ipc:
             hand_over(out)
         acc["collate"] += time.process_time() - t
-        n = max(len(s.labels) for s in group)
-        boxes = torch.stack([torch.cat([s.boxes, torch.zeros(n - len(s.labels), 4)]) for s in group])
-        labels = torch.stack([torch.cat([s.labels, torch.full((n - len(s.labels),), -1)]) for s in group])
+        boxes, labels = pad_boxes(group)
         t = time.process_time()
-        make_targets(boxes, labels, CLASSES, feat, STRIDE, MIN_OVERLAP)
+        make_targets(boxes, labels, CLASSES, feat, STRIDE, MIN_OVERLAP, shared_empty if ipc else None,
+                     zeros=shared_empty if ipc else None)
         acc["targets (part of collate)"] += time.process_time() - t
     return {k: round(v / len(keys) * 1e3, 3) for k, v in acc.items()}
+
+
+def levers(paths: list[str], size: int) -> dict[str, object]:
+    """CPU ms per image of the alternatives for each step, on the same JPEGs and a 0.9x warp: decoders
+    (PIL, OpenCV, simplejpeg when installed), warps (PIL, OpenCV), distortions (numpy, OpenCV; a draw
+    with the colour-space steps, and one without)."""
+    import cv2
+
+    def per_image(fn: Callable[[int], object]) -> float:
+        fn(0)
+        t = time.process_time()
+        for k in range(len(paths)):
+            fn(k)
+        return round((time.process_time() - t) / len(paths) * 1e3, 3)
+
+    data = [Path(p).read_bytes() for p in paths]
+    out: dict[str, object] = {
+        "decode_pil": per_image(lambda k: np.asarray(Image.open(io.BytesIO(data[k])).convert("RGB"))),
+        "decode_opencv": per_image(lambda k: cv2.imdecode(np.frombuffer(data[k], np.uint8), cv2.IMREAD_COLOR)),
+    }
+    try:
+        import simplejpeg
+
+        out["decode_simplejpeg"] = per_image(lambda k: simplejpeg.decode_jpeg(data[k], colorspace="RGB"))
+    except ImportError:
+        out["decode_simplejpeg"] = None
+    img = Image.open(paths[0]).convert("RGB")
+    bgr = np.ascontiguousarray(np.asarray(img)[..., ::-1])
+    a = np.array([[0.9, 0.0, -20.3], [0.0, 0.9, 10.7]])
+    out["warp_pil"] = per_image(lambda k: warp(img, a, (size, size)))
+    out["warp_opencv"] = per_image(lambda k: warp_bgr(bgr, a, (size, size)))
+    pixels = warp(img, a, (size, size))
+    pixels_bgr = np.ascontiguousarray(pixels[..., ::-1])
+    hsv = Distortion(10.0, 1.2, True, 1.3, 10.0, (2, 0, 1))
+    values = Distortion(10.0, 1.2, True, None, None, (2, 0, 1))
+    for name, d in (("hsv", hsv), ("values_only", values)):
+        out[f"photometric_{name}_numpy"] = per_image(lambda k, d=d: apply_distortion(pixels, d, True))
+        out[f"photometric_{name}_opencv"] = per_image(lambda k, d=d: to_planes(pixels_bgr, d))
+    return out
+
+
+def pil_path_difference(ds: DetectionDataset, keys: list[tuple[int, int]]) -> dict[str, float]:
+    """How far the workers path's images are from the previous PIL + numpy path's (same draws): the
+    largest difference, the mean and the fraction of pixels within 1 grey level."""
+    idx, spec = ds.index, ds.spec
+    diffs = []
+    for epoch, i in keys:
+        h, w = (int(v) for v in idx.sizes[i])
+        a = train_affine(np.random.default_rng([ds.seed, epoch, i]), w, h, spec.input_size, spec.scale_range,
+                         spec.flip_prob)
+        img = read_image(str(idx.image_dir / idx.file_names[i]), shrink_to=abs(a[0, 0]))
+        pixels = warp(img, a @ np.diag([w / img.size[0], h / img.size[1], 1.0]), (spec.input_size,) * 2)
+        if spec.photometric:
+            old = photometric_distort(pixels, np.random.default_rng([ds.seed, epoch, i, 1]), True)
+        else:
+            old = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        zero_padding_(old, a, w, h)
+        diffs.append(ds[(epoch, i)].image.numpy().astype(np.int16) - old)
+    d = np.stack(diffs)
+    return {"max_abs": int(np.abs(d).max()), "mean": round(float(d.mean()), 3),
+            "within_1": round(float((np.abs(d) <= 1).mean()), 5)}
 
 
 def main() -> None:
@@ -255,6 +326,7 @@ def main() -> None:
     args = ap.parse_args()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run on one thread
+    init_worker(0)  # and are set up so (one OpenCV thread, freed memory kept)
     photometric, ipc = not args.no_photometric, not args.no_ipc
     root = Path(tempfile.mkdtemp(prefix="centerpoint-bench-"))
     ann_file, image_dir = make_dataset(root, args.images, 0)
@@ -305,14 +377,16 @@ def main() -> None:
     result["ratio_median"] = round(result["project_img_s_median"] / result["reference_img_s_median"], 2)  # type: ignore[operator]
     result["device_path_ratio"] = round(result["device_path_worker_img_s"] / result["reference_img_s"], 2)  # type: ignore[operator]
     result["project_ms_per_image"] = stage_times(ds, keys, args.batch, ipc)
+    result["levers_ms_per_image"] = levers(paths, args.size)
+    result["difference_to_pil_path"] = pil_path_difference(ds, keys[: min(n, 16)])
     result["device_path_device_ms_per_image"] = device_part_ms(ds_device, groups, args.size, args.device, threads)
     shutil.rmtree(root)
-    result["target_ratio"], result["target_img_s"] = 2.0, 200.0
+    result["target_ratio"], result["target_img_s"] = 2.0, 250.0
     # augment_on=workers: the whole pipeline in the worker; augment_on=device: the worker's share, the rest
     # being `device_path_device_ms_per_image` on the training device.
-    result["pass_workers_path"] = bool(result["ratio"] >= 2.0 and result["project_img_s"] >= 200.0)  # type: ignore[operator]
+    result["pass_workers_path"] = bool(result["ratio"] >= 2.0 and result["project_img_s"] >= 250.0)  # type: ignore[operator]
     result["pass_device_path"] = bool(result["device_path_ratio"] >= 2.0  # type: ignore[operator]
-                                      and result["device_path_worker_img_s"] >= 200.0)  # type: ignore[operator]
+                                      and result["device_path_worker_img_s"] >= 250.0)  # type: ignore[operator]
     if args.step:
         torch.set_num_threads(threads)  # the step runs in the main process with all its threads
         step = step_throughput(args.size, args.batch, args.device, args.precision)

@@ -72,11 +72,11 @@ def step_flops(spec, batch) -> float:  # noqa: ANN001
     """FLOPs of one forward+backward (counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = build_network(spec.model)
-    images = normalize(batch["images"].cpu(), spec.data.mean, spec.data.std)
+    net = build_network(spec.model).to(batch["images"].device)  # counted where the batch is: fast on a GPU
+    images = normalize(batch["images"], spec.data.mean, spec.data.std)
     with FlopCounterMode(display=False) as counter:
         out = net(images)
-        centernet_loss(out, {k: v.cpu() for k, v in batch.items()})["loss"].backward()
+        centernet_loss(out, batch)["loss"].backward()
     return float(counter.get_total_flops())
 
 
@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant peak memory runs (cpu)")
     ap.add_argument("--only", choices=["baseline", "eager", "compiled"], help=argparse.SUPPRESS)  # memory child
+    ap.add_argument("--compile-only", action="store_true", help="compile the step once (filling inductor's "
+                    "cache) and exit; prints the compile time")
     args = ap.parse_args()
     backend = select_backend(args.device)
     dev = backend.device
@@ -177,6 +179,13 @@ def main() -> None:
         hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
         print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
         return
+    if args.compile_only:
+        compiled = torch.compile(make_step(True))
+        t = time.perf_counter()
+        functional(compiled)
+        sync()
+        print(json.dumps({"bench": "train_step_compile", "compile_s": round(time.perf_counter() - t, 2)}))
+        return
     result = {"bench": "train_step", "spec": args.spec or "built-in", "params_m": round(
         sum(v.numel() for v in params.values()) / 1e6, 2), "device": str(dev), "size": args.size, "batch": args.batch,
               "precision": args.precision, "channels_last": args.channels_last,
@@ -192,9 +201,12 @@ def main() -> None:
     # Rounds interleave the variants, so drifting machine load hits all of them alike; each variant's
     # figure is its best round's median step.
     seconds: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, fn in variants.items():
+            backend.reset_peak_memory()  # device memory: each variant's own peak (the others' states stay)
             seconds[name].append(timed(fn, args.steps, 2, sync))
+            peaks[name] = max(peaks.get(name, 0.0), backend.max_memory_mb())
     base = min(seconds["baseline"])
     result["baseline_img_s"] = args.batch / base
     for name in ("eager", "compiled"):
@@ -202,7 +214,7 @@ def main() -> None:
             result[f"{name}_img_s"] = args.batch / min(seconds[name])
             result[f"{name}_ratio"] = base / min(seconds[name])
     if dev.type != "cpu":
-        result["peak_mem_mb"] = backend.max_memory_mb()  # all variants of this process
+        result["peak_mem_mb"] = {name: round(v, 1) for name, v in peaks.items()}
     elif not args.no_memory:
         variants = ["baseline", "eager", *(["compiled"] if args.compile else [])]
         result["peak_rss_mb"] = {v: round(peak_rss_mb(args, v), 1) for v in variants}

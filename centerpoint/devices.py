@@ -34,10 +34,18 @@ class Backend:
     free_sync: bool  # reading a device scalar on the host costs nothing (no asynchronous queue to drain)
     augment_by_default: bool = False  # what data.augment_on=auto means: batched augmentation on the device
     default_workers: int = 0  # what data.workers=None means: data loader processes per device
+    index: int = 0  # the card / GPU of this process among the visible ones
+    compile_backend: str = "inductor"  # what runtime.compile_backend=None means: the torch.compile backend
 
     @property
     def device(self) -> torch.device:
         return torch.device(self.device_string)
+
+    @property
+    def pin_memory_device(self) -> str:
+        """DataLoader's `pin_memory_device`: torch 2.0 (the sdaa stack's) pins for CUDA unless told the
+        device; later versions pin for the current accelerator and ignore it ("": the default)."""
+        return "sdaa" if self.name == "sdaa" else ""
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for the forward pass (`precision` already resolved); fp32 is a no-op."""
@@ -53,17 +61,33 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""
         if self.name == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.index)
         elif self.name == "sdaa":
-            torch.sdaa.synchronize(self.device)  # type: ignore[attr-defined]
+            torch.sdaa.synchronize(self.index)  # type: ignore[attr-defined]
 
     def max_memory_mb(self) -> float:
         """Peak device memory allocated by this process, MiB (0 on cpu)."""
         if self.name == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+            return torch.cuda.max_memory_allocated(self.index) / 2**20
         if self.name == "sdaa":
-            return torch.sdaa.max_memory_allocated(self.device) / 2**20  # type: ignore[attr-defined]
+            return torch.sdaa.max_memory_allocated(self.index) / 2**20  # type: ignore[attr-defined]
         return 0.0
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for `max_memory_mb` (no-op on cpu)."""
+        if self.name == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.index)
+        elif self.name == "sdaa":
+            torch.sdaa.reset_max_memory_allocated(self.index)  # type: ignore[attr-defined]
+
+    def manual_seed(self, seed: int) -> None:
+        """Seed this process's device random generator (the host's on cpu)."""
+        if self.name == "cuda":
+            torch.cuda.manual_seed(seed)
+        elif self.name == "sdaa":
+            torch.sdaa.manual_seed(seed)  # type: ignore[attr-defined]
+        else:
+            torch.manual_seed(seed)
 
 
 def _import_sdaa() -> bool:
@@ -103,10 +127,12 @@ def resolve_name(requested: str, probe: Callable[[DeviceName], bool] = available
 def make_backend(name: DeviceName, local_rank: int = 0) -> Backend:
     """The backend for device kind `name`, using the card/core group `local_rank` of this machine."""
     if name == "cuda":
-        return Backend("cuda", f"cuda:{local_rank}", "nccl", True, True, False, True, 4)
+        return Backend("cuda", f"cuda:{local_rank}", "nccl", True, True, False, True, 4, local_rank)
     if name == "sdaa":
-        # torch_sdaa runs eager (no inductor backend), and its collectives go through TCCL.
-        return Backend("sdaa", f"sdaa:{local_rank}", "tccl", False, False, False, False, 4)
+        # Tecorigin's own integrations: collectives through TCCL, pinned host memory, "inductor" named as the
+        # compile backend (Triton is not supported there, so compiling stays opt-in until a card has been
+        # measured), and the card's augmentation stays in the workers (no grid_sample to rely on).
+        return Backend("sdaa", f"sdaa:{local_rank}", "tccl", False, True, False, False, 4, local_rank)
     return Backend("cpu", "cpu", "gloo", False, False, True)
 
 
@@ -144,7 +170,11 @@ def check_local_rank(name: DeviceName, local_rank: int, count: int) -> None:
     if name != "cpu" and local_rank >= count:
         raise CenterpointError(f"local rank {local_rank} needs {name}:{local_rank}, but this machine shows "
                                f"{count} {name} device(s); start at most {count} processes per node "
-                               "(--nproc-per-node), or check which devices are visible (CUDA_VISIBLE_DEVICES on cuda)")
+                               f"(--nproc-per-node), or check which devices are visible ({VISIBLE_DEVICES[name]})")
+
+
+# The variable each card's runtime reads to choose the devices a process sees (device_count counts those).
+VISIBLE_DEVICES = {"cuda": "CUDA_VISIBLE_DEVICES", "sdaa": "SDAA_VISIBLE_DEVICES"}
 
 
 def select_backend(requested: str = "auto", local_rank: int = 0) -> Backend:
@@ -155,9 +185,9 @@ def select_backend(requested: str = "auto", local_rank: int = 0) -> Backend:
     if name == "cpu":
         keep_freed_host_memory()
     if name == "cuda":
-        torch.cuda.set_device(backend.device)
+        torch.cuda.set_device(local_rank)
     elif name == "sdaa":
-        torch.sdaa.set_device(backend.device)  # type: ignore[attr-defined]
+        torch.sdaa.set_device(local_rank)  # type: ignore[attr-defined]
     return backend
 
 
@@ -165,9 +195,53 @@ def should_compile(backend: Backend, setting: str) -> bool:
     """runtime.compile: on/off as asked; auto follows the backend (cuda yes, cpu and sdaa no)."""
     if setting == "auto":
         return backend.compile_by_default
-    if setting == "on" and backend.name == "sdaa":
-        raise CenterpointError("runtime.compile=on: torch.compile is not supported on sdaa; use off or auto")
     return setting == "on"
+
+
+def compile_backends() -> list[str]:
+    """The torch.compile backends this torch offers (all tags, as Tecorigin's DeepSpeed accelerator lists them)."""
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
+
+
+def resolve_compile_backend(backend: Backend, setting: str | None,
+                            offered: Callable[[], list[str]] = compile_backends) -> str:
+    """runtime.compile_backend -> the torch.compile backend (None: the device's, inductor); an unknown name
+    is a clear error that names the backends torch offers."""
+    name = setting or backend.compile_backend
+    available = offered()
+    if name not in available:
+        raise CenterpointError(f"runtime.compile_backend={name}: not a torch.compile backend here; this torch "
+                               f"offers {', '.join(available)} (or set runtime.compile=off)")
+    return name
+
+
+def compile_step(fn: Callable[..., Any], backend_name: str, **kwargs: Any) -> Callable[..., Any]:
+    """torch.compile `fn` with `backend_name`; a failure while compiling (at the first call, where torch
+    compiles) becomes a clear error naming the offered backends, instead of a compiler traceback."""
+    compiled = torch.compile(fn, backend=backend_name, **kwargs)
+    state = {"first": True}
+
+    def call(*args: Any) -> Any:
+        if not state["first"]:
+            return compiled(*args)
+        try:
+            out = compiled(*args)
+        except Exception as err:  # noqa: BLE001 (any compiler failure; the message carries it)
+            import torch._dynamo.exc as dynamo_exc
+
+            if not isinstance(err, (dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError,
+                                    dynamo_exc.Unsupported)):
+                raise
+            raise CenterpointError(f"torch.compile with backend {backend_name!r} failed: "
+                                   f"{str(err).splitlines()[0][:300]}; backends this torch offers: "
+                                   f"{', '.join(compile_backends())}; set runtime.compile_backend to one of them "
+                                   "or runtime.compile=off") from None
+        state["first"] = False
+        return out
+
+    return call
 
 
 def loader_workers(backend: Backend, setting: int | None) -> int:
@@ -183,21 +257,24 @@ def augments_on_device(backend: Backend, setting: str) -> bool:
 def _bf16_supported(name: DeviceName) -> bool:
     if name == "cuda":
         return torch.cuda.is_bf16_supported()
-    if name == "cpu":
-        # oneDNN runs bf16 convolutions natively only on CPUs with AVX512-BF16 or AMX.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+    if name == "sdaa":
+        return bool(torch.sdaa.is_bf16_supported())  # type: ignore[attr-defined]
+    # oneDNN runs bf16 convolutions natively only on CPUs with AVX512-BF16 or AMX.
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_precision(backend: Backend, setting: str, bf16_ok: Callable[[DeviceName], bool] = _bf16_supported
                       ) -> str:
-    """runtime.precision -> the autocast precision used: auto is bf16 where the device computes it
-    natively (measured 1.8x faster than fp32 for the R18 step on an AVX512-BF16 cpu), else fp32.
-    sdaa stays fp32 under auto; ask for bf16/fp16 explicitly there. fp16 needs an accelerator."""
+    """runtime.precision -> the autocast precision used. auto: bf16 where the device computes it natively
+    (measured 1.8x faster than fp32 for the R18 step on an AVX512-BF16 cpu); else fp16 with the loss
+    scaler on sdaa (every SDAA card computes fp16) and fp32 elsewhere. fp16 needs an accelerator."""
     if setting == "auto":
-        return "bf16" if backend.name in ("cpu", "cuda") and bf16_ok(backend.name) else "fp32"
+        if bf16_ok(backend.name):
+            return "bf16"
+        return "fp16" if backend.name == "sdaa" else "fp32"
     if setting == "fp16" and backend.name == "cpu":
         raise CenterpointError("runtime.precision=fp16 needs cuda or sdaa; use bf16 or fp32 on cpu")
-    if setting == "bf16" and backend.name != "sdaa" and not bf16_ok(backend.name):
-        raise CenterpointError(f"runtime.precision=bf16: this {backend.name} device has no native bf16; use fp32")
+    if setting == "bf16" and not bf16_ok(backend.name):
+        hint = "fp16 or fp32" if backend.name != "cpu" else "fp32"
+        raise CenterpointError(f"runtime.precision=bf16: this {backend.name} device has no native bf16; use {hint}")
     return setting

@@ -36,10 +36,13 @@ class Context:
     local_rank: int = 0
     world_size: int = 1
     restart_count: int = 0
+    joined: bool = False  # a worker of a launched job (torchrun, --nproc-per-node): it joins the job's group
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether this process works in a process group: several ranks, or one that a launcher started
+        (a one-rank group runs the same collectives, e.g. `--nproc-per-node 1` checks nccl)."""
+        return self.world_size > 1 or self.joined
 
 
 def launched(env: Mapping[str, str] | None = None) -> bool:
@@ -53,7 +56,7 @@ def context(env: Mapping[str, str] | None = None) -> Context:
     env = os.environ if env is None else env
     if "WORLD_SIZE" in env and "RANK" in env:
         return Context(int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]),
-                       int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
+                       int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), joined=True)
     if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
         return Context(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), int(env["SLURM_NTASKS"]),
                        int(env.get("SLURM_RESTART_COUNT", "0")))

@@ -41,7 +41,8 @@ def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str
     """Run the model on this rank's share of `index`; returns (detection rows (n, 7), bad image count)."""
     dataset = DetectionDataset(index, spec.data, spec.train.seed, train=False)
     batches = eval_batches(len(index), spec.eval.batch_size, rank, world_size, spec.eval.max_images)
-    loader = make_loader(dataset, batches, loader_workers(backend, spec.data.workers), backend.pin_memory)
+    loader = make_loader(dataset, batches, loader_workers(backend, spec.data.workers), backend.pin_memory,
+                         pin_device=backend.pin_memory_device)
     size_of = {img_id: index.sizes[i] for i, img_id in enumerate(index.image_ids)}
     rows, bad = [], 0
     with torch.no_grad():

@@ -35,6 +35,7 @@ class LaunchPlan:
     master_addr: str | None = None
     master_port: int | None = None
     max_restarts: int = 0
+    requested: bool = False  # --nproc-per-node was given: start workers even for one (a one-rank group)
 
     @property
     def world_size(self) -> int:
@@ -60,11 +61,11 @@ def check_plan(plan: LaunchPlan) -> None:
 
 
 def needs_launch(plan: LaunchPlan, env: dict[str, str] | None = None) -> bool:
-    """Whether to start workers here: more than one process asked for, and this process is not already
-    a worker (torchrun, SLURM srun or a previous launch set the job up)."""
+    """Whether to start workers here: more than one process (or --nproc-per-node) asked for, and this
+    process is not already a worker (torchrun, SLURM srun or a previous launch set the job up)."""
     from centerpoint.distributed import launched
 
-    return plan.world_size > 1 and not launched(os.environ if env is None else env)
+    return (plan.world_size > 1 or plan.requested) and not launched(os.environ if env is None else env)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -222,7 +222,11 @@ class EvalSpec(_Spec):
 class RuntimeSpec(_Spec):
     device: Literal["auto", "cpu", "cuda", "sdaa"] = Field("auto", description="auto: cuda, else sdaa, else cpu.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the step. auto: on for "
-                                                  "cuda, off for cpu (gains little there) and sdaa.")
+                                                  "cuda, off for cpu (gains little there) and sdaa (eager until "
+                                                  "a card has been measured compiled).")
+    compile_backend: str | None = Field(None, min_length=1, description="torch.compile backend with compile on "
+                                        "(None: the device's, inductor; names come from "
+                                        "torch._dynamo.list_backends()).")
     @field_validator("compile", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:

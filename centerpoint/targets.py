@@ -145,7 +145,7 @@ def _render_heatmap(cx_int: Tensor, cy_int: Tensor, radius: Tensor, labels: Tens
 
 def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple[int, int], stride: int,
                  min_overlap: float = 0.3, empty: Allocator | None = None, max_radius: int | None = None,
-                 check_labels: bool = True) -> dict[str, Tensor]:
+                 check_labels: bool = True, zeros: Allocator | None = None) -> dict[str, Tensor]:
     """Render CenterNet targets for a padded batch of boxes.
 
     Args:
@@ -161,6 +161,9 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
             on the boxes' device.
         max_radius: the batch's largest gaussian radius (see :func:`max_radius`), None to read it here.
         check_labels: check shapes and the label range here (one host sync); False when the caller did.
+        zeros: ``zeros(shape)`` returns a zero-filled float32 tensor for the heatmap (e.g. fresh shared
+            memory, which the kernel hands out zeroed: no second pass over ~5 MB per image); default
+            ``empty(shape).zero_()``.
 
     Returns:
         ``heatmap`` ``(B, C, H, W)`` float32 in [0, 1], exactly 1 at each object's centre cell;
@@ -193,7 +196,8 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
     cy_int = cy_floor.clamp(0, h_map - 1).long()
     if empty is None:
         empty = partial(torch.empty, dtype=torch.float32, device=dev)
-    heatmap = empty((b, num_classes, h_map, w_map)).zero_()
+    shape = (b, num_classes, h_map, w_map)
+    heatmap = zeros(shape) if zeros is not None else empty(shape).zero_()
     _render_heatmap(cx_int, cy_int, radius, labels, num_classes, feat_hw, heatmap, max_radius)
 
     # Regression maps: scatter into one extra dump slot that absorbs padding objects, so no

@@ -24,7 +24,9 @@ from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader
 from centerpoint.devices import (
     Backend,
     augments_on_device,
+    compile_step,
     loader_workers,
+    resolve_compile_backend,
     resolve_precision,
     select_backend,
     should_compile,
@@ -91,6 +93,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     if dist.rank == 0:
         rundir.check_start(workdir, resume)
     backend = select_backend(spec.runtime.device, dist.local_rank)
+    backend.manual_seed(spec.train.seed + dist.rank)  # device-side draws differ per rank, reproducibly
     precision = resolve_precision(backend, spec.runtime.precision)
     if spec.runtime.threads:
         torch.set_num_threads(spec.runtime.threads)
@@ -138,6 +141,14 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
                                  "step": {"step": state.step}, "scaler": state.scaler}, dist)
     compiled = should_compile(backend, spec.runtime.compile)
+    if compiled:
+        # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
+        # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
+        # torch._dynamo is asked for its backends, which settles the directory.
+        from centerpoint.data.synthetic import default_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
+    compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
     on_device = augments_on_device(backend, spec.data.augment_on)
     apply = make_apply(net, traced=compiled)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
@@ -148,20 +159,16 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
                               growth_interval=spec.runtime.loss_scale_growth_interval)
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:
-        # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
-        # them beside the datasets so a later run of the same shapes skips most of the compile.
-        from centerpoint.data.synthetic import default_cache_dir
-
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
-        step_fn = torch.compile(step_fn)
-        predict_fn = torch.compile(predict_fn, dynamic=spec.data.test_mode == "pad")
+        step_fn = compile_step(step_fn, compile_with)
+        predict_fn = compile_step(predict_fn, compile_with, dynamic=spec.data.test_mode == "pad")
     if dist.rank == 0:
         gb = spec.train.batch_size * world
         scaled = f" (scaled from {spec.optim.lr:g} for base batch {spec.optim.base_batch})" \
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
-        console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
+        group = f" ({backend.dist_backend} process group)" if dist.distributed else ""
+        console.print(f"device {backend.device} x {world}{group} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
-                      f"compile {'on' if compiled else 'off'} | {precision} | "
+                      f"compile {compile_with or 'off'} | {precision} | "
                       f"{loader_workers(backend, spec.data.workers)} loader workers | augment on "
                       f"{'device' if on_device else 'workers'}")
         dropped = train_index.dropped_boxes + val_index.dropped_boxes
@@ -275,7 +282,8 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
                                        on_device=run.augment_on_device)
             loader = make_loader(dataset, batches[start:], loader_workers(run.backend, spec.data.workers),
                                  run.backend.pin_memory,
-                                 spec.model.num_classes, spec.model.stride, spec.loss.min_overlap)
+                                 spec.model.num_classes, spec.model.stride, spec.loss.min_overlap,
+                                 pin_device=run.backend.pin_memory_device)
             t_wait = time.perf_counter()
             position = (epoch, start)  # (epoch, batches of it done) for the checkpoint
             for i, batch in enumerate(loader, start=start):

@@ -28,8 +28,9 @@ _DEBUG = {"on": False}
 
 SpecArg = typer.Argument(None, help="Spec YAML file (default: the built-in shapes experiment).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a spec field: --set optim.lr=0.001 (repeatable).")
-NprocOpt = typer.Option(1, "--nproc-per-node", "--nproc_per_node",
-                        help="Worker processes (devices) on this machine; >1 starts them here.")
+NprocOpt = typer.Option(None, "--nproc-per-node", "--nproc_per_node",
+                        help="Worker processes (devices) on this machine, started here through the elastic "
+                        "launcher (1: one worker in a one-rank process group). Default: this process alone.")
 NnodesOpt = typer.Option(1, "--nnodes", "--nnode", help="Machines in the job.")
 NodeRankOpt = typer.Option(0, "--node-rank", "--node_rank", help="This machine's index, 0..nnodes-1.")
 MasterAddrOpt = typer.Option(None, "--master-addr", "--master_addr",
@@ -147,7 +148,7 @@ def train(
                                 "checkpoint, or `--resume FILE.safetensors` from that file (its run directory "
                                 "unless --workdir says otherwise)."),
     resume_from: Path | None = typer.Option(None, "--resume-from", hidden=True),
-    nproc_per_node: int = NprocOpt,
+    nproc_per_node: int | None = NprocOpt,
     nnodes: int = NnodesOpt,
     node_rank: int = NodeRankOpt,
     master_addr: str | None = MasterAddrOpt,
@@ -174,7 +175,8 @@ def train(
         spec = with_updates(spec, cleared)
     from centerpoint.launch import LaunchPlan, check_plan, launch_workers, needs_launch
 
-    plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port, max_restarts)
+    plan = LaunchPlan(nproc_per_node or 1, nnodes, node_rank, master_addr, master_port, max_restarts,
+                      requested=nproc_per_node is not None)
     check_plan(plan)
     if needs_launch(plan):
         if node_rank == 0:
@@ -204,7 +206,7 @@ def evaluate(
                                          help="Your COCO-format dataset root (sets data.dataset=coco)."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa."),
     out: Path | None = typer.Option(None, "--out", help="Write metrics JSON here (and detections beside it)."),
-    nproc_per_node: int = NprocOpt,
+    nproc_per_node: int | None = NprocOpt,
     nnodes: int = NnodesOpt,
     node_rank: int = NodeRankOpt,
     master_addr: str | None = MasterAddrOpt,
@@ -237,7 +239,8 @@ def evaluate(
     spec = with_updates(spec_from_dict(data, "--set"), updates) if updates else spec_from_dict(data, "--set")
     if out is not None:
         _check_output_dir(out.parent, out)
-    plan = LaunchPlan(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+    plan = LaunchPlan(nproc_per_node or 1, nnodes, node_rank, master_addr, master_port,
+                      requested=nproc_per_node is not None)
     check_plan(plan)
     if needs_launch(plan):
         launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])

@@ -183,5 +183,7 @@ def test_train_loop_batches_agree_between_the_two_paths(tiny_overrides: list[str
     for key in ("heatmap", "wh", "offset", "reg_weight"):
         assert torch.equal(batches["device"][key], batches["workers"][key]), key
     images = (batches["device"]["images"] - batches["workers"]["images"].float()).abs()
-    assert float(images.max()) <= 4 and float(images.mean()) < 1
+    # The worker's warp rounds to uint8 (OpenCV 4.x also snaps sample positions to 1/32 pixel: up to 1/64 of
+    # a sharp edge's 255 levels per axis) and the distortion then scales such differences by up to 1.5 x 1.5.
+    assert float(images.max()) <= 8 and float(images.mean()) < 1
     assert losses["device"] == pytest.approx(losses["workers"], rel=1e-2)

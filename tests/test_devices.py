@@ -30,8 +30,12 @@ def test_backends_strings_and_policies():
     assert cpu.dist_backend == "gloo" and cpu.free_sync and not cpu.compile_by_default
     assert devices.should_compile(cuda, "auto") and not devices.should_compile(cpu, "auto")
     assert devices.should_compile(cpu, "on") and not devices.should_compile(cuda, "off")
-    with pytest.raises(CenterpointError, match="not supported on sdaa"):
-        devices.should_compile(sdaa, "on")
+    # sdaa compiles when asked (Tecorigin names inductor as the card's backend); auto stays eager there.
+    assert devices.should_compile(sdaa, "on") and not devices.should_compile(sdaa, "auto")
+    assert sdaa.pin_memory and cuda.pin_memory and not cpu.pin_memory
+    assert (sdaa.index, cuda.index, sdaa.compile_backend) == (2, 1, "inductor")
+    # torch 2.0's DataLoader pins for CUDA unless told the device
+    assert (sdaa.pin_memory_device, cuda.pin_memory_device, cpu.pin_memory_device) == ("sdaa", "", "")
 
 
 def test_precision_resolution():
@@ -40,8 +44,12 @@ def test_precision_resolution():
     assert devices.resolve_precision(cpu, "auto", yes) == "bf16"
     assert devices.resolve_precision(cpu, "auto", no) == "fp32"
     assert devices.resolve_precision(cuda, "auto", yes) == "bf16"
-    assert devices.resolve_precision(sdaa, "auto", yes) == "fp32"
+    # sdaa: bf16 where the card has it, else fp16 (every card has it) with the loss scaler
+    assert devices.resolve_precision(sdaa, "auto", yes) == "bf16"
+    assert devices.resolve_precision(sdaa, "auto", no) == "fp16"
     assert devices.resolve_precision(sdaa, "fp16", no) == "fp16"
+    with pytest.raises(CenterpointError, match="no native bf16; use fp16 or fp32"):
+        devices.resolve_precision(sdaa, "bf16", no)
     with pytest.raises(CenterpointError, match="fp16 needs cuda or sdaa"):
         devices.resolve_precision(cpu, "fp16", yes)
     with pytest.raises(CenterpointError, match="no native bf16"):
@@ -69,3 +77,41 @@ def test_local_rank_beyond_the_visible_devices_is_a_clear_error():
     with pytest.raises(CenterpointError, match="cuda:0.*0 cuda device"):
         devices.check_local_rank("cuda", 0, 0)
     assert devices.device_count("cpu") == 1
+
+
+def test_compile_backend_resolution_names_what_torch_offers():
+    sdaa, cuda = devices.make_backend("sdaa"), devices.make_backend("cuda")
+    offered = lambda: ["aot_eager", "eager", "inductor"]  # noqa: E731
+    assert devices.resolve_compile_backend(sdaa, None, offered) == "inductor"
+    assert devices.resolve_compile_backend(cuda, "aot_eager", offered) == "aot_eager"
+    with pytest.raises(CenterpointError, match="compile_backend=tvm.*offers aot_eager, eager, inductor"):
+        devices.resolve_compile_backend(sdaa, "tvm", offered)
+    assert "inductor" in devices.compile_backends() and "eager" in devices.compile_backends()
+
+
+def test_a_backend_that_fails_to_compile_is_a_clear_error():
+    import torch._dynamo
+
+    def broken(gm, example_inputs):  # noqa: ANN001, ANN202 (a backend whose compiler fails)
+        raise RuntimeError("this backend cannot compile")
+
+    torch._dynamo.register_backend(broken, name="broken_for_test")
+    step = devices.compile_step(lambda x: x * 2 + 1, "broken_for_test")
+    with pytest.raises(CenterpointError, match="backend 'broken_for_test' failed.*offers.*inductor"):
+        step(torch.ones(3))
+    ok = devices.compile_step(lambda x: x * 2 + 1, "eager")
+    assert torch.equal(ok(torch.ones(3)), torch.full((3,), 3.0)) and torch.equal(ok(torch.zeros(2)), torch.ones(2))
+
+
+def test_visible_devices_variable_is_named_per_card():
+    with pytest.raises(CenterpointError, match="SDAA_VISIBLE_DEVICES"):
+        devices.check_local_rank("sdaa", 2, 1)
+    with pytest.raises(CenterpointError, match="CUDA_VISIBLE_DEVICES"):
+        devices.check_local_rank("cuda", 2, 1)
+
+
+def test_cpu_seed_is_torch_manual_seed():
+    devices.make_backend("cpu").manual_seed(123)
+    a = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(a, torch.rand(3))

@@ -343,6 +343,8 @@ def test_ctrl_c_to_the_launcher_stops_every_worker_at_one_step(tmp_path, tiny_ov
 def test_context_from_launcher_and_slurm_environments() -> None:
     ctx = distributed.context({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "TORCHELASTIC_RESTART_COUNT": "2"})
     assert (ctx.rank, ctx.local_rank, ctx.world_size, ctx.restart_count, ctx.distributed) == (3, 1, 4, 2, True)
+    one = distributed.context({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})  # torchrun --nproc-per-node 1
+    assert one.world_size == 1 and one.joined and one.distributed and not distributed.Context().distributed
     ctx = distributed.context({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"})
     assert (ctx.rank, ctx.local_rank, ctx.world_size, ctx.restart_count) == (5, 1, 8, 0)
     assert distributed.context({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == distributed.Context()
@@ -354,6 +356,8 @@ def test_context_from_launcher_and_slurm_environments() -> None:
 def test_launch_plan_decides_and_configures_the_elastic_agent() -> None:
     assert launch.needs_launch(launch.LaunchPlan(2), {})
     assert not launch.needs_launch(launch.LaunchPlan(1), {})
+    assert launch.needs_launch(launch.LaunchPlan(1, requested=True), {})  # --nproc-per-node 1: one launched worker
+    assert not launch.needs_launch(launch.LaunchPlan(1, requested=True), {"WORLD_SIZE": "1", "RANK": "0"})
     assert not launch.needs_launch(launch.LaunchPlan(3), {"WORLD_SIZE": "3", "RANK": "0"})  # under torchrun
     assert launch.needs_launch(launch.LaunchPlan(1, nnodes=2, master_addr="h"), {})
     cfg = launch.launch_config(launch.LaunchPlan(3, 2, 1, "node0", 1234, 2))
@@ -410,8 +414,7 @@ def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.Monkey
     assert (cuda.device, cuda.dist_backend, cuda.compile_by_default) == (torch.device("cuda", 2), "nccl", True)
     assert (sdaa.device_string, sdaa.dist_backend, sdaa.compile_by_default) == ("sdaa:1", "tccl", False)
     assert (cpu.device, cpu.dist_backend) == (torch.device("cpu"), "gloo")
-    with pytest.raises(CenterpointError, match="sdaa"):
-        devices.should_compile(sdaa, "on")
+    assert devices.should_compile(sdaa, "on") and not devices.should_compile(sdaa, "auto")
     with warnings.catch_warnings():  # without a GPU torch warns that it disables this context
         warnings.simplefilter("ignore")
         amp = cuda.autocast("bf16")
@@ -421,7 +424,7 @@ def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert devices.select_backend("cuda", 1).device == torch.device("cuda", 1) and set_to == [torch.device("cuda", 1)]
+    assert devices.select_backend("cuda", 1).device == torch.device("cuda", 1) and set_to == [1]
     joined = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: joined.append(backend))
@@ -432,19 +435,32 @@ def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.Monkey
     assert joined == ["nccl", "tccl", "gloo"]
 
 
-@pytest.mark.parametrize("vendor_amp", [False, True])
-def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp: bool) -> None:
+@pytest.mark.parametrize(("vendor_amp", "bf16"), [(False, True), (True, False)])
+def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp: bool, bf16: bool) -> None:
     """In a fresh process: a stand-in `torch_sdaa` registers the 'sdaa' device name the way the real one
-    does; selection then sets sdaa:<local_rank> and mixed precision autocasts on 'sdaa', through
-    `torch.sdaa.amp.autocast` when torch_sdaa has it (`vendor_amp`, as the real one does), else through
-    torch.autocast. Selecting cpu never imports torch_sdaa."""
+    does and gives `torch.sdaa` the surface Tecorigin's own DeepSpeed accelerator uses (is_available,
+    device_count, set_device, synchronize, max_memory_allocated, reset_max_memory_allocated, manual_seed,
+    is_bf16_supported, each taking a device index) and nothing more, besides what torch.autocast requires
+    of any such device (get_amp_supported_dtype) and `torch.sdaa.amp.autocast` when `vendor_amp` (the real
+    one has it).
+    Selection sets the card of the local rank; synchronisation, memory and seeding go to that card;
+    precision auto is bf16 where the card has it, else fp16; mixed precision autocasts on 'sdaa' (through
+    the vendor's amp when present). Selecting cpu never imports torch_sdaa."""
     (tmp_path / "torch_sdaa.py").write_text(textwrap.dedent(f"""
         import types
         import torch
         torch.utils.rename_privateuse1_backend("sdaa")
         calls = []
-        torch.sdaa = types.SimpleNamespace(is_available=lambda: True, set_device=calls.append, device_count=lambda: 3,
-                                           get_amp_supported_dtype=lambda: [torch.float16, torch.bfloat16])
+
+        def record(name, result=None):
+            return lambda *args: (calls.append((name, *args)), result)[1]
+
+        torch.sdaa = types.SimpleNamespace(
+            is_available=lambda: True, device_count=lambda: 3, set_device=record("set_device"),
+            synchronize=record("synchronize"), max_memory_allocated=record("max_memory_allocated", 3 * 2**20),
+            reset_max_memory_allocated=record("reset_max_memory_allocated"),
+            manual_seed=record("manual_seed"), is_bf16_supported=lambda: {bf16},
+            get_amp_supported_dtype=lambda: [torch.float16, torch.bfloat16])  # torch.autocast asks any such device
         amp_calls = []
 
         def vendor_autocast(dtype=None):  # the vendor's amp records the dtype it was asked for
@@ -461,13 +477,19 @@ def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp
         assert "torch_sdaa" not in sys.modules
         backend = devices.select_backend("sdaa", 1)
         import torch, torch_sdaa
+        backend.synchronize()
+        backend.manual_seed(7)
+        backend.reset_peak_memory()
+        mb = backend.max_memory_mb()
         amp = backend.autocast(devices.resolve_precision(backend, "fp16"))
-        print(backend.device, torch_sdaa.calls, amp.device, amp.fast_dtype, devices.resolve_precision(backend, "auto"),
-              torch_sdaa.amp_calls)
+        auto = devices.resolve_precision(backend, "auto")
+        print(backend.device, torch_sdaa.calls, mb, amp.device, amp.fast_dtype, auto, torch_sdaa.amp_calls)
     """)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     amp_calls = ["[torch.float16]"] if vendor_amp else ["[]"]
-    assert res.stdout.split() == ["sdaa:1", "[device(type='sdaa',", "index=1)]", "sdaa", "torch.float16", "fp32",
+    calls = ("[('set_device', 1), ('synchronize', 1), ('manual_seed', 7), ('reset_max_memory_allocated', 1), "
+             "('max_memory_allocated', 1)]")
+    assert res.stdout.split() == ["sdaa:1", *calls.split(), "3.0", "sdaa", "torch.float16", "bf16" if bf16 else "fp16",
                                   *amp_calls]

@@ -14,6 +14,7 @@ from PIL import Image
 from centerpoint.data.coco import load_index
 from centerpoint.data.loader import DetectionDataset, collate_train, read_image, shared_empty
 from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion, photometric_distort
+from centerpoint.data.train_image import warp_bgr
 from centerpoint.data.transforms import (
     center_crop_affine,
     invert,
@@ -262,6 +263,20 @@ def reference_zero_padding(pixels: np.ndarray, a: np.ndarray, width: int, height
     return out
 
 
+def opencv_warp(img: Image.Image, a: np.ndarray) -> np.ndarray:
+    """The training warp on an RGB image (`train_image.warp_bgr`, which tests/test_train_image.py compares
+    with the exact bilinear values and PIL's), to a 64 x 64 (H, W, 3) RGB array."""
+    return warp_bgr(np.ascontiguousarray(np.asarray(img)[..., ::-1]), a, (64, 64))[..., ::-1]
+
+
+def within_one_level(got: np.ndarray, want: np.ndarray) -> bool:
+    """The OpenCV colour-space round trip against the exact numpy form: at most one level apart, and
+    rarely (`test_train_image.py`); black (the padding, among others) stays black."""
+    diff = np.abs(got.astype(int) - want)
+    black = (want == 0).all(0)
+    return bool(diff.max() <= 1 and (diff > 0).mean() < 0.1 and (got[:, black] == 0).all())
+
+
 def _dataset(tiny_coco: tuple[Path, Path], seed: int = 0) -> DetectionDataset:
     index = load_index(tiny_coco[0], tiny_coco[1], train=True)
     # test_size=None: training rescales are drawn relative to input_size (what train_affine does by default)
@@ -298,9 +313,9 @@ def test_sample_equals_previous_pipeline(tiny_coco: tuple[Path, Path]) -> None:
                 img.draft("RGB", (max(1, int(w * abs(a[0, 0]))), max(1, int(h * abs(a[0, 0])))))
             img = img.convert("RGB")
             a = a @ np.diag([w / img.size[0], h / img.size[1], 1.0])
-            pixels = previous_photometric_distort(warp(img, a, (64, 64)), np.random.default_rng([0, epoch, i, 1]))
+            pixels = previous_photometric_distort(opencv_warp(img, a), np.random.default_rng([0, epoch, i, 1]))
             pixels = reference_zero_padding(pixels, a @ np.diag([img.size[0] / w, img.size[1] / h, 1.0]), w, h)
-            assert np.array_equal(ds[(epoch, i)].image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
+            assert within_one_level(ds[(epoch, i)].image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
             padded += int((pixels == 0).all(-1).sum())
     assert padded > 0  # scales below 1 leave padding around the image
 
@@ -331,10 +346,10 @@ def test_center_crop_samples(tiny_coco: tuple[Path, Path], ratios: tuple[float, 
             if abs(a[0, 0]) < 0.5:
                 img.draft("RGB", (max(1, int(w * abs(a[0, 0]))), max(1, int(h * abs(a[0, 0])))))
             img = img.convert("RGB")
-            pixels = warp(img, a @ np.diag([w / img.size[0], h / img.size[1], 1.0]), (64, 64))
+            pixels = opencv_warp(img, a @ np.diag([w / img.size[0], h / img.size[1], 1.0]))
             pixels = previous_photometric_distort(pixels, np.random.default_rng([0, epoch, i, 1]))
             pixels = reference_zero_padding(pixels, a, w, h)
-            assert np.array_equal(s.image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
+            assert within_one_level(s.image.numpy(), pixels.transpose(2, 0, 1)), (epoch, i)
             kept += len(s.labels)
             dropped += len(index.labels[i]) - len(s.labels)
     assert kept > 0 and (dropped > 0 or min(ratios) > 2)  # the crop's box filter is exercised

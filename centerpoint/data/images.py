@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -23,13 +24,14 @@ def _raise_pillow_limit(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def open_image(path: str, max_pixels: int) -> Image.Image:
-    """The image at `path`, opened lazily (header read, pixels not decoded), at most `max_pixels` pixels."""
+def open_image(path: str, max_pixels: int, source: BinaryIO | None = None) -> Image.Image:
+    """The image at `path` (or read from `source`, the file's bytes, when given), opened lazily (header read,
+    pixels not decoded), at most `max_pixels` pixels."""
     _raise_pillow_limit(max_pixels)
     try:
         with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the check below says it better
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source if source is not None else path)
     except FileNotFoundError:
         raise CenterpointError(f"image file not found: {path}") from None
     except Image.DecompressionBombError as err:  # over twice Pillow's limit: it refuses before we can look
