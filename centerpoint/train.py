@@ -25,14 +25,7 @@ from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
-from centerpoint.devices import (
-    Backend,
-    augments_on_device,
-    loader_workers,
-    resolve_precision,
-    select_backend,
-    should_compile,
-)
+from centerpoint.devices import Backend, resolve_settings
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.layout import channels_last as to_channels_last
@@ -92,8 +85,12 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     """Everything up to the first step: device, data, model, optimizer, (resumed) state, compiled step."""
     dist = distributed.context()
     resume = resume or dist.restart_count > 0  # a restarted worker continues from the latest checkpoint
-    backend = select_backend(spec.runtime.device, dist.local_rank)
-    precision = resolve_precision(backend, spec.runtime.precision)
+    backend, resolved, notes = resolve_settings(spec, dist.local_rank)
+    spec = spec.model_copy(update={"resolved": resolved})  # recorded with the run: spec.yaml, checkpoints, TB
+    precision = resolved.precision
+    if dist.rank == 0:
+        for note in notes:
+            console.print(f"note: {note}")
     if spec.runtime.threads:
         torch.set_num_threads(spec.runtime.threads)
     workdir = check_workdir(Path(spec.logging.workdir)) if dist.rank == 0 else Path(spec.logging.workdir)
@@ -138,8 +135,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     state = distributed.broadcast_state(state, dist)
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
                                  "step": {"step": state.step}, "scaler": state.scaler}, dist)
-    compiled = should_compile(backend, spec.runtime.compile)
-    on_device = augments_on_device(backend, spec.data.augment_on)
+    compiled, on_device = resolved.compile == "on", resolved.augment_on == "device"
     apply = make_apply(net, traced=compiled)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
                               autocast=lambda: backend.autocast(precision),
@@ -163,7 +159,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
         console.print(f"device {backend.device} x {world} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
                       f"compile {'on' if compiled else 'off'} | {precision} | "
-                      f"{loader_workers(backend, spec.data.workers)} loader workers | augment on "
+                      f"{resolved.workers} loader workers | augment on "
                       f"{'device' if on_device else 'workers'}")
         dropped = train_index.dropped_boxes + val_index.dropped_boxes
         if dropped or train_index.dropped_images:
@@ -219,6 +215,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
     console = console or Console()
     t_start = time.perf_counter()
     run = build_run(spec, resume, console)
+    spec = run.spec  # with the resolved auto settings
     is_main = run.dist.rank == 0
     workdir = run.workdir
     if run.finished is not None:
@@ -252,7 +249,7 @@ def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = 
             start = run.start_batch if epoch == run.start_epoch else 0
             dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True,
                                        on_device=run.augment_on_device)
-            loader = make_loader(dataset, batches[start:], loader_workers(run.backend, spec.data.workers),
+            loader = make_loader(dataset, batches[start:], spec.resolved.workers,
                                  run.backend.pin_memory,
                                  spec.model.num_classes, spec.model.stride, spec.loss.min_overlap)
             t_wait = time.perf_counter()
