@@ -205,7 +205,6 @@ def resolve_precision(backend: Backend, setting: str, bf16_ok: Callable[[DeviceN
     return setting
 
 
-
 def resolve_settings(spec: ExperimentSpec, local_rank: int = 0) -> tuple[Backend, ResolvedSpec, list[str]]:
     """The backend and the device-dependent settings a training run uses, with notes for the user.
 

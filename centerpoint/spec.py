@@ -245,10 +245,8 @@ class ResolvedSpec(_Spec):
     workers: int = Field(ge=0, le=64, description="data.workers used (loader processes per device).")
     augment_on: Literal["workers", "device"] = Field(description="data.augment_on used.")
 
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, value: Any) -> Any:
-        return RuntimeSpec._yaml_on_off(value)
+    # the same bare YAML on / off reading as runtime.compile
+    _yaml_on_off = field_validator("compile", mode="before")(RuntimeSpec._yaml_on_off.__func__)
 
 
 class ExperimentSpec(_Spec):

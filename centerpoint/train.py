@@ -88,9 +88,6 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
     backend, resolved, notes = resolve_settings(spec, dist.local_rank)
     spec = spec.model_copy(update={"resolved": resolved})  # recorded with the run: spec.yaml, checkpoints, TB
     precision = resolved.precision
-    if dist.rank == 0:
-        for note in notes:
-            console.print(f"note: {note}")
     if spec.runtime.threads:
         torch.set_num_threads(spec.runtime.threads)
     workdir = check_workdir(Path(spec.logging.workdir)) if dist.rank == 0 else Path(spec.logging.workdir)
@@ -153,6 +150,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console) -> Run:
         step_fn = torch.compile(step_fn)
         predict_fn = torch.compile(predict_fn, dynamic=spec.data.test_mode == "pad")
     if dist.rank == 0:
+        for note in notes:
+            console.print(f"note: {note}")
         gb = spec.train.batch_size * world
         scaled = f" (scaled from {spec.optim.lr:g} for base batch {spec.optim.base_batch})" \
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
