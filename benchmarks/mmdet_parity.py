@@ -78,9 +78,10 @@ from centerpoint.imports import import_mmdet  # noqa: E402
 from centerpoint.inference import evaluate_checkpoint  # noqa: E402
 from centerpoint.loss import centernet_loss  # noqa: E402
 from centerpoint.model import build_network, init, make_apply  # noqa: E402
-from centerpoint.spec import MMDET_R18, ModelSpec, load_spec, spec_to_yaml  # noqa: E402
+from centerpoint.spec import ModelSpec, load_spec, spec_to_yaml  # noqa: E402
 from centerpoint.targets import make_targets  # noqa: E402
 
+RECIPE = ROOT / "experiments" / "centernet_r18_coco.yaml"
 CONFIG = Path(mmdet.__file__).parent / ".mim" / "configs" / "centernet" / "centernet_r18_8xb16-crop512-140e_coco.py"
 Result = dict[str, float | int | bool | str]
 
@@ -142,9 +143,14 @@ def perturb(model: torch.nn.Module) -> None:
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
 
 
+def recipe_model() -> ModelSpec:
+    """The network of the project's COCO recipe (experiments/centernet_r18_coco.yaml), 3 classes."""
+    return load_spec(RECIPE, [f"model.num_classes={NUM_CLASSES}", "model.pretrained=null"]).model
+
+
 def project_state(model: torch.nn.Module) -> tuple[dict, dict, ModelSpec]:
     """The project's (params, buffers) holding the mmdetection model's tensors, by name."""
-    spec = ModelSpec(**MMDET_R18, num_classes=NUM_CLASSES)
+    spec = recipe_model()
     params, buffers = init(spec, 0)
     sd = model.state_dict()
     missing = sorted((set(params) | set(buffers)) ^ set(sd))
@@ -186,7 +192,7 @@ def check_init(model: torch.nn.Module) -> Result:
     """What is not random in the two initialisations: bilinear deconv kernels on output channel 0, head
     biases, every BatchNorm (zero-init residual included) and its statistics."""
     want = model.state_dict()
-    params, buffers = init(ModelSpec(**MMDET_R18, num_classes=NUM_CLASSES), 0)
+    params, buffers = init(recipe_model(), 0)
     got = {**params, **buffers}
     pairs = [(got[k][:, 0], want[k][:, 0]) for k in got if k.startswith("neck.") and got[k].dim() == 4
              and k.endswith("conv.weight") and int(k.split(".")[2]) % 2 == 1]
@@ -375,7 +381,7 @@ def check_end_to_end(model: torch.nn.Module, root: Path, files: list[Path]) -> d
     torch.save({"state_dict": model.state_dict()}, root / "mmdet_weights.pth")
     out: dict[str, Result] = {}
     for batch in (1, 4):
-        spec = load_spec(ROOT / "experiments" / "centernet_r18_coco.yaml", [
+        spec = load_spec(RECIPE, [
             f"data.root={root}", "data.val_ann=ann.json", "data.val_images=img", f"model.num_classes={NUM_CLASSES}",
             "model.pretrained=null", f"eval.batch_size={batch}", "runtime.device=cpu", "data.workers=0"])
         (root / "spec.yaml").write_text(spec_to_yaml(spec))
