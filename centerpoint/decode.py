@@ -82,7 +82,9 @@ def boxes_to_original(boxes: Tensor, inverse_affine: Tensor) -> Tensor:
         inverse_affine: ``(B, 2, 3)`` with ``[x_orig, y_orig] = A @ [x, y, 1]``.
 
     Returns:
-        ``(B, K, 4)`` xyxy in original pixels with ``x1 <= x2`` and ``y1 <= y2``.
+        ``(B, K, 4)`` xyxy in original pixels: a mirror swaps the two x (or y) values back, so a box keeps
+        its orientation (one of negative width, which a network can predict, stays negative, as
+        mmdetection leaves it).
 
     Only the two stored corners are mapped, which is exact for scale + translation + flips (the
     transforms the pipeline uses); under a rotation this would not give the enclosing box.
@@ -97,5 +99,7 @@ def boxes_to_original(boxes: Tensor, inverse_affine: Tensor) -> Tensor:
     ys = boxes[..., 1::2]
     x_o = a[..., 0, 0:1] * xs + a[..., 0, 1:2] * ys + a[..., 0, 2:3]
     y_o = a[..., 1, 0:1] * xs + a[..., 1, 1:2] * ys + a[..., 1, 2:3]
-    # A flip swaps which corner is left/top, so re-sort each coordinate pair.
-    return torch.stack([x_o.amin(-1), y_o.amin(-1), x_o.amax(-1), y_o.amax(-1)], dim=-1)
+    # Under a mirror the left edge comes from x2: swap each pair where its axis is mirrored.
+    x_o = torch.where(a[..., 0, 0:1] < 0, x_o.flip(-1), x_o)
+    y_o = torch.where(a[..., 1, 1:2] < 0, y_o.flip(-1), y_o)
+    return torch.stack([x_o[..., 0], y_o[..., 0], x_o[..., 1], y_o[..., 1]], dim=-1)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from centerpoint.errors import CenterpointError
+from centerpoint.spec import ExperimentSpec, ResolvedSpec
 
 DeviceName = Literal["cpu", "cuda", "sdaa"]
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -263,11 +264,12 @@ def _bf16_supported(name: DeviceName) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(backend: Backend, setting: str, bf16_ok: Callable[[DeviceName], bool] = _bf16_supported
+def resolve_precision(backend: Backend, setting: str, bf16_ok: Callable[[DeviceName], bool] | None = None
                       ) -> str:
     """runtime.precision -> the autocast precision used. auto: bf16 where the device computes it natively
     (measured 1.8x faster than fp32 for the R18 step on an AVX512-BF16 cpu); else fp16 with the loss
     scaler on sdaa (every SDAA card computes fp16) and fp32 elsewhere. fp16 needs an accelerator."""
+    bf16_ok = bf16_ok or _bf16_supported
     if setting == "auto":
         if bf16_ok(backend.name):
             return "bf16"
@@ -278,3 +280,40 @@ def resolve_precision(backend: Backend, setting: str, bf16_ok: Callable[[DeviceN
         hint = "fp16 or fp32" if backend.name != "cpu" else "fp32"
         raise CenterpointError(f"runtime.precision=bf16: this {backend.name} device has no native bf16; use {hint}")
     return setting
+
+
+def resolve_settings(spec: ExperimentSpec, local_rank: int = 0) -> tuple[Backend, ResolvedSpec, list[str]]:
+    """The backend and the device-dependent settings a training run uses, with notes for the user.
+
+    A setting given explicitly is used as asked. One left `auto` takes the value `spec.resolved` recorded (the
+    spec.yaml of an earlier run: training from it again reproduces that run) when this machine can honour it;
+    otherwise this machine resolves it, and a note says so."""
+    rt, data, rec = spec.runtime, spec.data, spec.resolved
+    notes: list[str] = []
+
+    def recorded(name: str, setting: Any, check: Callable[[Any], None]) -> Any:
+        """The recorded value of an auto `setting` when `check(value)` does not raise, else the setting."""
+        if setting not in ("auto", None) or rec is None:
+            return setting
+        value = getattr(rec, name)
+        try:
+            check(value)
+            return value
+        except CenterpointError as err:
+            notes.append(f"the spec records {name}={value} from the run it comes from, but this machine cannot "
+                         f"use it ({err}); resolving it here instead")
+            return setting
+
+    def device_check(name: str) -> None:
+        if not available(name):  # type: ignore[arg-type]
+            raise CenterpointError(f"no {name} device")
+
+    backend = select_backend(recorded("device", rt.device, device_check), local_rank)
+    precision = resolve_precision(backend, recorded("precision", rt.precision,
+                                                    lambda v: resolve_precision(backend, v)))
+    compiled = should_compile(backend, recorded("compile", rt.compile, lambda v: should_compile(backend, v)))
+    workers = loader_workers(backend, recorded("workers", data.workers, lambda v: None))
+    on_device = augments_on_device(backend, recorded("augment_on", data.augment_on, lambda v: None))
+    resolved = ResolvedSpec(device=backend.name, precision=precision, compile="on" if compiled else "off",
+                            workers=workers, augment_on="device" if on_device else "workers")
+    return backend, resolved, notes

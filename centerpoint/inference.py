@@ -13,7 +13,7 @@ from centerpoint import distributed
 from centerpoint.build import coco_root, data_root, load_split
 from centerpoint.checkpoint import Checkpoint, check_compatible
 from centerpoint.data.loader import read_image
-from centerpoint.data.transforms import invert, pad_affine, resize_affine, warp
+from centerpoint.data.transforms import eval_affine, invert, warp
 from centerpoint.decode import boxes_to_original
 from centerpoint.devices import Backend, resolve_precision, select_backend
 from centerpoint.errors import CenterpointError
@@ -114,16 +114,13 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
         for i, path in enumerate(files):
             img = read_image(str(path), max_pixels=spec.data.max_image_pixels)
             w, h = img.size
-            if spec.data.test_mode == "resize":
-                a, size = resize_affine(w, h, spec.data.test_size or spec.data.input_size)
-            else:
-                a, size = pad_affine(w, h)
+            a, size = eval_affine(w, h, spec.data)
             pixels = torch.from_numpy(np.ascontiguousarray(warp(img, a, size).transpose(2, 0, 1)))[None]
             with torch.no_grad():
                 boxes, scores, labels = predict(params, buffers, pixels.to(backend.device))
             boxes = boxes_to_original(boxes.float(), torch.from_numpy(invert(a))[None].float().to(boxes.device))
             rows = detections_to_rows(boxes, scores, labels, torch.tensor([i]), np.array([[h, w]]),
-                                      tuple(range(len(class_names))), score_thr)
+                                      tuple(range(len(class_names))), score_thr, clip=True)
             drawn = io.BytesIO()
             Image.fromarray(draw_boxes(np.asarray(img), rows, labels_of, score_thr=score_thr)).save(
                 drawn, format="JPEG", quality=92)

@@ -1,7 +1,9 @@
 """CenterNet training loss: gaussian focal loss on the heatmap plus L1 on size and offset.
 
 Matches mmdetection's CenterNetHead.loss_by_feat (GaussianFocalLoss, L1Loss with ``avg_factor * 2``),
-but takes heatmap LOGITS and uses softplus forms, so it is finite for any finite logit. There are no
+but takes heatmap LOGITS and uses softplus forms, so it is finite and exact for any finite logit, where
+mmdetection's ``log(p + 1e-12)`` on a float32 sigmoid saturates at confidently wrong cells (logits above
+about 9 on negatives or below about -20 on positives; README, "Where this project differs"). There are no
 host syncs and no Python branches on tensor values, so it works under ``torch.compile`` and
 ``torch.func.grad``.
 """
@@ -47,7 +49,7 @@ def centernet_loss(pred: dict[str, Tensor], targets: dict[str, Tensor], heatmap_
     Returns:
         ``loss`` (weighted total), ``loss_heatmap``, ``loss_wh``, ``loss_offset``: 0-dim float32.
         Every term is normalised by ``avg_factor = max(1, #cells where heatmap target == 1)``; the L1
-        terms by ``2 * avg_factor`` since they have two channels.
+        terms by ``2 * avg_factor`` since they have two channels (plus float32 eps, as mmdetection).
     """
     for key in ("heatmap", "wh", "offset"):
         if pred[key].shape != targets[key].shape:
@@ -61,10 +63,13 @@ def centernet_loss(pred: dict[str, Tensor], targets: dict[str, Tensor], heatmap_
 
     # Tensor-valued clamp instead of max(1, int(...)) keeps this sync-free.
     avg_factor = (heat_t == 1).sum().to(torch.float32).clamp(min=1.0)
+    # mmdetection divides by avg_factor + float32 eps (weight_reduce_loss), in float32 as here: it only
+    # shows (one ulp) when avg_factor is 1.
+    eps = torch.finfo(torch.float32).eps
 
-    loss_heatmap = _gaussian_focal_sum(logits, heat_t, alpha, gamma) / avg_factor * heatmap_weight
+    loss_heatmap = _gaussian_focal_sum(logits, heat_t, alpha, gamma) / (avg_factor + eps) * heatmap_weight
     # Two channels per centre, hence 2 * avg_factor (mmdet's L1Loss avg_factor).
-    reg_norm = 2 * avg_factor
+    reg_norm = 2 * avg_factor + eps
     loss_wh = _weighted_l1_sum(pred["wh"], targets["wh"], reg_w) / reg_norm * wh_weight
     loss_offset = _weighted_l1_sum(pred["offset"], targets["offset"], reg_w) / reg_norm * offset_weight
     return {

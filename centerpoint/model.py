@@ -26,7 +26,7 @@ class CenterNet(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.backbone = resnet(spec.depth, spec.width)
+        self.backbone = resnet(spec.depth, spec.width, spec.zero_init_residual)
         self.neck = CTResNetNeck(self.backbone.out_channels, spec.neck_channels, spec.dcn)
         self.bbox_head = CenterNetHead(self.neck.out_channels, spec.num_classes, spec.head_channels)
 

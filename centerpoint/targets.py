@@ -173,8 +173,8 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
 
     The centre cell is ``floor(c)`` clamped into the map; the offset stays ``c - floor(c)`` (mmdet),
     so a centre outside the map does not decode exactly. When several objects share a centre cell,
-    the heatmap takes their max, while ``wh``/``offset`` keep one of them, unspecified which (the
-    scatter has duplicate indices; CUDA does not define the winner).
+    the heatmap takes their max, while ``wh``/``offset`` hold the last of them in ``N`` order (the later
+    box wins, as in mmdetection), on every device.
 
     Cost: one host sync for the label check and one for the batch's largest radius ``R`` (none when
     both are settled by the caller); memory
@@ -203,7 +203,15 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
     # Regression maps: scatter into one extra dump slot that absorbs padding objects, so no
     # data-dependent boolean indexing (and no host sync) is needed.
     flat = torch.arange(b, device=dev)[:, None] * hw + cy_int * w_map + cx_int  # (B, N)
-    flat = torch.where(valid, flat, torch.full_like(flat, b * hw)).reshape(-1)
+    dump = torch.full_like(flat, b * hw)
+    flat = torch.where(valid, flat, dump)
+    # Objects sharing a centre cell: the later one (higher index in its image) wins, as mmdetection
+    # writes the maps box by box. A scatter with duplicate indices leaves the winner undefined (cuda), so
+    # each cell's winner is found first by an order-independent amax, and only winners are written.
+    order = torch.arange(flat.shape[1], device=dev).expand_as(flat)
+    winner = torch.full((b * hw + 1,), -1, dtype=torch.int64, device=dev)
+    winner.scatter_reduce_(0, flat.reshape(-1), order.reshape(-1), "amax")
+    flat = torch.where(winner[flat] == order, flat, dump).reshape(-1)
     wh = torch.zeros(2, b * hw + 1, dtype=torch.float32, device=dev)
     wh[:, flat] = torch.stack([bw, bh]).reshape(2, -1).to(torch.float32)
     offset = torch.zeros(2, b * hw + 1, dtype=torch.float32, device=dev)

@@ -21,16 +21,7 @@ from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
-from centerpoint.devices import (
-    Backend,
-    augments_on_device,
-    compile_step,
-    loader_workers,
-    resolve_compile_backend,
-    resolve_precision,
-    select_backend,
-    should_compile,
-)
+from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.interrupt import Interrupted, StopRequest, stop_requests
@@ -92,9 +83,10 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     workdir = Path(spec.logging.workdir)
     if dist.rank == 0:
         rundir.check_start(workdir, resume)
-    backend = select_backend(spec.runtime.device, dist.local_rank)
+    backend, resolved, notes = resolve_settings(spec, dist.local_rank)
+    spec = spec.model_copy(update={"resolved": resolved})  # recorded with the run: spec.yaml, checkpoints, TB
     backend.manual_seed(spec.train.seed + dist.rank)  # device-side draws differ per rank, reproducibly
-    precision = resolve_precision(backend, spec.runtime.precision)
+    precision = resolved.precision
     if spec.runtime.threads:
         torch.set_num_threads(spec.runtime.threads)
     distributed.init_process_group(dist, backend)
@@ -140,7 +132,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     state = distributed.broadcast_state(state, dist)
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
                                  "step": {"step": state.step}, "scaler": state.scaler}, dist)
-    compiled = should_compile(backend, spec.runtime.compile)
+    compiled, on_device = resolved.compile == "on", resolved.augment_on == "device"
     if compiled:
         # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
         # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
@@ -149,7 +141,6 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
-    on_device = augments_on_device(backend, spec.data.augment_on)
     apply = make_apply(net, traced=compiled)
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
                               autocast=lambda: backend.autocast(precision),
@@ -162,6 +153,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         step_fn = compile_step(step_fn, compile_with)
         predict_fn = compile_step(predict_fn, compile_with, dynamic=spec.data.test_mode == "pad")
     if dist.rank == 0:
+        for note in notes:
+            console.print(f"note: {note}")
         gb = spec.train.batch_size * world
         scaled = f" (scaled from {spec.optim.lr:g} for base batch {spec.optim.base_batch})" \
             if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
@@ -169,7 +162,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         console.print(f"device {backend.device} x {world}{group} | global batch {gb} | lr {plan.lr:g}{scaled} | "
                       f"{len(train_index)} train / {len(val_index)} val images | {spe} steps/epoch | "
                       f"compile {compile_with or 'off'} | {precision} | "
-                      f"{loader_workers(backend, spec.data.workers)} loader workers | augment on "
+                      f"{resolved.workers} loader workers | augment on "
                       f"{'device' if on_device else 'workers'}")
         dropped = train_index.dropped_boxes + val_index.dropped_boxes
         if dropped or train_index.dropped_images:
@@ -280,7 +273,7 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
             start = run.start_batch if epoch == run.start_epoch else 0
             dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True,
                                        on_device=run.augment_on_device)
-            loader = make_loader(dataset, batches[start:], loader_workers(run.backend, spec.data.workers),
+            loader = make_loader(dataset, batches[start:], spec.resolved.workers,
                                  run.backend.pin_memory,
                                  spec.model.num_classes, spec.model.stride, spec.loss.min_overlap,
                                  pin_device=run.backend.pin_memory_device)

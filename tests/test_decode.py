@@ -111,11 +111,14 @@ def test_round_trip_and_original_pixels(seed: int) -> None:
         assert _match(orig_flip[bi][ones], exp_flip).max().item() < 1e-3
 
 
-def test_boxes_to_original_sorts_corners_and_checks_shape() -> None:
-    boxes = torch.tensor([[[10.0, 20.0, 30.0, 60.0]]])
+def test_boxes_to_original_swaps_mirrored_corners_and_checks_shape() -> None:
+    boxes = torch.tensor([[[10.0, 20.0, 30.0, 60.0], [30.0, 60.0, 10.0, 20.0]]])  # the second one inverted
     flip_both = torch.tensor([[[-2.0, 0.0, 100.0], [0.0, -0.5, 50.0]]])
     # x: -2*10+100 = 80, -2*30+100 = 40; y: -10+50 = 40, -30+50 = 20
-    assert boxes_to_original(boxes, flip_both).tolist() == [[[40.0, 20.0, 80.0, 40.0]]]
+    assert boxes_to_original(boxes, flip_both).tolist() == [[[40.0, 20.0, 80.0, 40.0], [80.0, 40.0, 40.0, 20.0]]]
+    # without a mirror an inverted box (negative predicted size) stays inverted, as mmdetection leaves it
+    plain = torch.tensor([[[2.0, 0.0, -5.0], [0.0, 0.5, 1.0]]])
+    assert boxes_to_original(boxes, plain).tolist() == [[[15.0, 11.0, 55.0, 31.0], [55.0, 31.0, 15.0, 11.0]]]
     with pytest.raises(CenterpointError, match="inverse_affine"):
         boxes_to_original(boxes, torch.zeros(2, 2, 3))
 

@@ -1,9 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.nn.neck import CTResNetNeck
-from centerpoint.spec import MMDET_R18, ModelSpec
+from centerpoint.spec import MMDET_R18, ModelSpec, load_spec
 from centerpoint.tree import num_elements
 
 
@@ -107,3 +109,25 @@ def test_resnet_depths_output_shapes():
         out = net.eval()(torch.zeros(1, 3, 64, 64))
         assert out["heatmap"].shape == (1, 5, 16, 16)
     assert isinstance(build_network(ModelSpec()).neck, CTResNetNeck)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_zero_init_residual_zeroes_the_last_bn_of_every_block(depth: int) -> None:
+    """mmdetection's ResNet default (zero_init_residual=True): bn2 of each BasicBlock, bn3 of each
+    Bottleneck start with weight 0 and bias 0; every other BatchNorm starts at weight 1, bias 0."""
+    spec = ModelSpec(depth=depth, width=8, neck_channels=(16, 16, 8), head_channels=8, zero_init_residual=True)
+    last = "bn2" if depth == 18 else "bn3"
+    blocks = {18: 8, 50: 16}[depth]
+    params, _ = init(spec, 0)
+    zeroed = sorted(k for k, v in params.items() if k.endswith("weight") and v.dim() == 1 and not v.any())
+    assert len(zeroed) == blocks
+    assert all(k.startswith("backbone.layer") and k.endswith(f".{last}.weight") for k in zeroed)
+    norms = [k for k in params if k.endswith(".weight") and params[k].dim() == 1]
+    assert all(torch.equal(params[k], torch.ones_like(params[k])) for k in norms if k not in zeroed)
+    assert all(not params[k.replace("weight", "bias")].any() for k in norms)
+    plain, _ = init(spec.model_copy(update={"zero_init_residual": False}), 0)
+    assert all(torch.equal(plain[k], torch.ones_like(plain[k])) for k in norms)
+    recipes = Path(__file__).resolve().parents[1] / "experiments"
+    for recipe in ("centernet_r18_coco.yaml", "centernet_r18_dcn_coco.yaml"):  # mmdetection's default
+        assert load_spec(recipes / recipe).model.zero_init_residual
+    assert not ModelSpec().zero_init_residual  # the built-in experiment trains faster without

@@ -248,3 +248,48 @@ def test_huge_box_and_empty_batch() -> None:
     empty = make_targets(torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.int64), 3, (4, 4), 4)
     assert empty["heatmap"].shape == (2, 3, 4, 4) and empty["wh"].shape == (2, 2, 4, 4)
     assert all((v == 0).all() for v in empty.values())
+
+
+# Three boxes whose centres share cell (x 3, y 2) at stride 4, with their (w, h, dx, dy) in cells by hand:
+#   A (12, 8)-(14, 12): centre (13, 10) px = (3.25, 2.5) cells, size (0.5, 1.0)
+#   B (8, 6)-(18, 14): centre (13, 10) px, size (2.5, 2.0)
+#   D (13.5, 9)-(15.5, 11.5): centre (14.5, 10.25) px = (3.625, 2.5625) cells, size (0.5, 0.625)
+SHARED = {"A": ([12.0, 8.0, 14.0, 12.0], [0.5, 1.0, 0.25, 0.5]),
+          "B": ([8.0, 6.0, 18.0, 14.0], [2.5, 2.0, 0.25, 0.5]),
+          "D": ([13.5, 9.0, 15.5, 11.5], [0.5, 0.625, 0.625, 0.5625])}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no cuda"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["ABD", "DBA", "BDA", "ADB"])
+def test_later_box_wins_a_shared_centre_cell(order: str, device: str) -> None:
+    """mmdetection writes wh/offset box by box, so the last box of a shared cell wins; a padding slot
+    (label -1) after it changes nothing, and the heatmap keeps the max of all."""
+    boxes = torch.tensor([[SHARED[k][0] for k in order] + [[12.0, 8.0, 14.0, 12.0]]], device=device)
+    labels = torch.tensor([[0, 1, 0, -1]], device=device)
+    got = make_targets(boxes, labels, 2, (8, 8), 4)
+    want = SHARED[order[-1]][1]
+    assert got["wh"][0, :, 2, 3].tolist() == want[:2] and got["offset"][0, :, 2, 3].tolist() == want[2:]
+    assert got["reg_weight"].sum().item() == 1.0 and got["reg_weight"][0, 0, 2, 3].item() == 1.0
+    assert got["heatmap"][0, 0, 2, 3].item() == 1.0 and got["heatmap"][0, 1, 2, 3].item() == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_later_box_wins_among_many_and_across_images(device: str) -> None:
+    """300 boxes per image over a few cells (many per cell), in several images of one batch: every cell
+    holds the values of the last box whose centre falls in it."""
+    gen = torch.Generator().manual_seed(5)
+    b, n = 3, 300
+    centre = torch.randint(0, 3, (b, n, 2), generator=gen).double() * 4 + 5.5  # cells 1..3, sub-cell (0.375)
+    size = torch.rand(b, n, 2, generator=gen, dtype=torch.float64) * 20 + 1
+    boxes = torch.cat([centre - size / 2, centre + size / 2], -1).float()
+    labels = torch.randint(-1, 2, (b, n), generator=gen)
+    got = make_targets(boxes.to(device), labels.to(device), 2, (6, 6), 4)
+    want = torch.zeros(b, 2, 6, 6)
+    for i in range(b):
+        for j in range(n):  # box by box: a later box overwrites
+            if labels[i, j] >= 0:
+                x1, y1, x2, y2 = (float(v) for v in boxes[i, j])
+                cx, cy = (x1 + x2) / 8, (y1 + y2) / 8
+                want[i, :, int(cy), int(cx)] = torch.tensor([(x2 - x1) / 4, (y2 - y1) / 4])
+    assert torch.allclose(got["wh"].cpu(), want, atol=1e-6, rtol=0)

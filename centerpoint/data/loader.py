@@ -25,10 +25,9 @@ from centerpoint.data.photometric import Distortion, draw_distortion
 from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr, zero_outside_
 from centerpoint.data.transforms import (
     center_crop_affine,
+    eval_affine,
     inside_window,
     invert,
-    pad_affine,
-    resize_affine,
     train_affine,
     transform_boxes,
     warp,
@@ -126,10 +125,8 @@ class DetectionDataset(Dataset):
                 # Train at the scale of the test images: native resolution for 'pad', the resize target otherwise.
                 fit = max(w, h) if spec.test_mode == "pad" else (spec.test_size or spec.input_size)
                 a = train_affine(rng, w, h, spec.input_size, spec.scale_range, spec.flip_prob, fit)
-        elif spec.test_mode == "resize":
-            a, out_size = resize_affine(w, h, spec.test_size or spec.input_size)
         else:
-            a, out_size = pad_affine(w, h)
+            a, out_size = eval_affine(w, h, spec)
         path = str(idx.image_dir / idx.file_names[i])
         if self.train and not self.on_device:
             return self._train_sample(path, a, boxes, labels, (w, h), out_size, epoch, i)
@@ -194,16 +191,6 @@ class DetectionDataset(Dataset):
             source = torch.from_numpy(np.asarray(img))
         return SourceSample(source, torch.from_numpy(to_source).float(), window,
                             torch.from_numpy(boxes), torch.from_numpy(labels[keep]), distortion)
-
-
-def pad_stack_images(images: Sequence[Tensor]) -> Tensor:
-    """Stack (3, H_i, W_i) images into (B, 3, max H, max W), zero-padding right and bottom."""
-    hmax = max(im.shape[1] for im in images)
-    wmax = max(im.shape[2] for im in images)
-    out = torch.zeros(len(images), 3, hmax, wmax, dtype=images[0].dtype)
-    for j, im in enumerate(images):
-        out[j, :, : im.shape[1], : im.shape[2]] = im
-    return out
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -281,9 +268,10 @@ def collate_source(samples: list[SourceSample], num_classes: int, stride: int, m
 
 
 def collate_eval(samples: list[Sample]) -> dict[str, Tensor]:
-    """Batch test samples: padded images, affines back to original pixels, image ids."""
+    """Batch test samples of one input size (`eval_batches`): images, affines back to original pixels,
+    image ids."""
     return {
-        "images": pad_stack_images([s.image for s in samples]),
+        "images": torch.stack([s.image for s in samples]),
         "to_original": torch.stack([s.to_original for s in samples]),
         "image_ids": torch.tensor([s.image_id for s in samples]),
         "bad_images": torch.tensor(sum(not s.ok for s in samples)),
@@ -312,11 +300,18 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     return out
 
 
-def eval_batches(num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
+def eval_batches(input_sizes: Sequence[tuple[int, int]], batch_size: int, rank: int = 0, world_size: int = 1,
                  limit: int | None = None) -> list[list[Key]]:
-    """This rank's evaluation batches: samples rank, rank + world, ... of the first `limit` images."""
-    mine = list(range(rank, min(num_samples, limit or num_samples), world_size))
-    return [[(0, i) for i in mine[j : j + batch_size]] for j in range(0, len(mine), batch_size)]
+    """This rank's evaluation batches of samples rank, rank + world, ... of the first `limit` images.
+
+    input_sizes: each sample's network input (W, H) (`transforms.eval_affine`). A batch holds images of one
+    input size only, so no image is padded to another's size and no detection depends on the batch size
+    (mmdetection tests one image at a time); batches of a size follow the order of its first image."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(rank, min(len(input_sizes), limit or len(input_sizes)), world_size):
+        groups.setdefault(tuple(input_sizes[i]), []).append(i)
+    return [[(0, i) for i in group[j : j + batch_size]] for group in groups.values()
+            for j in range(0, len(group), batch_size)]
 
 
 def make_loader(dataset: DetectionDataset, batches: list[list[Key]], workers: int, pin_memory: bool,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from centerpoint.spec import DataSpec
+
 Affine = np.ndarray  # (2, 3) float64
 
 
@@ -160,9 +162,20 @@ def resize_affine(width: int, height: int, size: int) -> tuple[Affine, tuple[int
 
 
 def pad_affine(width: int, height: int) -> tuple[Affine, tuple[int, int]]:
-    """Original resolution, centred in an input of (side | 31) + 1 pixels (mmdetection's test padding)."""
+    """Original resolution in an input of (side | 31) + 1 pixels, mmdetection's test padding
+    (RandomCenterCropPad, test mode, `logical_or` 31 plus one pixel): the image's pixel side // 2 sits on
+    the input's pixel out // 2, so it starts at out // 2 - side // 2 (one pixel further right or down than
+    (out - side) // 2 for odd sides)."""
     out_w, out_h = (width | 31) + 1, (height | 31) + 1
-    return scale_translate(1.0, (out_w - width) // 2, (out_h - height) // 2), (out_w, out_h)
+    return scale_translate(1.0, out_w // 2 - width // 2, out_h // 2 - height // 2), (out_w, out_h)
+
+
+def eval_affine(width: int, height: int, spec: DataSpec) -> tuple[Affine, tuple[int, int]]:
+    """The test-time map of an image of `width` x `height` pixels and the input size (W, H) it gives:
+    `resize_affine` to test_size (input_size when unset) or `pad_affine`, as `spec.test_mode` says."""
+    if spec.test_mode == "resize":
+        return resize_affine(width, height, spec.test_size or spec.input_size)
+    return pad_affine(width, height)
 
 
 def warp(image: Image.Image, a: Affine, out_size: tuple[int, int]) -> np.ndarray:

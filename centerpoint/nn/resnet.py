@@ -70,9 +70,11 @@ class ResNet(nn.Module):
     """ResNet trunk: (B, 3, H, W) -> (B, C, H/32, W/32), C = 8 * width (18/34) or 32 * width (50).
 
     `width` is the stem's filter count (64 in the standard networks); the stages use 1, 2, 4, 8 times it.
+    `zero_init_residual`: the last BatchNorm of every block (`bn2` of a BasicBlock, `bn3` of a Bottleneck)
+    starts with weight 0, so each block starts as the identity (mmdetection's default).
     """
 
-    def __init__(self, depth: int = 18, width: int = 64) -> None:
+    def __init__(self, depth: int = 18, width: int = 64, zero_init_residual: bool = False) -> None:
         super().__init__()
         block, counts = LAYOUTS[depth]
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -94,17 +96,18 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_((m.bn2 if isinstance(m, BasicBlock) else m.bn3).weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def resnet(depth: int, width: int = 64) -> ResNet:
+def resnet(depth: int, width: int = 64, zero_init_residual: bool = False) -> ResNet:
     """The ResNet of the given depth (18, 34 or 50) and stem width, randomly initialised."""
     if depth not in LAYOUTS:
         raise ValueError(f"ResNet depth must be one of {sorted(LAYOUTS)}, got {depth}")
-    return ResNet(depth, width)
-
-
-
+    return ResNet(depth, width, zero_init_residual)
