@@ -17,11 +17,12 @@ import json
 import torch
 
 from centerpoint.build import build_optimizer
-from centerpoint.devices import Backend, make_backend, resolve_precision
+from centerpoint.devices import Backend, make_backend, resolve_precision, step_mode
 from centerpoint.layout import channels_last
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.spec import ExperimentSpec, load_spec
-from centerpoint.step import TrainState, init_state, make_train_step
+from centerpoint.state import TrainState, init_state
+from centerpoint.step import make_train_step
 from centerpoint.targets import make_targets
 
 
@@ -46,9 +47,8 @@ def build(spec: ExperimentSpec, backend: Backend, precision: str) -> tuple[objec
     state = init_state({k: channels_last(v.to(dev)) for k, v in params.items()},
                        {k: channels_last(v.to(dev)) for k, v in buffers.items()}, plan.transform)
     net = build_network(spec.model).to(dev, memory_format=torch.channels_last)
-    step = make_train_step(make_apply(net, traced=False), spec, plan.transform, plan.schedule,
-                           autocast=lambda: backend.autocast(precision), max_grad_norm=plan.max_grad_norm,
-                           guard_by_sync=backend.free_sync, donate=False)
+    step = make_train_step(make_apply(net, traced=False), spec, plan.transform, step_mode(backend, compiled=False),
+                           autocast=lambda: backend.autocast(precision))
     return step, state
 
 

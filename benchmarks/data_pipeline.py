@@ -444,11 +444,12 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     from train_step import make_batch, timed
 
     from centerpoint.build import build_optimizer
-    from centerpoint.devices import resolve_precision, select_backend
+    from centerpoint.devices import resolve_precision, select_backend, step_mode
     from centerpoint.layout import channels_last
     from centerpoint.model import build_network, init, make_apply
     from centerpoint.spec import MMDET_R18, load_spec
-    from centerpoint.step import init_state, make_train_step
+    from centerpoint.state import init_state
+    from centerpoint.step import make_train_step
 
     backend = select_backend(device)
     prec = resolve_precision(backend, precision)
@@ -462,9 +463,8 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     state = {"s": init_state({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in buffers.items()},
                              plan.transform)}
     net = build_network(spec.model).to(backend.device, memory_format=mf)
-    step = make_train_step(make_apply(net, traced=False), spec, plan.transform, plan.schedule,
-                           autocast=lambda: backend.autocast(prec), max_grad_norm=plan.max_grad_norm,
-                           guard_by_sync=backend.free_sync, donate=backend.free_sync)
+    step = make_train_step(make_apply(net, traced=False), spec, plan.transform, step_mode(backend, compiled=False),
+                           autocast=lambda: backend.autocast(prec))
     data = make_batch(batch, size, CLASSES, backend.device)
 
     def one() -> None:

@@ -19,12 +19,13 @@ import time
 import torch
 
 from centerpoint.build import build_optimizer
-from centerpoint.devices import select_backend
+from centerpoint.devices import select_backend, step_mode
 from centerpoint.layout import channels_last
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.spec import load_spec
-from centerpoint.step import init_state, make_train_step
+from centerpoint.state import init_state
+from centerpoint.step import make_train_step
 from centerpoint.targets import make_targets
 
 
@@ -149,10 +150,8 @@ def main() -> None:
 
     def make_step(compiled: bool):  # noqa: ANN202
         apply = make_apply(build_network(spec.model).to(dev, memory_format=mf), traced=compiled)
-        return make_train_step(apply, spec, plan.transform, plan.schedule,
-                               autocast=lambda: backend.autocast(args.precision),
-                               max_grad_norm=plan.max_grad_norm, guard_by_sync=backend.free_sync and not compiled,
-                               compiled=compiled, donate=backend.free_sync and not compiled)
+        return make_train_step(apply, spec, plan.transform, step_mode(backend, compiled),
+                               autocast=lambda: backend.autocast(args.precision))
 
     step = make_step(False)
 

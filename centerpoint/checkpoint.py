@@ -1,6 +1,9 @@
 """Checkpoints: one self-describing .safetensors file per save, written atomically.
 
-Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>` (fp16 runs) and `step`.
+Tensors: the flat train state (`state.flatten_state`): `params.<name>`, `buffers.<name>`, `opt.<key>`,
+`scaler.<key>` (fp16 runs) and `step`. Format 2 names optimizer state by role (`opt.adam.mu.<name>`,
+`opt.sgd.momentum.<name>`, `opt.lr.count`, ...); format 1 by chain position (`opt.1.adam.mu.<name>`,
+`opt.2.trace.<name>`, `opt.3.count`), which loading renames (`upgrade_tensors`).
 Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
 latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown),
@@ -22,11 +25,10 @@ from torch import Tensor
 from centerpoint.atomic import atomic_path
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
-from centerpoint.step import TrainState
-from centerpoint.tree import flatten, unflatten
+from centerpoint.state import TrainState, flatten_state, unflatten, unflatten_state
 
-FORMAT_VERSION = "1"
-GROUPS = ("params", "buffers", "opt", "scaler")
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", FORMAT_VERSION)
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,7 @@ class Checkpoint:
 
 def state_tensors(state: TrainState) -> dict[str, Tensor]:
     """The flat tensor dict of a train state, contiguous and on cpu (safetensors needs both)."""
-    flat = flatten({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
-                    "scaler": state.scaler})
-    flat["step"] = state.step
-    return {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in flatten_state(state).items()}
 
 
 def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int = 0,
@@ -127,6 +126,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CenterpointError(f"{path}: not a readable .safetensors checkpoint (truncated or another "
                                f"format?): {first_line(err)}") from None
     spec, step, epoch, batch_in_epoch, metrics, data = read_metadata(path, meta)
+    tensors = upgrade_tensors(tensors, meta["format_version"])
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # save_checkpoint never writes these: a damaged or foreign file
         raise CenterpointError(f"{path}: non-finite values in {', '.join(bad[:3])}"
@@ -137,9 +137,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int, int, int, dict, dict]:
     """(spec, step, epoch, batch_in_epoch, metrics, data) of a checkpoint's metadata, checked as a whole: every
     field must be what `save_checkpoint` writes, else a CenterpointError names the file and the field."""
-    if meta.get("format_version") != FORMAT_VERSION or "spec" not in meta:
-        raise CenterpointError(f"{path}: not a centerpoint checkpoint (no format_version {FORMAT_VERSION} / "
-                               "spec metadata); import foreign weights with `centerpoint checkpoint import`")
+    if meta.get("format_version") not in READABLE_VERSIONS or "spec" not in meta:
+        raise CenterpointError(f"{path}: not a centerpoint checkpoint (no format_version "
+                               f"{' or '.join(READABLE_VERSIONS)} / spec metadata); import foreign weights with "
+                               "`centerpoint checkpoint import`")
     counts = []
     for key in ("step", "epoch", "batch_in_epoch"):
         value = meta.get(key)
@@ -167,6 +168,27 @@ def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int
     return spec_from_json(meta["spec"], str(path)), counts[0], counts[1], counts[2], metrics, data
 
 
+def upgrade_tensors(tensors: dict[str, Tensor], version: str) -> dict[str, Tensor]:
+    """A checkpoint's tensors in the current format. Format 1 keyed the optimizer state of the built-in
+    optimizers (a chain of clip, decay or Adam, momentum or Adam, lr) by position: `opt.<i>.trace.<name>`
+    was SGD's momentum, `opt.<i>.adam.*` Adam's moments, `opt.3.count` the lr schedule's count (the last
+    element) and any other `opt.<i>.count` Adam's."""
+    if version == FORMAT_VERSION:
+        return tensors
+
+    def renamed(key: str) -> str:
+        if not key.startswith("opt."):
+            return key
+        position, _, rest = key[len("opt."):].partition(".")
+        if rest.startswith("trace."):
+            return "opt.sgd.momentum." + rest[len("trace."):]
+        if rest == "count":
+            return "opt.lr.count" if position == "3" else "opt.adam.count"
+        return "opt." + rest  # adam.mu.<name>, adam.nu.<name>
+
+    return {renamed(k): v for k, v in tensors.items()}
+
+
 def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
     """Raise naming the missing, unexpected and mis-shaped tensors of `got` against `expected`."""
     missing = sorted(set(expected) - set(got))
@@ -189,22 +211,16 @@ def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
     expected = state_tensors(template)
     # The loss scaler exists only in fp16 runs: a run may switch precision at resume, and then starts a
     # fresh scaler (or drops the old one) instead of refusing the checkpoint.
-    tensors = {k: v for k, v in ckpt.tensors.items() if not k.startswith("scaler.")}
+    rest = {k: v for k, v in ckpt.tensors.items() if not k.startswith("scaler.")}
+    check_compatible(str(ckpt.path), rest, {k: v for k, v in expected.items() if not k.startswith("scaler.")})
     scaler = {k: v for k, v in ckpt.tensors.items() if k.startswith("scaler.")}
-    check_compatible(str(ckpt.path), tensors, {k: v for k, v in expected.items() if not k.startswith("scaler.")})
-    if template.scaler and sorted(scaler) == sorted(k for k in expected if k.startswith("scaler.")):
-        tensors.update(scaler)
-    groups = unflatten({k: v for k, v in tensors.items() if k != "step"}, GROUPS)
-
-    def like(tree: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
-        # empty_like keeps the template's memory format (channels-last weights stay channels-last, so a
-        # resumed run computes exactly what the uninterrupted one did). The template's key order, not the
-        # file's (sorted): ranks that did not read the file broadcast and compare in that order.
-        return {k: torch.empty_like(r).copy_(tree[k]) for k, r in ref.items()}
-
-    return TrainState(like(groups["params"], template.params), like(groups["buffers"], template.buffers),
-                      like(groups["opt"], template.opt_state), ckpt.tensors["step"].to(template.step.device),
-                      like(groups["scaler"], template.scaler) if groups.get("scaler") else dict(template.scaler))
+    if sorted(scaler) != sorted(k for k in expected if k.startswith("scaler.")):
+        scaler = {k: v for k, v in expected.items() if k.startswith("scaler.")}  # the template's own
+    loaded = {**rest, **scaler}
+    # empty_like keeps the template's memory format (channels-last weights stay channels-last, so a resumed
+    # run computes exactly what the uninterrupted one did). The template's key order, not the file's
+    # (sorted): ranks that did not read the file broadcast and compare in that order.
+    return unflatten_state({k: torch.empty_like(r).copy_(loaded[k]) for k, r in flatten_state(template).items()})
 
 
 # Fields that fix the data order a checkpoint's position (epoch, batch_in_epoch) refers to.

@@ -9,6 +9,7 @@ sdaa code paths use nothing newer.
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,13 +129,43 @@ def resolve_name(requested: str, probe: Callable[[DeviceName], bool] = available
 def make_backend(name: DeviceName, local_rank: int = 0) -> Backend:
     """The backend for device kind `name`, using the card/core group `local_rank` of this machine."""
     if name == "cuda":
-        return Backend("cuda", f"cuda:{local_rank}", "nccl", True, True, False, True, 4, local_rank)
+        return Backend(name="cuda", device_string=f"cuda:{local_rank}", dist_backend="nccl", compile_by_default=True,
+                       pin_memory=True, free_sync=False, augment_by_default=True, default_workers=4,
+                       index=local_rank)
     if name == "sdaa":
         # Tecorigin's own integrations: collectives through TCCL, pinned host memory, "inductor" named as the
         # compile backend (Triton is not supported there, so compiling stays opt-in until a card has been
         # measured), and the card's augmentation stays in the workers (no grid_sample to rely on).
-        return Backend("sdaa", f"sdaa:{local_rank}", "tccl", False, True, False, False, 4, local_rank)
-    return Backend("cpu", "cpu", "gloo", False, False, True)
+        return Backend(name="sdaa", device_string=f"sdaa:{local_rank}", dist_backend="tccl", compile_by_default=False,
+                       pin_memory=True, free_sync=False, augment_by_default=False, default_workers=4,
+                       index=local_rank)
+    return Backend(name="cpu", device_string="cpu", dist_backend="gloo", compile_by_default=False, pin_memory=False,
+                   free_sync=True)
+
+
+def register_dist_backend(backend: Backend) -> None:
+    """Make the backend's process-group backend known to torch.distributed (sdaa: torch_sdaa registers
+    tccl when imported; the others are built in)."""
+    if backend.name == "sdaa":
+        importlib.import_module("torch_sdaa")
+
+
+class StepMode(enum.Enum):
+    """How the train step runs, decided once per run from the backend and the compile setting
+    (`step_mode`); the step builds its gradients, non-finite guard and optimizer update from it."""
+
+    TRACED = "traced"  # torch.compile'd: gradients by torch.func.grad, a tensor-select guard, pure update
+    EAGER = "eager"  # eager on an asynchronous device: autograd, a tensor-select guard (no host sync),
+    # the optimizer's in-place kernel writing only into the step's own gradients
+    EAGER_DONATING = "eager-donating"  # eager where reading a device scalar costs nothing (cpu): the step
+    # reads `finite` and skips a bad update; otherwise the kernel updates params and state in place
+
+
+def step_mode(backend: Backend, compiled: bool) -> StepMode:
+    """The step mode of a run on `backend` (`compiled`: runtime.compile resolved to on)."""
+    if compiled:
+        return StepMode.TRACED
+    return StepMode.EAGER_DONATING if backend.free_sync else StepMode.EAGER
 
 
 def keep_freed_host_memory() -> bool:

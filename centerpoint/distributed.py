@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from centerpoint.devices import Backend
+from centerpoint.devices import Backend, register_dist_backend
 from centerpoint.errors import CenterpointError
+from centerpoint.state import TrainState, Tree, flatten_state
 
-Tree = dict[str, Tensor]
 _STORE_TIMEOUT_S = 900  # how long a worker waits for the others to join, s
 
 
@@ -67,8 +67,7 @@ def init_process_group(ctx: Context, backend: Backend) -> None:
     """Join the job's process group (no-op for one process or when already joined)."""
     if not ctx.distributed or dist.is_initialized():
         return
-    if backend.name == "sdaa":
-        import torch_sdaa  # noqa: F401  (registers the tccl backend)
+    register_dist_backend(backend)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # The elastic agent hosts the store, and its keys outlive a restart of the workers: torch's env://
         # path would reuse them and the restarted group would dial the dead workers' addresses (measured
@@ -235,14 +234,12 @@ def sync_batchnorm(net: nn.Module, ctx: Context) -> nn.Module:
     return net
 
 
-def broadcast_state(state, ctx: Context):  # noqa: ANN001, ANN201 (TrainState; avoids an import cycle)
-    """Copy rank 0's train state to every rank so all start identical."""
+def broadcast_state(state: TrainState, ctx: Context) -> TrainState:
+    """Copy rank 0's train state to every rank so all start identical (in place)."""
     if not ctx.distributed:
         return state
-    for tree in (state.params, state.buffers, state.opt_state, state.scaler):
-        for t in tree.values():
-            dist.broadcast(t, src=0)
-    dist.broadcast(state.step, src=0)
+    for t in flatten_state(state).values():
+        dist.broadcast(t, src=0)
     return state
 
 
@@ -265,13 +262,13 @@ def bit_checksum(t: Tensor) -> Tensor:
     return bits.sum(dtype=torch.int64)
 
 
-def check_identical(trees: Mapping[str, Tree], ctx: Context) -> None:
-    """Raise if any tensor differs between ranks (compares per-tensor bit checksums: one all-reduce of
-    the maxima and one of the minima)."""
+def check_identical(tree: Tree, ctx: Context) -> None:
+    """Raise if any tensor of the flat `tree` (e.g. `state.flatten_state`) differs between ranks (compares
+    per-tensor bit checksums: one all-reduce of the maxima and one of the minima)."""
     if not ctx.distributed:
         return
-    names = [f"{group}.{k}" for group, tree in trees.items() for k in tree]
-    sums = torch.stack([bit_checksum(t) for tree in trees.values() for t in tree.values()])
+    names = list(tree)
+    sums = torch.stack([bit_checksum(t) for t in tree.values()])
     hi, lo = sums.clone(), -sums
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MAX)

@@ -19,16 +19,16 @@ from torch import Tensor
 from centerpoint.checkpoint import check_compatible, save_checkpoint
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, load_spec
+from centerpoint.state import Tree
 from centerpoint.weights import resolve_weights, verify_name_hash
 
 __all__ = ["ImportResult", "default_recipe", "import_mmdet", "load_torchvision_backbone", "read_state_dict"]
 
-Params = dict[str, Tensor]
 RECIPES = {False: "centernet_r18_coco.yaml", True: "centernet_r18_dcn_coco.yaml"}
 _OPTIONAL = ".num_batches_tracked"  # a BatchNorm counter older torchvision files lack; unused in training
 
 
-def read_state_dict(path: Path) -> tuple[Params, dict[str, Any]]:
+def read_state_dict(path: Path) -> tuple[Tree, dict[str, Any]]:
     """(state_dict, meta) of a `.pth` file: mmdetection's {"state_dict": ..., "meta": ...} or a bare
     state_dict (torchvision). A pickle that needs code to load is refused, naming what it asked for."""
     if Path(path).stat().st_size == 0:
@@ -59,8 +59,8 @@ def read_state_dict(path: Path) -> tuple[Params, dict[str, Any]]:
     return dict(sd), meta
 
 
-def _fill(source: str, got: Params, params: Params, buffers: Params, optional: str | None = None
-          ) -> tuple[Params, Params]:
+def _fill(source: str, got: Tree, params: Tree, buffers: Tree, optional: str | None = None
+          ) -> tuple[Tree, Tree]:
     """Check `got` against the union of `params` and `buffers` (names and shapes) and return copies of
     both with every tensor of `got` put in, cast to the template's dtype and device."""
     expected = {**params, **buffers}
@@ -68,14 +68,14 @@ def _fill(source: str, got: Params, params: Params, buffers: Params, optional: s
         expected = {k: v for k, v in expected.items() if k in got or not k.endswith(optional)}
     check_compatible(source, got, expected)
 
-    def put(tree: Params) -> Params:
+    def put(tree: Tree) -> Tree:
         return {k: got[k].to(dtype=v.dtype, device=v.device).contiguous() if k in got else v
                 for k, v in tree.items()}
 
     return put(params), put(buffers)
 
 
-def load_torchvision_backbone(path: Path | str, params: Params, buffers: Params) -> tuple[Params, Params]:
+def load_torchvision_backbone(path: Path | str, params: Tree, buffers: Tree) -> tuple[Tree, Tree]:
     """ImageNet initialisation: put a torchvision ResNet state_dict into `backbone.*` of (params, buffers).
 
     `path` is a local file, an http(s) URL, or the bare name of a published file
@@ -122,7 +122,7 @@ def import_mmdet(src: Path | str, dst: Path, spec_path: Path | None = None) -> I
     """
     from centerpoint.build import build_optimizer
     from centerpoint.model import init
-    from centerpoint.step import init_state
+    from centerpoint.state import init_state
 
     file = resolve_weights(src, "checkpoint import")
     if Path(dst).resolve() == file.resolve():

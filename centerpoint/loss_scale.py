@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-Tree = dict[str, Tensor]
+from centerpoint.state import Tree
 
 
 def init_loss_scale(scale: float, device: torch.device | str = "cpu") -> Tree:

@@ -16,9 +16,9 @@ from centerpoint.nn.head import CenterNetHead
 from centerpoint.nn.neck import CTResNetNeck
 from centerpoint.nn.resnet import resnet
 from centerpoint.spec import ModelSpec
+from centerpoint.state import Tree
 
-Params = dict[str, Tensor]
-Apply = Callable[[Params, Params, Tensor, bool], tuple[dict[str, Tensor], Params]]
+Apply = Callable[[Tree, Tree, Tensor, bool], tuple[dict[str, Tensor], Tree]]
 
 
 class CenterNet(nn.Module):
@@ -39,7 +39,7 @@ def build_network(spec: ModelSpec) -> CenterNet:
     return CenterNet(spec)
 
 
-def init(spec: ModelSpec, seed: int) -> tuple[Params, Params]:
+def init(spec: ModelSpec, seed: int) -> tuple[Tree, Tree]:
     """Fresh (params, buffers) for `spec`, a pure function of the seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -77,7 +77,7 @@ def make_apply(net: nn.Module, traced: bool = True) -> Apply:
         if traced or net.training is not train:
             net.train(train)
 
-    def swapped(params: Params, buffers: Params, images: Tensor) -> dict[str, Tensor]:
+    def swapped(params: Tree, buffers: Tree, images: Tensor) -> dict[str, Tensor]:
         saved = []
         try:
             for tree in (params, buffers):
@@ -90,7 +90,7 @@ def make_apply(net: nn.Module, traced: bool = True) -> Apply:
             for table, attr, old in saved:
                 table[attr] = old
 
-    def apply(params: Params, buffers: Params, images: Tensor, train: bool) -> tuple[dict[str, Tensor], Params]:
+    def apply(params: Tree, buffers: Tree, images: Tensor, train: bool) -> tuple[dict[str, Tensor], Tree]:
         set_mode(train)
         new_buffers = {k: v.clone() for k, v in buffers.items()} if train else buffers
         if traced:

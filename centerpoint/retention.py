@@ -20,7 +20,7 @@ from centerpoint.checkpoint import (
 )
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import ExperimentSpec
-from centerpoint.step import TrainState
+from centerpoint.state import TrainState
 
 
 def _position(meta: dict[str, str]) -> tuple[int, int, int]:

@@ -1,52 +1,33 @@
 """Pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
 
 The whole step (forward, loss, backward, optimizer update, non-finite guard, loss scaling) is one pure
-function. Compiled, its gradients come from `torch.func.grad` over `functional_call`, which
-`torch.compile` captures as a single graph (autograd over leaf tensors would need `requires_grad_()`
-inside the step, which breaks the graph). Eager, they come from `torch.autograd.grad` over detached
-leaf views of the parameters: the same numbers, without functorch wrapping every operation (measured
-~5% of an eager cpu step). Neither path modifies the state it is given.
+function, built for one `devices.StepMode`. Traced (compiled), its gradients come from `torch.func.grad`
+over `functional_call`, which `torch.compile` captures as a single graph (autograd over leaf tensors would
+need `requires_grad_()` inside the step, which breaks the graph). Eager, they come from
+`torch.autograd.grad` over detached leaf views of the parameters: the same numbers, without functorch
+wrapping every operation (measured ~5% of an eager cpu step). Only the eager-donating mode modifies the
+state it is given (its caller never reads it again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from centerpoint import optim
 from centerpoint.decode import decode_heatmap
+from centerpoint.devices import StepMode
 from centerpoint.errors import CenterpointError
 from centerpoint.loss import centernet_loss
-from centerpoint.loss_scale import init_loss_scale, update_loss_scale
+from centerpoint.loss_scale import update_loss_scale
 from centerpoint.model import Apply, normalize
-from centerpoint.schedules import Schedule
+from centerpoint.optim_inplace import scale_tree_
 from centerpoint.spec import ExperimentSpec
+from centerpoint.state import TrainState, Tree
 
-Tree = dict[str, Tensor]
 Reduce = Callable[[Tree], Tree]
-
-
-class TrainState(NamedTuple):
-    """Everything that changes during training. `step` is a 0-dim int64 tensor (updates applied);
-    `scaler` the fp16 loss scaler's state (`loss_scale.init_loss_scale`), empty without loss scaling."""
-
-    params: Tree
-    buffers: Tree
-    opt_state: Tree
-    step: Tensor
-    scaler: Tree = {}  # noqa: RUF012 (never mutated: every step builds a new dict)
-
-
-def init_state(params: Tree, buffers: Tree, optimizer: optim.Transform, loss_scale: float | None = None
-               ) -> TrainState:
-    """A train state at step 0; `loss_scale`: the initial dynamic loss scale (fp16), None for none."""
-    device = next(iter(params.values())).device
-    scaler = init_loss_scale(loss_scale, device) if loss_scale is not None else {}
-    return TrainState(params, buffers, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device),
-                      scaler)
 
 
 def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
@@ -54,46 +35,35 @@ def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
     return {k: torch.where(keep_new, v, old[k]) for k, v in new.items()}
 
 
-def make_train_step(
-    apply: Apply,
-    spec: ExperimentSpec,
-    optimizer: optim.Transform,
-    schedule: Schedule,
-    autocast: Callable[[], object] | None = None,
-    reduce: Reduce | None = None,
-    max_grad_norm: float | None = None,
-    guard_by_sync: bool = False,
-    compiled: bool = False,
-    growth_interval: int = 2000,
-    donate: bool = False,
-) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
-    """Build the pure step for `spec`.
+def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mode: StepMode, *,
+                    reduce: Reduce | None = None, autocast: Callable[[], object] | None = None,
+                    ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
+    """Build the step for `spec`, running as `mode` (`devices.step_mode`).
 
     batch: "images" (B, 3, H, W) uint8 or float RGB 0..255; "heatmap" (B, C, H/4, W/4), "wh", "offset"
     (B, 2, H/4, W/4) in cells, "reg_weight" (B, 1, H/4, W/4). `reduce` averages a tree over data-parallel
     ranks (gradients and loss metrics); `autocast` returns the mixed-precision context for the forward.
-    Metrics are 0-dim tensors: the loss terms, grad_norm (before clipping), lr used, and `finite` (1 if
-    the update was applied, 0 if a non-finite loss or gradient made the step keep the old state).
+    Metrics are 0-dim tensors: the loss terms, grad_norm (before clipping) and `finite` (1 if the update
+    was applied, 0 if a non-finite loss or gradient made the step keep the old state). The lr a step used
+    is its schedule at the state's `step` before it (the optimizer's count); the loop logs it from there.
 
-    Gradients are clipped to `max_grad_norm` here (the norm is computed once, for clipping and logging).
-    The non-finite guard is a tensor select over the new state (no host sync; fused away when compiled).
-    With `guard_by_sync` it is a Python branch instead, which skips the update entirely; only for eager
-    steps on devices where reading a scalar costs nothing (cpu), since it waits for the device.
-    `compiled`: the caller will torch.compile the step (gradients through torch.func.grad, see above).
-    `donate` (needs `guard_by_sync`): the caller hands over the state it passes and never reads it again,
-    as an eager training loop does; params and optimizer state are then updated in place once the step
-    is known to be finite (a skipped step still returns the old state intact), which saves several
-    allocating passes over the model per step. Same numbers as the pure step.
+    Gradients are clipped to optim.grad_clip here (the norm is computed once, for clipping and logging).
+    The non-finite guard is a tensor select over the new state (no host sync; fused away when compiled),
+    except in the eager-donating mode: there it is a Python branch that skips the update entirely (it
+    waits for the device: only where that costs nothing), and the optimizer's in-place kernel
+    (`Transform.inplace`) then updates params and optimizer state in place, which saves several allocating
+    passes over the model per step. Same numbers in every mode.
 
     With a loss scaler in the state (fp16), the loss is multiplied by its scale before differentiation and
     the gradients divided by it; an overflow (finite loss, non-finite gradients) skips the update and halves
-    the scale, `growth_interval` applied updates in a row double it. Metrics then add `loss_scale` (the
-    scale this step used) and `overflow`, and `finite` only reports the loss: overflows are the scaler's
-    business, not a diverging run.
+    the scale, runtime.loss_scale_growth_interval applied updates in a row double it. Metrics then add
+    `loss_scale` (the scale this step used) and `overflow`, and `finite` only reports the loss: overflows are
+    the scaler's business, not a diverging run.
     """
-    if donate and not guard_by_sync:
-        raise ValueError("donate=True needs guard_by_sync=True: the select guard reads the old state")
     mean, std, lw = spec.data.mean, spec.data.std, spec.loss
+    max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
+    guard_by_sync = donate = mode is StepMode.EAGER_DONATING
+    kernel = tx.inplace if mode is not StepMode.TRACED else None
 
     def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
                 ) -> tuple[Tensor, tuple[Tree, Tree]]:
@@ -118,20 +88,27 @@ def make_train_step(
         grads = torch.autograd.grad(loss, list(leaves.values()))
         return dict(zip(leaves, grads, strict=True)), ({k: v.detach() for k, v in losses.items()}, new_buffers)
 
-    grad_fn = torch.func.grad(loss_fn, has_aux=True) if compiled else eager_grad
+    grad_fn = torch.func.grad(loss_fn, has_aux=True) if mode is StepMode.TRACED else eager_grad
+
+    def update(grads: Tree, state: TrainState) -> tuple[Tree, Tree]:
+        """(new params, new optimizer state); the gradients are the step's own, fresh tensors."""
+        if kernel is not None:
+            return kernel(grads, state.opt_state, state.params, donate)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optim.apply_updates(state.params, updates), opt_state
 
     def train_step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
         scale = state.scaler["scale"] if state.scaler else None
         grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch, scale)
         if scale is not None:
-            grads = optim.scale_tree_(grads, 1.0 / scale)  # the step's own fresh gradients: no copy needed
+            grads = scale_tree_(grads, 1.0 / scale)  # the step's own fresh gradients: no copy needed
         if reduce is not None:
             grads = reduce(grads)
             losses = reduce(losses)
         grad_norm = optim.global_norm(grads)
         loss_ok, grads_ok = torch.isfinite(losses["loss"]), torch.isfinite(grad_norm)
         finite = loss_ok & grads_ok
-        metrics = {**losses, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite.float()}
+        metrics = {**losses, "grad_norm": grad_norm, "finite": finite.float()}
         scaler = state.scaler
         if scale is not None:
             overflow = loss_ok & ~grads_ok
@@ -140,14 +117,8 @@ def make_train_step(
         if guard_by_sync and not bool(finite):
             return state._replace(scaler=scaler), metrics
         if max_grad_norm is not None:
-            grads = optim.scale_tree_(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
-        # The gradients are this step's own, fresh tensors: let the optimizer build updates in them.
-        if donate:
-            updates, opt_state = optim.update_donating(optimizer, grads, state.opt_state, state.params)
-            params = optim.apply_updates_(state.params, updates)
-        else:
-            updates, opt_state = optim.update_consuming(optimizer, grads, state.opt_state, state.params)
-            params = optim.apply_updates(state.params, updates)
+            grads = scale_tree_(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
+        params, opt_state = update(grads, state)
         if guard_by_sync:
             return TrainState(params, new_buffers, opt_state, state.step + 1, scaler), metrics
         new_state = TrainState(

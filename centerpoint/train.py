@@ -21,16 +21,18 @@ from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
-from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings
+from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.interrupt import Interrupted, StopRequest, stop_requests
-from centerpoint.layout import channels_last as to_channels_last
+from centerpoint.loss_scale import init_loss_scale
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
 from centerpoint.retention import resume_checkpoint, save_epoch, save_own
+from centerpoint.schedules import Schedule
 from centerpoint.spec import ExperimentSpec, spec_to_yaml
-from centerpoint.step import Divergence, TrainState, init_state, make_predict_step, make_train_step
+from centerpoint.state import TrainState, flatten_state, init_state, to_device
+from centerpoint.step import Divergence, make_predict_step, make_train_step
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Run:
     val_index: CocoIndex
     state: TrainState
     step_fn: Any
+    schedule: Schedule  # the optimizer's lr schedule over updates applied (logged as the lr of each step)
     predict_fn: Any
     steps_per_epoch: int
     total_steps: int
@@ -56,18 +59,6 @@ class Run:
     lock: rundir.RunLock | None = None  # rank 0's lock on the run directory, held until the run ends
     run_id: str = ""  # written into every checkpoint: the run replaces and deletes only its own files
     data: dict | None = None  # the data's identity, stored in every checkpoint (`data_identity`)
-
-
-def to_device(state: TrainState, backend: Backend, channels_last: bool) -> TrainState:
-    """Move a train state to the backend's device (conv weights channels-last if asked)."""
-    def move(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(backend.device)
-        return to_channels_last(t) if channels_last else t
-
-    return TrainState({k: move(v) for k, v in state.params.items()},
-                      {k: move(v) for k, v in state.buffers.items()},
-                      {k: move(v) for k, v in state.opt_state.items()}, state.step.to(backend.device),
-                      {k: move(v) for k, v in state.scaler.items()})
 
 
 def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from: Path | None = None) -> Run:
@@ -109,8 +100,9 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         from centerpoint.imports import load_torchvision_backbone
 
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
-    loss_scale = spec.runtime.loss_scale if precision == "fp16" else None
-    state = to_device(init_state(params, buffers, plan.transform, loss_scale), backend, spec.runtime.channels_last)
+    scaler = init_loss_scale(spec.runtime.loss_scale) if precision == "fp16" else None
+    state = to_device(init_state(params, buffers, plan.transform, scaler), backend.device,
+                      spec.runtime.channels_last)
     start_epoch = start_batch = 0
     finished, lock, run_id = None, None, uuid.uuid4().hex
     if dist.rank == 0:
@@ -130,8 +122,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
             raise
     start_epoch, start_batch, finished = distributed.broadcast_object((start_epoch, start_batch, finished), dist)
     state = distributed.broadcast_state(state, dist)
-    distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
-                                 "step": {"step": state.step}, "scaler": state.scaler}, dist)
+    distributed.check_identical(flatten_state(state), dist)
     compiled, on_device = resolved.compile == "on", resolved.augment_on == "device"
     if compiled:
         # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
@@ -142,12 +133,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
     apply = make_apply(net, traced=compiled)
-    step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
-                              autocast=lambda: backend.autocast(precision),
-                              reduce=distributed.make_reduce(dist), max_grad_norm=plan.max_grad_norm,
-                              guard_by_sync=backend.free_sync and not compiled, compiled=compiled,
-                              donate=backend.free_sync and not compiled,
-                              growth_interval=spec.runtime.loss_scale_growth_interval)
+    step_fn = make_train_step(apply, spec, plan.transform, step_mode(backend, compiled),
+                              reduce=distributed.make_reduce(dist), autocast=lambda: backend.autocast(precision))
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:
         step_fn = compile_step(step_fn, compile_with)
@@ -169,8 +156,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
             console.print(f"dropped {dropped} boxes of zero, negative or non-finite size or below "
                           f"data.min_box_size and {train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
-    return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist, finished, compiled, on_device, lock, run_id, data)
+    return Run(spec, backend, workdir, train_index, val_index, state, step_fn, plan.schedule, predict_fn, spe,
+               plan.total_steps, start_epoch, start_batch, dist, finished, compiled, on_device, lock, run_id, data)
 
 
 def _claim(workdir: Path, resume: bool, resume_from: Path | None, console: Console) -> Checkpoint | None:
@@ -285,6 +272,7 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
                 bad_images += int(batch.pop("bad_images"))  # unreadable images, data.on_bad_image=skip
                 batch = to_step_batch(batch, run)
                 wait = time.perf_counter() - t_wait
+                applied = state.step  # updates applied before this step: its lr is the schedule's there
                 state, metrics = run.step_fn(state, batch)
                 step += 1
                 skipped += 1 - metrics["finite"]
@@ -298,6 +286,7 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
                 if step % spec.train.log_every == 0 or step == run.total_steps:
                     diverged.check()
                     values = {k: float(v) for k, v in metrics.items()}
+                    values["lr"] = float(run.schedule(applied))
                     values.update(meter.read())
                     values["skipped_steps"] = float(skipped)
                     values["bad_images"] = float(bad_images)

@@ -60,7 +60,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
     from centerpoint.build import build_optimizer, data_root
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.model import init
-    from centerpoint.step import init_state
+    from centerpoint.state import init_state
 
     base = tmp_path_factory.mktemp("shared")
     spec = load_spec(None, [*TINY, f"logging.workdir={base / 'run'}"])
@@ -338,7 +338,7 @@ def test_disk_full_in_process_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
 
     import centerpoint.checkpoint as checkpoint
     from centerpoint.errors import CenterpointError
-    from centerpoint.step import TrainState
+    from centerpoint.state import TrainState
 
     def state(step: int) -> TrainState:
         return TrainState({"w": torch.full((10,), float(step))}, {}, {}, torch.tensor(step))

@@ -1,13 +1,20 @@
+from pathlib import Path
+
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from centerpoint.build import build_optimizer
 from centerpoint.checkpoint import latest_checkpoint, load_checkpoint, restore_state, save_checkpoint
 from centerpoint.errors import CenterpointError
 from centerpoint.model import init
+from centerpoint.optim import apply_updates
 from centerpoint.spec import load_spec
-from centerpoint.step import init_state
+from centerpoint.state import flatten_state, init_state
+from tests.conftest import TINY, call_cli
+
+# The network of the format-1 run checkpoint (tests/data/make_format1_checkpoints.py).
+TINY_NET = ["model.width=8", "model.neck_channels=[8,8,8]", "model.head_channels=8"]
 
 
 def _state(spec, seed=0):
@@ -118,3 +125,60 @@ def test_latest_refuses_unusable_checkpoints_naming_each(tmp_path):
         latest_checkpoint(tmp_path)
     for name in ("latest", "epoch_0001", "best"):
         assert f"{name}.safetensors" in str(err.value)
+
+
+DATA = Path(__file__).resolve().parent / "data"  # format-1 files written by `make_format1_checkpoints.py`
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_format1_checkpoint_loads_with_optimizer_state_named_by_role(optimizer: str) -> None:
+    """A checkpoint of the version before optimizer state was named by role (keys by chain position) is
+    renamed on load, and holds exactly what this version computes for the same two updates."""
+    path = DATA / f"format1_{optimizer}_tree.safetensors"
+    ckpt = load_checkpoint(path)
+    raw = load_file(str(path))
+    old_opt = sorted(k for k in raw if k.startswith("opt."))
+    assert all(k.split(".")[1].isdigit() for k in old_opt)  # really the old layout
+    # The generator's two updates, redone here (same seeds, same spec).
+    spec = load_spec(None, [f"optim.name={optimizer}", f"optim.nesterov={str(optimizer == 'sgd').lower()}"])
+    assert ckpt.spec.optim == spec.optim
+    plan = build_optimizer(spec, 10, 8)
+    g = torch.Generator().manual_seed(0)
+    params = {"head.weight": torch.randn(2, 3, generator=g), "head.bias": torch.randn(2, generator=g)}
+    state = init_state(params, {"bn.running_mean": torch.zeros(2)}, plan.transform)
+    for _ in range(2):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in state.params.items()}
+        updates, opt = plan.transform.update(grads, state.opt_state, state.params)
+        state = state._replace(params=apply_updates(state.params, updates), opt_state=opt, step=state.step + 1)
+    want = flatten_state(state)
+    assert set(ckpt.tensors) == set(want) and len(old_opt) == len(plan.transform.init(params))
+    for k, v in want.items():
+        assert torch.equal(ckpt.tensors[k], v), k
+    template = init_state(params, {"bn.running_mean": torch.ones(2)}, plan.transform)
+    restored = restore_state(ckpt, template)
+    assert all(torch.equal(v, want[k]) for k, v in flatten_state(restored).items())
+
+
+def test_format1_checkpoint_of_a_real_run_inspects_and_resumes_through_the_cli(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+    """A format-1 run checkpoint (3 steps of a tiny network, SGD with momentum): `centerpoint checkpoint
+    inspect` reads it, the same run trained by this version ends with exactly its tensors, and `train
+    --resume FILE` continues it."""
+    old = DATA / "format1_sgd_tiny.safetensors"
+    code, out, err = call_cli(capsys, "checkpoint", "inspect", str(old))
+    assert code == 0, err
+    assert "step 3  epoch 1  batch_in_epoch 0" in out
+    sets = [x for s in [*TINY, *TINY_NET, "optim.name=sgd", "runtime.threads=1", "logging.tensorboard=false"]
+            for x in ("--set", s)]
+    again, resumed = tmp_path / "again", tmp_path / "resumed"
+    code, _, err = call_cli(capsys, "train", *sets, "--max-steps", "3", "--device", "cpu", "--workdir", str(again))
+    assert code == 0, err
+    upgraded, now = load_checkpoint(old).tensors, load_file(str(again / "checkpoints" / "latest.safetensors"))
+    assert set(upgraded) == set(now) and "opt.sgd.momentum.backbone.conv1.weight" in now and "opt.lr.count" in now
+    assert not [k for k in now if not torch.equal(now[k], upgraded[k])]
+    code, out, err = call_cli(capsys, "train", *sets, "--max-steps", "4", "--device", "cpu", "--workdir", str(resumed),
+                              "--resume", str(old))
+    assert code == 0, err
+    assert "format1_sgd_tiny.safetensors (step 3, epoch 1)" in " ".join(out.split())
+    after = load_checkpoint(resumed / "checkpoints" / "latest.safetensors")
+    assert after.step == 4 and int(after.tensors["opt.lr.count"]) == 4 and set(after.tensors) == set(now)

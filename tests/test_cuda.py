@@ -21,12 +21,14 @@ from centerpoint.data.coco import load_index
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, collate_source, collate_train
 from centerpoint.decode import boxes_to_original, decode_heatmap
-from centerpoint.devices import make_backend, resolve_precision
+from centerpoint.devices import make_backend, resolve_precision, step_mode
 from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.layout import channels_last
+from centerpoint.loss_scale import init_loss_scale
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.spec import load_spec
-from centerpoint.step import TrainState, init_state, make_predict_step, make_train_step
+from centerpoint.state import TrainState, init_state
+from centerpoint.step import make_predict_step, make_train_step
 from centerpoint.targets import make_targets
 from tests.conftest import write_box_coco
 
@@ -61,13 +63,12 @@ def _step(device: str, precision: str, compiled: bool = False, *sets: str):  # n
     plan = build_optimizer(spec, 10, 4)
     params, buffers = init(spec.model, 0)
     dev = backend.device
-    loss_scale = spec.runtime.loss_scale if precision == "fp16" else None
+    scaler = init_loss_scale(spec.runtime.loss_scale, dev) if precision == "fp16" else None
     state = init_state({k: channels_last(v.to(dev)) for k, v in params.items()},
-                       {k: channels_last(v.to(dev)) for k, v in buffers.items()}, plan.transform, loss_scale)
+                       {k: channels_last(v.to(dev)) for k, v in buffers.items()}, plan.transform, scaler)
     net = build_network(spec.model).to(dev, memory_format=torch.channels_last)
-    step = make_train_step(make_apply(net, traced=compiled), spec, plan.transform, plan.schedule,
-                           autocast=lambda: backend.autocast(precision), max_grad_norm=plan.max_grad_norm,
-                           guard_by_sync=backend.free_sync and not compiled, compiled=compiled)
+    step = make_train_step(make_apply(net, traced=compiled), spec, plan.transform, step_mode(backend, compiled),
+                           autocast=lambda: backend.autocast(precision))
     return (torch.compile(step) if compiled else step), state
 
 

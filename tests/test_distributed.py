@@ -73,8 +73,10 @@ def _train_float64(spec, ctx: distributed.Context, batches: list, spe: int) -> d
     Built from the pieces `train.build_run` wires: sync BN, broadcast, identity check, gradient mean."""
     from centerpoint.build import build_optimizer
     from centerpoint.checkpoint import state_tensors
+    from centerpoint.devices import StepMode
     from centerpoint.model import build_network, init, make_apply
-    from centerpoint.step import init_state, make_train_step
+    from centerpoint.state import flatten_state, init_state
+    from centerpoint.step import make_train_step
 
     plan = build_optimizer(spec, spe, spec.train.batch_size * ctx.world_size)
     net = distributed.sync_batchnorm(build_network(spec.model), ctx).double()
@@ -84,10 +86,10 @@ def _train_float64(spec, ctx: distributed.Context, batches: list, spe: int) -> d
         return {k: v.double() if v.is_floating_point() else v for k, v in tree.items()}
 
     state = distributed.broadcast_state(init_state(wide(params), wide(buffers), plan.transform), ctx)
-    distributed.check_identical({"params": state.params, "buffers": state.buffers}, ctx)
+    distributed.check_identical(flatten_state(state), ctx)
     apply = make_apply(net)
     step = make_train_step(lambda p, b, x, train: apply(p, b, x.double(), train), spec, plan.transform,
-                           plan.schedule, reduce=distributed.make_reduce(ctx), max_grad_norm=plan.max_grad_norm)
+                           StepMode.EAGER, reduce=distributed.make_reduce(ctx))
     for batch in batches:
         state, _ = step(state, batch)
     return state_tensors(state)
@@ -119,7 +121,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     torch.save(state_tensors(state), out_dir / f"fp32_{world}_{rank}.pt")
     torch.save(_train_float64(spec, run.dist, batches, run.steps_per_epoch), out_dir / f"fp64_{world}_{rank}.pt")
     try:  # a tensor that differs between ranks is named
-        distributed.check_identical({"probe": {"rank": torch.tensor([float(rank)])}}, run.dist)
+        distributed.check_identical({"probe.rank": torch.tensor([float(rank)])}, run.dist)
         report["differ"] = ""
     except CenterpointError as err:
         report["differ"] = str(err)

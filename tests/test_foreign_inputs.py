@@ -88,7 +88,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
     from centerpoint.build import build_optimizer, data_root
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.model import init
-    from centerpoint.step import init_state
+    from centerpoint.state import init_state
 
     base = tmp_path_factory.mktemp("foreign")
     spec = load_spec(None, TINY)

@@ -5,10 +5,12 @@ import torch
 
 from centerpoint.build import build_optimizer
 from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint
+from centerpoint.devices import StepMode
 from centerpoint.loss_scale import init_loss_scale, update_loss_scale
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.spec import load_spec
-from centerpoint.step import init_state, make_train_step
+from centerpoint.state import init_state
+from centerpoint.step import make_train_step
 from tests.test_step import _batch
 
 
@@ -31,11 +33,12 @@ def test_non_finite_loss_leaves_the_scale_alone():
 
 def _setup(precision_ctx=None):
     spec = load_spec(None, ["optim.name=sgd", "optim.grad_clip=null", "schedule.warmup_steps=0",
-                            "schedule.kind=constant", "optim.lr=0.01", "runtime.channels_last=false"])
+                            "schedule.kind=constant", "optim.lr=0.01", "runtime.channels_last=false",
+                            "runtime.loss_scale_growth_interval=2"])
     plan = build_optimizer(spec, 10, 2)
     params, buffers = init(spec.model, 0)
     apply = make_apply(build_network(spec.model))
-    step = make_train_step(apply, spec, plan.transform, plan.schedule, autocast=precision_ctx, growth_interval=2)
+    step = make_train_step(apply, spec, plan.transform, StepMode.EAGER, autocast=precision_ctx)
     return spec, plan, params, buffers, step
 
 
@@ -45,7 +48,7 @@ def test_overflow_skips_the_update_and_halves_the_scale_until_it_fits():
     plain, _ = step(init_state(params, buffers, plan.transform), batch)
     # 2**127 overflows the fp32 scaled loss; every halving is exact, so the first applied step multiplies and
     # divides by a power of two and must give exactly the unscaled step's parameters.
-    state = init_state(params, buffers, plan.transform, loss_scale=2.0**127)
+    state = init_state(params, buffers, plan.transform, scaler=init_loss_scale(2.0**127))
     overflows = 0
     while int(state.step) == 0:
         before = state
@@ -69,7 +72,7 @@ def test_overflow_skips_the_update_and_halves_the_scale_until_it_fits():
 
 def test_fp16_autocast_steps_on_cpu_stay_finite():
     _, plan, params, buffers, step = _setup(lambda: torch.autocast("cpu", dtype=torch.float16))
-    state = init_state(params, buffers, plan.transform, loss_scale=65536.0)
+    state = init_state(params, buffers, plan.transform, scaler=init_loss_scale(65536.0))
     for i in range(3):
         state, m = step(state, _batch(seed=i))
         assert float(m["finite"]) == 1.0 and float(m["loss_scale"]) > 0
@@ -79,14 +82,14 @@ def test_fp16_autocast_steps_on_cpu_stay_finite():
 
 def test_scaler_is_checkpointed_and_optional_at_resume(tmp_path):
     spec, plan, params, buffers, step = _setup()
-    state = init_state(params, buffers, plan.transform, loss_scale=2.0**127)
+    state = init_state(params, buffers, plan.transform, scaler=init_loss_scale(2.0**127))
     state, _ = step(state, _batch())
     path = save_checkpoint(tmp_path / "a.safetensors", state, spec, epoch=0)
     ckpt = load_checkpoint(path)
-    back = restore_state(ckpt, init_state(params, buffers, plan.transform, loss_scale=65536.0))
+    back = restore_state(ckpt, init_state(params, buffers, plan.transform, scaler=init_loss_scale(65536.0)))
     assert float(back.scaler["scale"]) == 2.0**126 and int(back.scaler["good_steps"]) == 0
     # fp16 checkpoint resumed without loss scaling, and an fp32 checkpoint resumed with it.
     assert restore_state(ckpt, init_state(params, buffers, plan.transform)).scaler == {}
     fp32 = save_checkpoint(tmp_path / "b.safetensors", init_state(params, buffers, plan.transform), spec, epoch=0)
-    fresh = restore_state(load_checkpoint(fp32), init_state(params, buffers, plan.transform, loss_scale=4.0))
+    fresh = restore_state(load_checkpoint(fp32), init_state(params, buffers, plan.transform, init_loss_scale(4.0)))
     assert float(fresh.scaler["scale"]) == 4.0

@@ -6,7 +6,7 @@ import torch
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.nn.neck import CTResNetNeck
 from centerpoint.spec import MMDET_R18, ModelSpec, load_spec
-from centerpoint.tree import num_elements
+from centerpoint.state import num_elements
 
 
 def test_names_match_mmdetection_layout():

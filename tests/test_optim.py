@@ -206,8 +206,7 @@ CLIP_CASES: dict[str, tuple[Callable[[Schedule], optim.Transform], TorchOptFacto
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(CLIP_CASES))
 def test_clipping_mask_and_schedule_match_torch(name: str, dtype: torch.dtype) -> None:
-    # Clipping makes the later elements of the chain work in place on private copies: this checks
-    # that path (and the default mask, and a schedule stepping on the 0-based count) against torch.
+    # Clipping, the default mask and a schedule stepping on the 0-based count, against torch.
     make_ours, make_torch = CLIP_CASES[name]
     params = _params(dtype)
     grads = _grad_sequence(params, scale=10.0)  # global norm ~ 100 >> 1: clipping is active
@@ -425,12 +424,15 @@ def test_state_round_trips_through_safetensors(name: str, tmp_path: Path) -> Non
 def test_chain_state_keys_and_step_count() -> None:
     params = _params()
     state = optim.adamw(1e-3).init(params)
-    assert "1.count" in state and "3.count" in state
-    assert {f"1.adam.mu.{k}" for k in params} <= state.keys()
-    assert {f"1.adam.nu.{k}" for k in params} <= state.keys()
+    assert "adam.count" in state and "lr.count" in state
+    assert {f"adam.mu.{k}" for k in params} <= state.keys()
+    assert {f"adam.nu.{k}" for k in params} <= state.keys()
     assert optim.step_count(state).dtype == torch.int64 and optim.step_count(state).item() == 0
     sgd_state = optim.sgd(0.1, momentum=0.9).init(params)
-    assert set(sgd_state) == {f"2.trace.{k}" for k in params} | {"3.count"}
+    assert set(sgd_state) == {f"sgd.momentum.{k}" for k in params} | {"lr.count"}
+    assert set(optim.adam(1e-3).init(params)) == set(state)  # the same roles, whatever the order
+    assert set(optim.chain(optim.trace(0.9), optim.scale_by_learning_rate(0.1)).init(params)) == \
+        {f"0.momentum.{k}" for k in params} | {"1.count"}
     # Toggling clipping keeps the keys stable (checkpoints stay loadable).
     assert set(optim.sgd(0.1, max_grad_norm=1.0).init(params)) == set(sgd_state)
     with pytest.raises(KeyError):
@@ -469,6 +471,48 @@ def test_chain_never_writes_into_a_foreign_transforms_tensors() -> None:
 def test_moment_buffers_follow_channels_last_weights() -> None:
     params = {"w": torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last), "b": torch.randn(4)}
     state = optim.adamw(1e-3).init(params)
-    mu = state["1.adam.mu.w"]
+    mu = state["adam.mu.w"]
     assert mu.is_contiguous(memory_format=torch.channels_last) and not mu.is_contiguous()
-    assert state["1.adam.nu.b"].is_contiguous()
+    assert state["adam.nu.b"].is_contiguous()
+
+
+KERNEL_CASES: dict[str, Callable[[], optim.Transform]] = {
+    "adamw": lambda: optim.adamw(sch.linear_warmup(sch.cosine(1e-2, 20), 5), weight_decay=0.05),
+    "adam": lambda: optim.adam(1e-2, b1=0.8, weight_decay=0.05),
+    "sgd": lambda: optim.sgd(0.05, momentum=0.9, weight_decay=1e-2),
+    "sgd_nesterov": lambda: optim.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, decay_mask=None),
+    "sgd_plain": lambda: optim.sgd(0.05, momentum=0.0, weight_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["consuming", "donating"])
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_inplace_kernel_equals_the_pure_update_bit_for_bit(name: str, donate: bool) -> None:
+    """`Transform.inplace` (the eager steps' kernel) computes exactly what `update` + `apply_updates` do,
+    writing only into the memory it is given: the gradients, and with `donate` the state and params."""
+    opt = KERNEL_CASES[name]()
+    assert opt.inplace is not None
+    params = kernel_params = _params()
+    state = kernel_state = opt.init(params)
+    for grads in _grad_sequence(params, steps=4):
+        updates, state = opt.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        given = (kernel_state, kernel_params)
+        kept = [{k: v.clone() for k, v in t.items()} for t in given]
+        kernel_params, kernel_state = opt.inplace({k: g.clone() for k, g in grads.items()}, kernel_state,
+                                                  kernel_params, donate)
+        assert kernel_state.keys() == state.keys()
+        for k in params:
+            assert torch.equal(kernel_params[k], params[k]), k
+            assert (kernel_params[k] is given[1][k]) == donate, k  # updated in place exactly when donated
+        for k in state:
+            assert torch.equal(kernel_state[k], state[k]), k
+        if not donate:  # what it was given is intact
+            for tree, copy in zip(given, kept, strict=True):
+                assert all(torch.equal(tree[k], copy[k]) for k in tree)
+
+
+def test_clipping_leaves_the_kernel_to_the_pure_update() -> None:
+    # The train step clips before the kernel; a transform that clips itself has no kernel to disagree with.
+    assert optim.adamw(1e-2, max_grad_norm=1.0).inplace is None
+    assert optim.sgd(1e-2, max_grad_norm=1.0).inplace is None

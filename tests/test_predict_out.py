@@ -16,7 +16,7 @@ from centerpoint.checkpoint import save_checkpoint
 from centerpoint.model import init
 from centerpoint.predict_out import MANIFEST, drawing_names
 from centerpoint.spec import load_spec
-from centerpoint.step import init_state
+from centerpoint.state import init_state
 from tests.conftest import TINY, call_cli
 
 

@@ -28,7 +28,7 @@ from centerpoint.checkpoint import (
     save_checkpoint,
 )
 from centerpoint.spec import load_spec
-from centerpoint.step import TrainState
+from centerpoint.state import TrainState
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,7 +297,7 @@ import os, random, signal, sys, time, torch
 from pathlib import Path
 from centerpoint.checkpoint import save_checkpoint
 from centerpoint.spec import load_spec
-from centerpoint.step import TrainState
+from centerpoint.state import TrainState
 spec, path = load_spec(None), Path(sys.argv[1]) / "checkpoints" / "latest.safetensors"
 rng = random.Random(int(sys.argv[2]))
 for line in sys.stdin:
@@ -380,7 +380,7 @@ def test_restore_keeps_the_template_memory_format(tmp_path: Path) -> None:
     from centerpoint.build import build_optimizer
     from centerpoint.checkpoint import restore_state
     from centerpoint.model import init
-    from centerpoint.step import init_state
+    from centerpoint.state import init_state
 
     spec = load_spec(None)
     params, buffers = init(spec.model, 0)

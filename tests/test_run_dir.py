@@ -22,7 +22,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.model import init
 from centerpoint.retention import save_epoch
 from centerpoint.spec import load_spec
-from centerpoint.step import TrainState, init_state
+from centerpoint.state import TrainState, init_state
 from tests.conftest import TINY, call_cli
 from tests.test_checkpoint import as_newer_version
 

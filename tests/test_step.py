@@ -3,10 +3,12 @@ import torch
 
 from centerpoint import layout, optim
 from centerpoint.build import build_optimizer
+from centerpoint.devices import StepMode, make_backend, step_mode
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.spec import load_spec
-from centerpoint.step import init_state, make_predict_step, make_train_step
+from centerpoint.state import init_state
+from centerpoint.step import make_predict_step, make_train_step
 from centerpoint.targets import make_targets
 
 
@@ -24,7 +26,7 @@ def _setup(*sets):
                             "schedule.kind=constant", "optim.lr=0.01", "runtime.channels_last=false", *sets])
     plan = build_optimizer(spec, 10, 2)
     params, buffers = init(spec.model, 0)
-    step = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule)
+    step = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, StepMode.EAGER)
     return spec, plan, params, buffers, step
 
 
@@ -97,7 +99,7 @@ def test_compiled_step_compiles_once_and_matches_eager(optimizer: str, channels_
         params, buffers = ({k: layout.channels_last(v) for k, v in t.items()} for t in (params, buffers))
         net = net.to(memory_format=torch.channels_last)
         assert any(v.shape[2:] == (1, 1) for v in params.values() if v.dim() == 4)
-    traceable = make_train_step(make_apply(net), spec, plan.transform, plan.schedule, compiled=True)
+    traceable = make_train_step(make_apply(net), spec, plan.transform, StepMode.TRACED)
     counts = {"n": 0}
 
     def counting_backend(gm, example_inputs):
@@ -147,10 +149,10 @@ def _copy(state):
 ])
 def test_donating_step_equals_the_pure_step_bit_for_bit(sets):
     spec, plan, params, buffers, _ = _setup(*sets)
-    kw = dict(max_grad_norm=spec.optim.grad_clip, guard_by_sync=True)
     apply = make_apply(build_network(spec.model))
-    pure = make_train_step(apply, spec, plan.transform, plan.schedule, **kw)
-    donating = make_train_step(apply, spec, plan.transform, plan.schedule, donate=True, **kw)
+    # The pure transforms (no in-place kernel) against the eager-donating step's in-place kernel.
+    pure = make_train_step(apply, spec, plan.transform._replace(inplace=None), StepMode.EAGER)
+    donating = make_train_step(apply, spec, plan.transform, StepMode.EAGER_DONATING)
     a = init_state(params, buffers, plan.transform)
     b = _copy(a)
     for i in range(3):
@@ -168,8 +170,7 @@ def test_donating_step_equals_the_pure_step_bit_for_bit(sets):
 
 def test_donating_step_keeps_the_state_on_a_non_finite_step():
     spec, plan, params, buffers, _ = _setup("optim.name=adamw")
-    step = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule,
-                           guard_by_sync=True, donate=True)
+    step = make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, StepMode.EAGER_DONATING)
     state = init_state(params, buffers, plan.transform)
     snapshot = _copy(state)
     batch = {**_batch(), "images": _batch()["images"].float() * float("nan")}
@@ -179,5 +180,7 @@ def test_donating_step_keeps_the_state_on_a_non_finite_step():
         assert torch.equal(new.params[k], v) and torch.equal(state.params[k], v)
     for k, v in snapshot.opt_state.items():
         assert torch.equal(new.opt_state[k], v)
-    with pytest.raises(ValueError, match="guard_by_sync"):
-        make_train_step(make_apply(build_network(spec.model)), spec, plan.transform, plan.schedule, donate=True)
+    # Donation needs the guard that reads `finite` on the host first: only where that read is free (cpu).
+    assert step_mode(make_backend("cpu"), compiled=False) is StepMode.EAGER_DONATING
+    assert step_mode(make_backend("cuda"), compiled=False) is StepMode.EAGER
+    assert step_mode(make_backend("cpu"), compiled=True) is StepMode.TRACED

@@ -64,7 +64,7 @@ def shapes_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pa
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.model import init
     from centerpoint.spec import load_spec
-    from centerpoint.step import init_state
+    from centerpoint.state import init_state
 
     spec = load_spec(None, TINY)
     params, buffers = init(spec.model, 0)
