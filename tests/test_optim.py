@@ -14,8 +14,8 @@ from torch import Tensor
 from centerpoint import optim
 from centerpoint import schedules as sch
 from centerpoint.schedules import Schedule
+from centerpoint.state import Tree
 
-Tree = dict[str, Tensor]
 TorchOptFactory = Callable[[list[dict]], torch.optim.Optimizer]
 
 STEPS = 10
