@@ -9,17 +9,14 @@ latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identit
 Which files a run writes and keeps is the `Checkpointer`'s: `latest`, periodic `epoch_NNNN` (the newest
 `train.keep_last`) and `best` (highest bbox_mAP). Ranking and ownership are read from each file's metadata
 (never from file names or a side file that could disagree), and a run replaces or deletes only files with
-its own id. `resume_checkpoint` picks the file a resumed run continues from.
-
-(Longer than most modules: the file format and the rules over a run's files are read together, since
-the rules are written in terms of the metadata the format defines.)
+its own id. (Longer than most modules: the rules over a run's files are written in terms of the metadata
+the format defines, and read with it.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,7 +280,7 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
                            "with the centerpoint version that wrote them, or train afresh into another --workdir")
 
 
-# --- a run's files: ownership, retention, best, the resume choice ---------------------------------------
+# --- a run's files: ownership, retention, best ---------------------------------------------------------
 
 def _position(meta: dict[str, str]) -> tuple[int, int, int]:
     return header_position(meta) or (-1, -1, -1)
@@ -369,34 +366,3 @@ class Checkpointer:
         epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
         save_own(self.directory / f"{name}.safetensors", state, self.spec, epoch, batch_in_epoch, metrics,
                  self.run_id, self.data)
-
-
-def check_resume_dir(run_dir: Path, run_id: str, position: tuple[int, int, int], source: Path) -> None:
-    """Before a run resumed from `source` writes into `run_dir`: every checkpoint there must be this run's
-    and none newer than `source` (continuing would replace them)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    for path in sorted(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []:
-        meta = read_header(path)
-        if meta is None:
-            continue
-        if meta.get("run_id", "") != run_id:
-            raise CenterpointError(f"--resume: {path} belongs to another run than {source}; resume into that run's "
-                                   "own directory or an empty --workdir")
-        if _position(meta) > position:
-            raise CenterpointError(f"--resume: {path} is newer (step {meta.get('step')}) than {source}; resuming "
-                                   "from the older file would replace it: pass another --workdir")
-
-
-def resume_checkpoint(run_dir: Path, resume_from: Path | None, say: Callable[[str], object]) -> Checkpoint | None:
-    """The checkpoint a resumed run continues from: `resume_from`, else the run directory's newest usable one
-    (None, said with `say`, when the run has none: it starts fresh); checked against the directory's files."""
-    if resume_from is None:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            say(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; starting fresh")
-            return None
-    else:
-        ckpt = load_checkpoint(resume_from)
-    position = header_position(read_header(ckpt.path) or {}) or (ckpt.step, ckpt.epoch, ckpt.batch_in_epoch)
-    check_resume_dir(run_dir, ckpt.run_id, position, ckpt.path)
-    return ckpt

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from centerpoint import distributed, rundir
 from centerpoint.build import OptimizerPlan, build_optimizer, data_root, load_split
-from centerpoint.checkpoint import Checkpoint, Checkpointer, remove_partial_writes, restore_state, resume_checkpoint
+from centerpoint.checkpoint import Checkpointer, remove_partial_writes, restore_state
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.loader import steps_per_epoch
 from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings
@@ -33,6 +33,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.layout import channels_last as to_channels_last
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.monitor import make_progress
+from centerpoint.resume import check_same_data, resume_checkpoint, resume_step
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import TrainState, init_state, make_predict_step, make_train_step
 
@@ -217,52 +218,6 @@ def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
         step_fn = compile_step(step_fn, compile_with)
         predict_fn = compile_step(predict_fn, compile_with, dynamic=spec.data.test_mode == "pad")
     return step_fn, predict_fn, compile_with
-
-
-# Fields that fix the data order a checkpoint's position refers to.
-RESUME_FIXED = ("train.seed", "train.batch_size", "data.dataset", "data.shapes_train", "data.shapes_seed")
-
-
-def resume_step(ckpt: Checkpoint, spec: ExperimentSpec, steps_per_epoch: int, total_steps: int) -> int:
-    """Global steps the checkpoint's run had taken (skipped ones included), from its (epoch, batch_in_epoch)
-    metadata, checked against this run's spec.
-
-    Raises a CenterpointError when resuming cannot continue that run exactly: the spec changed a field
-    that decides which batch comes next, or the run is set to stop before the checkpoint's step.
-    """
-    from centerpoint.spec import spec_to_dict
-
-    def get(data: dict, key: str) -> object:
-        for part in key.split("."):
-            data = data[part]
-        return data
-
-    old, new = spec_to_dict(ckpt.spec), spec_to_dict(spec)
-    changed = [f"{k} {get(old, k)} -> {get(new, k)}" for k in RESUME_FIXED if get(old, k) != get(new, k)]
-    if changed:
-        raise CenterpointError(f"--resume: {ckpt.path} was trained with other data settings ({'; '.join(changed)}); "
-                               "resume with the same values or train into a new --workdir")
-    if ckpt.batch_in_epoch > steps_per_epoch:
-        raise CenterpointError(f"--resume: {ckpt.path} stopped at batch {ckpt.batch_in_epoch} of an epoch, but an "
-                               f"epoch now has {steps_per_epoch}: the train set changed; use a new --workdir")
-    done = ckpt.epoch * steps_per_epoch + ckpt.batch_in_epoch
-    if done > total_steps:
-        raise CenterpointError(f"--resume: {ckpt.path} has already trained {done} steps, more than the {total_steps} "
-                               "this run is set to (train.max_steps / train.epochs); raise them to continue")
-    return done
-
-
-def check_same_data(ckpt: Checkpoint, data: dict) -> None:
-    """Refuse to resume `ckpt` on data other than it was trained on (`data.coco.data_identity`): another
-    dataset root, edited annotations, a different number of usable images. A checkpoint that does not
-    record its data (written by an earlier version) is not checked."""
-    if not ckpt.data or ckpt.data == data:
-        return
-    changed = [f"{split} {key} {ckpt.data.get(split, {}).get(key)!r} -> {now!r}"
-               for split, fields in data.items() for key, now in fields.items()
-               if ckpt.data.get(split, {}).get(key) != now]
-    raise CenterpointError(f"--resume: {ckpt.path} was trained on other data ({'; '.join(changed[:3])}); resume "
-                           "with the same dataset or train into a new --workdir")
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
