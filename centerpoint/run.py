@@ -3,8 +3,9 @@
     runtime   the device backend, resolved settings, process group
     data      the dataset located (or generated) and indexed; steps per epoch
     state     the network, a fresh train state on the device, the optimizer and its schedule
-    resume    the run directory locked (rank 0) and the checkpoint to continue from, if any
     steps     the train and predict steps, compiled where the backend says so
+    resume    the run directory locked (rank 0; last, so that nothing after it can fail) and the
+              checkpoint to continue from, if any
 
 `build_run` wires them into a `Run`, the value the training loop (`train.train`) takes. Tests replace
 parts of a `Run` (`dataclasses.replace(run, step_fn=...)`) rather than patching this module.
@@ -99,8 +100,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     data = build_data(spec, dist, console)
     plan = build_optimizer(spec, data.steps_per_epoch, spec.train.batch_size * dist.world_size)
     net, state = build_state(spec, backend, dist, plan)
-    start = resume_run(spec, dist, workdir, state, data, plan.total_steps, resume, resume_from, console)
     step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, net, plan)
+    start = resume_run(spec, dist, workdir, state, data, plan.total_steps, resume, resume_from, console)
     if dist.rank == 0:
         _print_banner(console, spec, backend, dist, data, plan, notes, compile_with)
     checkpointer = Checkpointer(workdir / "checkpoints", spec, start.run_id, data.identity, data.steps_per_epoch,

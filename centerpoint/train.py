@@ -45,6 +45,7 @@ def train(run: Run, console: Console) -> dict:
 
 
 def _train(run: Run, console: Console) -> dict:
+    """The loop of `train`: steps start_step + 1 .. total_steps, each followed by what is due after it."""
     spec, t, is_main, total, spe = run.spec, run.spec.train, run.dist.rank == 0, run.total_steps, run.steps_per_epoch
     if run.finished is not None:
         if is_main:
