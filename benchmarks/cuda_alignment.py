@@ -40,7 +40,7 @@ def make_batches(count: int, batch: int, size: int, classes: int) -> list[dict[s
 
 
 def build(spec: ExperimentSpec, backend: Backend, precision: str) -> tuple[object, TrainState]:
-    """The run's eager step and initial state (seed 0) on `backend`, as `train.build_run` makes them."""
+    """The run's eager step and initial state (seed 0) on `backend`, as `run.build_run` makes them."""
     plan = build_optimizer(spec, 100, spec.train.batch_size)
     params, buffers = init(spec.model, 0)
     dev = backend.device

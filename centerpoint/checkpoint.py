@@ -8,6 +8,12 @@ Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoc
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
 latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown),
 `run_id` (the run that wrote it: a run only replaces or deletes its own files).
+
+Which files a run writes and keeps is the `Checkpointer`'s: `latest`, periodic `epoch_NNNN` (the newest
+`train.keep_last`) and `best` (highest bbox_mAP). Ranking and ownership are read from each file's metadata
+(never from file names or a side file that could disagree), and a run replaces or deletes only files with
+its own id. (Longer than most modules: the rules over a run's files are written in terms of the metadata
+the format defines, and read with it.)
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from centerpoint.atomic import atomic_path
+from centerpoint.cadence import epoch_of, itstime
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
 from centerpoint.state import TrainState, flatten_state, unflatten, unflatten_state
@@ -223,51 +230,6 @@ def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
     return unflatten_state({k: torch.empty_like(r).copy_(loaded[k]) for k, r in flatten_state(template).items()})
 
 
-# Fields that fix the data order a checkpoint's position (epoch, batch_in_epoch) refers to.
-RESUME_FIXED = ("train.seed", "train.batch_size", "data.dataset", "data.shapes_train", "data.shapes_seed")
-
-
-def resume_position(ckpt: Checkpoint, spec: ExperimentSpec, steps_per_epoch: int, total_steps: int) -> int:
-    """Steps the checkpoint's run had taken (skipped ones included), checked against this run's spec.
-
-    Raises a CenterpointError when resuming cannot continue that run exactly: the spec changed a field
-    that decides which batch comes next, or the run is set to stop before the checkpoint's step.
-    """
-    from centerpoint.spec import spec_to_dict
-
-    def get(data: dict, key: str) -> object:
-        for part in key.split("."):
-            data = data[part]
-        return data
-
-    old, new = spec_to_dict(ckpt.spec), spec_to_dict(spec)
-    changed = [f"{k} {get(old, k)} -> {get(new, k)}" for k in RESUME_FIXED if get(old, k) != get(new, k)]
-    if changed:
-        raise CenterpointError(f"--resume: {ckpt.path} was trained with other data settings ({'; '.join(changed)}); "
-                               "resume with the same values or train into a new --workdir")
-    if ckpt.batch_in_epoch > steps_per_epoch:
-        raise CenterpointError(f"--resume: {ckpt.path} stopped at batch {ckpt.batch_in_epoch} of an epoch, but an "
-                               f"epoch now has {steps_per_epoch}: the train set changed; use a new --workdir")
-    done = ckpt.epoch * steps_per_epoch + ckpt.batch_in_epoch
-    if done > total_steps:
-        raise CenterpointError(f"--resume: {ckpt.path} has already trained {done} steps, more than the {total_steps} "
-                               "this run is set to (train.max_steps / train.epochs); raise them to continue")
-    return done
-
-
-def check_same_data(ckpt: Checkpoint, data: dict) -> None:
-    """Refuse to resume `ckpt` on data other than it was trained on (`data.coco.data_identity`): another
-    dataset root, edited annotations, a different number of usable images. A checkpoint that does not
-    record its data (written by an earlier version) is not checked."""
-    if not ckpt.data or ckpt.data == data:
-        return
-    changed = [f"{split} {key} {ckpt.data.get(split, {}).get(key)!r} -> {now!r}"
-               for split, fields in data.items() for key, now in fields.items()
-               if ckpt.data.get(split, {}).get(key) != now]
-    raise CenterpointError(f"--resume: {ckpt.path} was trained on other data ({'; '.join(changed[:3])}); resume "
-                           "with the same dataset or train into a new --workdir")
-
-
 def header_position(meta: dict[str, str]) -> tuple[int, int, int] | None:
     """(updates applied, epochs completed, batches of the next epoch) recorded in a checkpoint header, in
     the order of training progress; None if the header does not hold them as numbers."""
@@ -332,3 +294,91 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         return ckpt
     raise CenterpointError(f"--resume: no usable checkpoint in {ckpt_dir}: {'; '.join(unusable + skipped)}; resume "
                            "with the centerpoint version that wrote them, or train afresh into another --workdir")
+
+
+# --- a run's files: ownership, retention, best ---------------------------------------------------------
+
+def _position(meta: dict[str, str]) -> tuple[int, int, int]:
+    return header_position(meta) or (-1, -1, -1)
+
+
+def save_own(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int,
+             metrics: dict | None, run_id: str, data: dict | None = None) -> Path:
+    """`save_checkpoint`, refusing to replace a checkpoint that another run wrote."""
+    if path.exists():
+        meta = read_header(path)
+        if meta is not None and meta.get("run_id", "") != run_id:
+            raise CenterpointError(f"refusing to replace {path}: another run wrote it; train into another --workdir")
+    return save_checkpoint(path, state, spec, epoch, batch_in_epoch, metrics, run_id, data)
+
+
+def own_checkpoints(ckpt_dir: Path, pattern: str, run_id: str) -> list[tuple[tuple[int, int, int], Path]]:
+    """(position, path) of this run's files matching `pattern`, oldest first."""
+    found = []
+    for path in ckpt_dir.glob(pattern):
+        meta = read_header(path)
+        if meta is not None and meta.get("run_id", "") == run_id:
+            found.append((_position(meta), path))
+    return sorted(found)
+
+
+def best_map(ckpt_dir: Path, run_id: str) -> float:
+    """bbox_mAP stored in this run's `best` checkpoint (-1 if there is none)."""
+    meta = read_header(ckpt_dir / "best.safetensors")
+    if meta is None or meta.get("run_id", "") != run_id:
+        return -1.0
+    try:
+        return float(json.loads(meta.get("metrics", "{}")).get("bbox_mAP", -1.0))
+    except (ValueError, TypeError, AttributeError):
+        return -1.0
+
+
+@dataclass(frozen=True)
+class Checkpointer:
+    """The checkpoints of one run, in `directory` (`<workdir>/checkpoints`), written by rank 0:
+
+    - `latest` every `train.checkpoint_every_steps` steps, at the end of every epoch, and where the run
+      stops (`save_latest`);
+    - `epoch_NNNN` every `train.checkpoint_every` epochs and at the last step, keeping this run's newest
+      `train.keep_last` of them;
+    - `best` whenever an evaluation beats the bbox_mAP stored in this run's `best`.
+
+    Steps are global steps taken (skipped non-finite ones included); each file records its position as
+    (epochs completed, batches of the next epoch), the step's `divmod` by the epoch's steps."""
+
+    directory: Path
+    spec: ExperimentSpec
+    run_id: str
+    data: dict  # the data's identity (`data.coco.data_identity`), checked when resuming
+    steps_per_epoch: int
+    total_steps: int
+
+    def latest_due(self, step: int) -> bool:
+        """Whether `save` writes `latest` after `step`."""
+        return (itstime(step, self.spec.train.checkpoint_every_steps, self.total_steps)
+                or itstime(step, self.steps_per_epoch, self.total_steps))
+
+    def save(self, state: TrainState, step: int, metrics: dict) -> bool:
+        """Write what is due after `step` (`metrics`: that step's evaluation, {} if none); returns whether
+        `latest` was written."""
+        if not self.latest_due(step):
+            return False
+        self._write("latest", state, step, metrics)
+        every_epochs = self.spec.train.checkpoint_every
+        if itstime(step, every_epochs and every_epochs * self.steps_per_epoch, self.total_steps):
+            self._write(f"epoch_{epoch_of(step, self.steps_per_epoch):04d}", state, step, metrics)
+            periodic = own_checkpoints(self.directory, "epoch_*.safetensors", self.run_id)
+            for _, old in periodic[: -self.spec.train.keep_last]:
+                old.unlink(missing_ok=True)
+        if "bbox_mAP" in metrics and metrics["bbox_mAP"] > best_map(self.directory, self.run_id):
+            self._write("best", state, step, metrics)
+        return True
+
+    def save_latest(self, state: TrainState, step: int) -> None:
+        """`latest` after `step`, without an evaluation (a run stopping between its regular saves)."""
+        self._write("latest", state, step, {})
+
+    def _write(self, name: str, state: TrainState, step: int, metrics: dict) -> None:
+        epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+        save_own(self.directory / f"{name}.safetensors", state, self.spec, epoch, batch_in_epoch, metrics,
+                 self.run_id, self.data)

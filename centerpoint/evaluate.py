@@ -11,7 +11,7 @@ from torch import Tensor
 
 from centerpoint.coco_metrics import coco_bbox_metrics
 from centerpoint.data.coco import CocoIndex
-from centerpoint.data.loader import DetectionDataset, eval_batches, make_loader
+from centerpoint.data.loader import DetectionDataset, collate_eval, eval_batches, make_loader
 from centerpoint.data.transforms import eval_affine
 from centerpoint.decode import boxes_to_original
 from centerpoint.devices import Backend, loader_workers
@@ -53,8 +53,8 @@ def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str
     dataset = DetectionDataset(index, spec.data, spec.train.seed, train=False)
     input_sizes = [eval_affine(int(w), int(h), spec.data)[1] for h, w in index.sizes]
     batches = eval_batches(input_sizes, spec.eval.batch_size, rank, world_size, spec.eval.max_images)
-    loader = make_loader(dataset, batches, loader_workers(backend, spec.data.workers), backend.pin_memory,
-                         pin_device=backend.pin_memory_device)
+    loader = make_loader(dataset, batches, collate=collate_eval, workers=loader_workers(backend, spec.data.workers),
+                         pin_memory=backend.pin_memory, pin_device=backend.pin_memory_device)
     size_of = {img_id: index.sizes[i] for i, img_id in enumerate(index.image_ids)}
     rows, bad = [], 0
     with torch.no_grad():

@@ -185,11 +185,15 @@ def train(
             check_start(Path(spec.logging.workdir), bool(resume or resume_from))  # before workers all fail on it
         launch_workers(plan, [sys.executable, "-u", "-m", "centerpoint", *sys.argv[1:]])
         return
+    from rich.console import Console
+
     from centerpoint.distributed import context
+    from centerpoint.run import build_run
     from centerpoint.train import train as run_train
 
     try:
-        run_train(spec, resume=resume, resume_from=resume_from)
+        console = Console()
+        run_train(build_run(spec, resume, console, resume_from), console)
     except CenterpointError as err:
         ctx = context()
         if ctx.distributed:

@@ -17,7 +17,8 @@ from centerpoint.spec import load_spec
 
 def test_compiled_run_uses_a_persistent_cache_and_reports_the_first_step(
         tmp_path: Path, cache_dir: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import centerpoint.train as train_mod
+    from centerpoint.run import build_run
+    from centerpoint.train import train
 
     compiled: list = []
 
@@ -30,7 +31,8 @@ def test_compiled_run_uses_a_persistent_cache_and_reports_the_first_step(
     spec = load_spec(None, [*tiny_overrides, "runtime.compile=on", "train.max_steps=2", "train.eval_every=0",
                             "runtime.device=cpu", f"logging.workdir={tmp_path / 'run'}"])
     out = io.StringIO()
-    train_mod.train(spec, resume=False, console=Console(file=out, width=200))
+    console = Console(file=out, width=200)
+    train(build_run(spec, False, console), console)
     assert compiled == ["inductor", "inductor"]  # the train step and the predict step, the device's backend
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir / "inductor")
     assert "first step after" in out.getvalue() and str(cache_dir / "inductor") in out.getvalue()

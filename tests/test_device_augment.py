@@ -158,11 +158,11 @@ def test_augment_on_and_loader_workers_resolution() -> None:
 
 
 def test_train_loop_batches_agree_between_the_two_paths(tiny_overrides: list[str], tmp_path: Path) -> None:
-    """Through the train loop's own pieces (`build_run`, the loader, `to_step_batch`, the step): the first
-    batch's targets are identical, its images and the first step's loss agree to the images' rounding."""
-    from centerpoint.data.loader import epoch_batches, make_loader
+    """Through the train loop's own pieces (`build_run`, `train_batches`, the step): the first batch's
+    targets are identical, its images and the first step's loss agree to the images' rounding."""
+    from centerpoint.data.train_batches import train_batches
+    from centerpoint.run import build_run
     from centerpoint.spec import load_spec
-    from centerpoint.train import build_run, to_step_batch
 
     losses, batches = {}, {}
     for where in ("workers", "device"):
@@ -170,12 +170,11 @@ def test_train_loop_batches_agree_between_the_two_paths(tiny_overrides: list[str
                                 "data.photometric=true", f"logging.workdir={tmp_path / where}",
                                 "logging.tensorboard=false"])
         run = build_run(spec, False, Console(quiet=True))
-        assert run.augment_on_device == (where == "device")
-        ds = DetectionDataset(run.train_index, spec.data, spec.train.seed, True, run.augment_on_device)
-        keys = epoch_batches(len(run.train_index), spec.train.batch_size, spec.train.seed, 0)[:1]
-        raw = next(iter(make_loader(ds, keys, 0, False, spec.model.num_classes, 4, spec.loss.min_overlap)))
-        raw.pop("bad_images")
-        batch = to_step_batch(raw, run)
+        assert run.spec.resolved.augment_on == where
+        first = next(train_batches(run.train_index, run.spec, run.backend, rank=0, world_size=1,
+                                   steps_per_epoch=run.steps_per_epoch, start_step=0, total_steps=1))
+        assert (first.step, first.epoch, first.bad_images) == (1, 0, 0)
+        batch = first.batch
         assert set(batch) == {"images", "heatmap", "wh", "offset", "reg_weight"}
         batches[where] = {k: v.clone() for k, v in batch.items()}  # (the eager cpu step donates its inputs)
         _, metrics = run.step_fn(run.state, batch)

@@ -106,15 +106,18 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
     from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint, state_tensors
     from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader
+    from centerpoint.data.train_batches import train_collate
     from centerpoint.evaluate import predict_split
-    from centerpoint.train import build_run, evaluate_run
+    from centerpoint.run import build_run
+    from centerpoint.train import evaluate_run
 
     out_dir = Path(out)
     spec = _spec(Path(root), out_dir / f"work{world}", 2 * B // world)
     run = build_run(spec, False, Console(quiet=True))
     shard = epoch_batches(len(run.train_index), spec.train.batch_size, spec.train.seed, 0, rank, world)[:STEPS]
     dataset = DetectionDataset(run.train_index, spec.data, spec.train.seed, train=True)
-    batches = list(make_loader(dataset, shard, 0, False, 1, spec.model.stride, spec.loss.min_overlap))
+    batches = list(make_loader(dataset, shard, collate=train_collate(spec, on_device=False), workers=0,
+                               pin_memory=False, pin_device=""))
     state, metrics = run.step_fn(run.state, batches[0])
     report = {"peaks": [int((b["heatmap"] == 1).sum()) for b in batches],
               "step1": {k: float(v) for k, v in metrics.items()}}

@@ -218,34 +218,32 @@ class _Crash(Exception):
     """Stands in for a kill between two steps of an in-process run."""
 
 
-def _poisoned_train(monkeypatch: pytest.MonkeyPatch, spec, resume: bool, poison: set[int],
-                    crash_at: int | None) -> list[int]:
+def _poisoned_train(spec, resume: bool, poison: set[int], crash_at: int | None) -> list[int]:  # noqa: ANN001
     """Train in-process; batches whose image sum is in `poison` get NaN images (a non-finite step that
     the run skips); with `crash_at` the run dies before its crash_at-th step. Returns the batch keys seen."""
-    import centerpoint.train as train_mod
-    from centerpoint.step import make_train_step as make
+    from dataclasses import replace
 
-    seen: list[int] = []
-
-    def factory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        step = make(*args, **kwargs)
-
-        def wrapped(state, batch):  # noqa: ANN001, ANN202
-            key = int(batch["images"].sum())
-            seen.append(key)
-            if crash_at is not None and len(seen) == crash_at:
-                raise _Crash
-            if key in poison:
-                batch = {**batch, "images": batch["images"].float() * float("nan")}
-            return step(state, batch)
-
-        return wrapped
-
-    monkeypatch.setattr(train_mod, "make_train_step", factory)
     from rich.console import Console
 
+    from centerpoint.run import build_run
+    from centerpoint.train import train
+
+    seen: list[int] = []
+    console = Console(quiet=True)
+    run = build_run(spec, resume, console)
+    step = run.step_fn
+
+    def poisoned(state, batch):  # noqa: ANN001, ANN202
+        key = int(batch["images"].sum())
+        seen.append(key)
+        if crash_at is not None and len(seen) == crash_at:
+            raise _Crash
+        if key in poison:
+            batch = {**batch, "images": batch["images"].float() * float("nan")}
+        return step(state, batch)
+
     try:
-        train_mod.train(spec, resume=resume, console=Console(quiet=True))
+        train(replace(run, step_fn=poisoned), console)
     except _Crash:
         pass
     return seen
@@ -263,8 +261,7 @@ def _batch_keys(spec) -> list[int]:  # noqa: ANN001
     return [sum(int(data[k].image.sum()) for k in b) for b in batches][: t.max_steps]
 
 
-def test_resume_after_skipped_non_finite_step_is_exact(tmp_path: Path, cache_dir: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_skipped_non_finite_step_is_exact(tmp_path: Path, cache_dir: Path) -> None:
     def spec_for(work: Path):  # noqa: ANN202
         # 5 steps: the run ends inside its second epoch, so the step count (not the epochs) stops it.
         return load_spec(None, [*TINY, *DETERMINISTIC, "train.max_steps=5", "runtime.device=cpu",
@@ -274,12 +271,12 @@ def test_resume_after_skipped_non_finite_step_is_exact(tmp_path: Path, cache_dir
     keys = _batch_keys(spec_for(ref))
     assert len(keys) == 5 and len(set(keys)) == 5
     poison = {keys[1]}  # the second step goes non-finite and is skipped
-    assert _poisoned_train(monkeypatch, spec_for(ref), False, poison, None) == keys
+    assert _poisoned_train(spec_for(ref), False, poison, None) == keys
     assert int(load_file(str(ref / "checkpoints" / "latest.safetensors"))["step"]) == 4  # 5 taken, 1 skipped
     # Die before step 4: `latest` holds 3 steps taken, 2 updates applied.
-    _poisoned_train(monkeypatch, spec_for(cut), False, poison, crash_at=4)
+    _poisoned_train(spec_for(cut), False, poison, crash_at=4)
     assert load_checkpoint(cut / "checkpoints" / "latest.safetensors").step == 2
-    resumed = _poisoned_train(monkeypatch, spec_for(cut), True, poison, None)
+    resumed = _poisoned_train(spec_for(cut), True, poison, None)
     assert resumed == keys[3:]  # exactly the remaining batches, no extra step for the skipped one
     end = load_checkpoint(cut / "checkpoints" / "latest.safetensors")
     assert (end.epoch, end.batch_in_epoch) == (1, 2)  # stopped inside epoch 2, after 2 of its 3 batches

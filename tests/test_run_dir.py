@@ -17,10 +17,9 @@ import torch
 
 from centerpoint import rundir
 from centerpoint.build import build_optimizer
-from centerpoint.checkpoint import load_checkpoint, read_header, remove_partial_writes, save_checkpoint
+from centerpoint.checkpoint import Checkpointer, load_checkpoint, read_header, remove_partial_writes, save_checkpoint
 from centerpoint.errors import CenterpointError
 from centerpoint.model import init
-from centerpoint.retention import save_epoch
 from centerpoint.spec import load_spec
 from centerpoint.state import TrainState, init_state
 from tests.conftest import TINY, call_cli
@@ -148,8 +147,9 @@ def test_retention_and_best_read_the_metadata_and_keep_other_files(tmp_path: Pat
     save_checkpoint(ckpt_dir / "epoch_0009.safetensors", _state(90), spec, 9, 0, {"bbox_mAP": 0.9}, run_id="other")
     (ckpt_dir / "epoch_0010.safetensors").write_text("not a checkpoint")
     maps = [0.1, 0.5, 0.3, 0.2]  # the best is epoch 2, which falls out of the last two
+    checkpointer = Checkpointer(ckpt_dir, spec, "mine", {}, steps_per_epoch=1, total_steps=5)
     for epoch, m in enumerate(maps, start=1):
-        save_epoch(tmp_path, _state(epoch), spec, epoch, {"bbox_mAP": m}, epoch == len(maps), None, "mine")
+        assert checkpointer.save(_state(epoch), epoch, {"bbox_mAP": m})
     names = sorted(p.name for p in ckpt_dir.iterdir())
     assert names == ["best.safetensors", "epoch_0003.safetensors", "epoch_0004.safetensors",
                      "epoch_0009.safetensors", "epoch_0010.safetensors", "latest.safetensors"]
@@ -159,7 +159,7 @@ def test_retention_and_best_read_the_metadata_and_keep_other_files(tmp_path: Pat
     # A run never replaces another run's file, even under a name it writes.
     save_checkpoint(ckpt_dir / "latest.safetensors", _state(5), spec, 5, 0, run_id="other")
     with pytest.raises(CenterpointError, match="refusing to replace .*latest.safetensors: another run wrote it"):
-        save_epoch(tmp_path, _state(5), spec, 5, {}, False, None, "mine")
+        checkpointer.save(_state(5), 5, {})
     assert read_header(ckpt_dir / "latest.safetensors")["run_id"] == "other"
 
 
@@ -199,32 +199,35 @@ def test_epochs_flag_replaces_max_steps_of_the_spec_file(tmp_path: Path, capsys:
     assert code == 2 and "--epochs 1 and --set train.max_steps contradict each other" in err
 
 
-def test_nonfinite_stop_ends_at_the_first_bad_step_before_any_later_checkpoint(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
-    import centerpoint.train as train_mod
-    from centerpoint.step import make_train_step as make
+def test_nonfinite_stop_ends_at_the_first_bad_step_before_any_later_checkpoint(tmp_path: Path, cache_dir: Path) -> None:
+    from dataclasses import replace
 
-    def factory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        step = make(*args, **kwargs)
-        calls = [0]
+    from rich.console import Console
 
-        def poisoned(state, batch):  # noqa: ANN001, ANN202 - the second step gets NaN images
-            calls[0] += 1
-            if calls[0] == 2:
-                batch = {**batch, "images": batch["images"].float() * float("nan")}
-            return step(state, batch)
+    from centerpoint.run import build_run
+    from centerpoint.train import train
 
-        return poisoned
-
-    monkeypatch.setattr(train_mod, "make_train_step", factory)
     work = tmp_path / "run"
-    code, _, err = call_cli(capsys, "train", *SETS, "--set", "train.nonfinite=stop", "--set", "train.log_every=5",
-                            "--set", "train.checkpoint_every_steps=1", "--max-steps", "6", "--workdir", str(work))
-    assert code == 2
-    assert err.startswith("error: non-finite loss or gradient at step 2; stopped (train.nonfinite=stop)"), err
+    spec = load_spec(None, [*TINY, "logging.tensorboard=false", "runtime.device=cpu", "train.nonfinite=stop",
+                            "train.log_every=5", "train.checkpoint_every_steps=1", "train.max_steps=6",
+                            f"logging.workdir={work}"])
+    console = Console(quiet=True)
+    run = build_run(spec, False, console)
+    step, calls = run.step_fn, [0]
+
+    def poisoned(state, batch):  # noqa: ANN001, ANN202 - the second step gets NaN images
+        calls[0] += 1
+        if calls[0] == 2:
+            batch = {**batch, "images": batch["images"].float() * float("nan")}
+        return step(state, batch)
+
+    stopped = r"^non-finite loss or gradient at step 2; stopped \(train.nonfinite=stop\)"
+    with pytest.raises(CenterpointError, match=stopped):
+        train(replace(run, step_fn=poisoned), console)
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["latest.safetensors"]
     assert load_checkpoint(work / "checkpoints" / "latest.safetensors").step == 1
     assert not (work / "metrics.jsonl").exists()
+    assert not (work / ".lock").exists()
 
 
 def test_divergence_on_an_accelerator_is_read_where_the_loop_syncs() -> None:

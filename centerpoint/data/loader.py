@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -314,17 +313,12 @@ def eval_batches(input_sizes: Sequence[tuple[int, int]], batch_size: int, rank: 
             for j in range(0, len(group), batch_size)]
 
 
-def make_loader(dataset: DetectionDataset, batches: list[list[Key]], workers: int, pin_memory: bool,
-                num_classes: int = 0, stride: int = 4, min_overlap: float = 0.3, pin_device: str = "") -> DataLoader:
-    """A DataLoader over precomputed batches (train collate builds targets, or with `dataset.on_device`
-    ships decoded images for `device_augment`; eval collate keeps affines)."""
-    if dataset.on_device:
-        collate = partial(collate_source, num_classes=num_classes, stride=stride, min_overlap=min_overlap,
-                          input_size=dataset.spec.input_size)
-    elif dataset.train:
-        collate = partial(collate_train, num_classes=num_classes, stride=stride, min_overlap=min_overlap)
-    else:
-        collate = collate_eval
+def make_loader(dataset: DetectionDataset, batches: Iterable[list[Key]], *,
+                collate: Callable[[list], dict[str, Tensor]], workers: int, pin_memory: bool,
+                pin_device: str) -> DataLoader:
+    """A DataLoader over precomputed batches of sample keys. collate: `collate_eval`, or for training
+    `train_batches.train_collate` (targets built in the workers, or decoded images for `device_augment`).
+    pin_device: `Backend.pin_memory_device`."""
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None,

@@ -1,0 +1,247 @@
+"""A run, built from its spec in a few named steps before the first train step:
+
+    runtime   the device backend, resolved settings, process group
+    data      the dataset located (or generated) and indexed; steps per epoch
+    state     the network, a fresh train state on the device, the optimizer and its schedule
+    steps     the train and predict steps, compiled where the backend says so
+    resume    the run directory locked (rank 0; last, so that nothing after it can fail) and the
+              checkpoint to continue from, if any
+
+`build_run` wires them into a `Run`, the value the training loop (`train.train`) takes. Tests replace
+parts of a `Run` (`dataclasses.replace(run, step_fn=...)`) rather than patching this module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from centerpoint import distributed, rundir
+from centerpoint.build import OptimizerPlan, build_optimizer, data_root, load_split
+from centerpoint.checkpoint import Checkpointer, remove_partial_writes, restore_state
+from centerpoint.data.coco import CocoIndex, data_identity
+from centerpoint.data.loader import steps_per_epoch
+from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
+from centerpoint.errors import CenterpointError
+from centerpoint.loss_scale import init_loss_scale
+from centerpoint.model import build_network, init, make_apply
+from centerpoint.monitor import make_progress
+from centerpoint.resume import check_same_data, resume_checkpoint, resume_step
+from centerpoint.schedules import Schedule
+from centerpoint.spec import ExperimentSpec
+from centerpoint.state import TrainState, flatten_state, init_state, to_device
+from centerpoint.step import make_predict_step, make_train_step
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the loop needs, built once from the spec."""
+
+    spec: ExperimentSpec  # resolved (`spec.resolved`): recorded in spec.yaml, checkpoints and TensorBoard
+    backend: Backend
+    dist: distributed.Context
+    workdir: Path
+    train_index: CocoIndex
+    val_index: CocoIndex
+    state: TrainState
+    step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    schedule: Schedule  # the optimizer's lr over updates applied (logged as the lr of each step)
+    predict_fn: Any
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int  # global steps already taken (skipped non-finite ones included): the loop continues after it
+    checkpointer: Checkpointer
+    started: float  # time.perf_counter() when building began
+    finished: dict | None = None  # resumed from the end of a completed run: its last evaluation
+    compiled: bool = False
+    lock: rundir.RunLock | None = None  # rank 0's lock on the run directory, held until the run ends
+
+
+@dataclass(frozen=True)
+class Data:
+    """The data step's result: both splits, their identity (stored in every checkpoint) and the epoch."""
+
+    train_index: CocoIndex
+    val_index: CocoIndex
+    identity: dict
+    steps_per_epoch: int
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where the run starts: its state, the steps already taken, its id; `finished`: the last evaluation
+    when the checkpoint is the end of a completed run."""
+
+    state: TrainState
+    start_step: int
+    run_id: str
+    finished: dict | None
+    lock: rundir.RunLock | None
+
+
+def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from: Path | None = None) -> Run:
+    """Everything up to the first step. `resume`: continue from the run directory's newest usable
+    checkpoint; `resume_from`: from that file. The run directory is created (and locked, on rank 0) only
+    once the data and the model are ready, so bad input leaves nothing behind."""
+    started = time.perf_counter()
+    dist = distributed.context()
+    if dist.restart_count > 0:  # a restarted worker continues from the run's latest checkpoint
+        resume, resume_from = True, None
+    resume = resume or resume_from is not None
+    workdir = Path(spec.logging.workdir)
+    if dist.rank == 0:
+        rundir.check_start(workdir, resume)
+    spec, backend, notes = build_runtime(spec, dist)
+    data = build_data(spec, dist, console)
+    plan = build_optimizer(spec, data.steps_per_epoch, spec.train.batch_size * dist.world_size)
+    net, state = build_state(spec, backend, dist, plan)
+    step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, net, plan)
+    start = resume_run(spec, dist, workdir, state, data, plan.total_steps, resume, resume_from, console)
+    if dist.rank == 0:
+        _print_banner(console, spec, backend, dist, data, plan, notes, compile_with)
+    checkpointer = Checkpointer(workdir / "checkpoints", spec, start.run_id, data.identity, data.steps_per_epoch,
+                                plan.total_steps)
+    return Run(spec, backend, dist, workdir, data.train_index, data.val_index, start.state, step_fn, plan.schedule,
+               predict_fn, data.steps_per_epoch, plan.total_steps, start.start_step, checkpointer, started,
+               start.finished, compile_with is not None, start.lock)
+
+
+def build_runtime(spec: ExperimentSpec, dist: distributed.Context) -> tuple[ExperimentSpec, Backend, list[str]]:
+    """Resolve the device backend and the `auto` settings (recorded as `spec.resolved`), seed the device,
+    join the process group. Returns (resolved spec, backend, notes to print)."""
+    backend, resolved, notes = resolve_settings(spec, dist.local_rank)
+    spec = spec.model_copy(update={"resolved": resolved})
+    backend.manual_seed(spec.train.seed + dist.rank)  # device-side draws differ per rank, reproducibly
+    if spec.runtime.threads:
+        torch.set_num_threads(spec.runtime.threads)
+    distributed.init_process_group(dist, backend)
+    return spec, backend, notes
+
+
+def build_data(spec: ExperimentSpec, dist: distributed.Context, console: Console) -> Data:
+    """Locate (or generate, rank 0 first) the dataset and index both splits."""
+    root = _prepare_data(spec, console, dist)
+    train_index, val_index = load_split(spec, root, True), load_split(spec, root, False)
+    world = dist.world_size
+    spe = steps_per_epoch(len(train_index), spec.train.batch_size, world)
+    if spe == 0:
+        raise CenterpointError(f"train.batch_size={spec.train.batch_size} x {world} is larger than the train set "
+                               f"({len(train_index)} images)")
+    return Data(train_index, val_index, data_identity(train_index, val_index), spe)
+
+
+def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Context,
+                plan: OptimizerPlan) -> tuple[torch.nn.Module, TrainState]:
+    """The network (structure only) and a fresh train state on the device: initialised or pretrained
+    weights, the optimizer's state, the fp16 loss scaler."""
+    net = build_network(spec.model).to(backend.device)
+    if spec.runtime.sync_bn:
+        net = distributed.sync_batchnorm(net, dist)
+    if spec.runtime.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    params, buffers = init(spec.model, spec.train.seed)
+    if spec.model.pretrained is not None:
+        from centerpoint.imports import load_torchvision_backbone
+
+        params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
+    scaler = init_loss_scale(spec.runtime.loss_scale) if spec.resolved.precision == "fp16" else None
+    state = init_state(params, buffers, plan.transform, scaler)
+    return net, to_device(state, backend.device, spec.runtime.channels_last)
+
+
+def resume_run(spec: ExperimentSpec, dist: distributed.Context, workdir: Path, state: TrainState, data: Data,
+               total_steps: int, resume: bool, resume_from: Path | None, console: Console) -> Resumed:
+    """Rank 0 locks the run directory and picks the checkpoint to continue from (checked against the
+    spec and the data); every rank then starts from rank 0's state and step."""
+    start_step, finished, lock, run_id = 0, None, None, uuid.uuid4().hex
+    if dist.rank == 0:
+        lock = rundir.lock(workdir)
+        try:
+            rundir.check_start(workdir, resume)  # again, now under the lock: another run may have just started
+            remove_partial_writes(workdir)
+            ckpt = resume_checkpoint(workdir, resume_from, console.print) if resume else None
+            if ckpt is not None:
+                start_step = resume_step(ckpt, spec, data.steps_per_epoch, total_steps)
+                check_same_data(ckpt, data.identity)
+                if start_step == total_steps and ckpt.metrics.get("step") == start_step:
+                    finished = ckpt.metrics
+                state, run_id = restore_state(ckpt, state), ckpt.run_id
+                console.print(f"resuming from {ckpt.path} (step {ckpt.step}, epoch {ckpt.epoch})")
+        except BaseException:
+            lock.release(remove_created=True)
+            raise
+    start_step, finished = distributed.broadcast_object((start_step, finished), dist)
+    state = distributed.broadcast_state(state, dist)
+    distributed.check_identical(flatten_state(state), dist)
+    return Resumed(state, start_step, run_id, finished, lock)
+
+
+def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Context, net: torch.nn.Module,
+                plan: OptimizerPlan) -> tuple[Callable, Callable, str | None]:
+    """The train and predict steps; with `runtime.compile` resolved on, compiled with the backend's
+    torch.compile backend. Returns (train step, predict step, compile backend or None)."""
+    compiled, precision = spec.resolved.compile == "on", spec.resolved.precision
+    if compiled:
+        # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
+        # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
+        # torch._dynamo is asked for its backends, which settles the directory.
+        from centerpoint.data.synthetic import default_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
+    compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
+    apply = make_apply(net, traced=compiled)
+    step_fn = make_train_step(apply, spec, plan.transform, step_mode(backend, compiled),
+                              reduce=distributed.make_reduce(dist), autocast=lambda: backend.autocast(precision))
+    predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
+    if compiled:
+        step_fn = compile_step(step_fn, compile_with)
+        predict_fn = compile_step(predict_fn, compile_with, dynamic=spec.data.test_mode == "pad")
+    return step_fn, predict_fn, compile_with
+
+
+def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
+    """Generate/locate the dataset; with several processes rank 0 goes first, the others wait."""
+    if dist.rank != 0:
+        distributed.barrier(dist)
+        return data_root(spec)
+    progress = make_progress(console, spec.logging.progress)
+    with progress:
+        task = progress.add_task("dataset", total=None, info="")
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, info="writing synthetic images")
+
+        root = data_root(spec, report)
+    distributed.barrier(dist)
+    return root
+
+
+def _print_banner(console: Console, spec: ExperimentSpec, backend: Backend, dist: distributed.Context, data: Data,
+                  plan: OptimizerPlan, notes: list[str], compile_with: str | None) -> None:
+    """Rank 0's summary of the run before its first step."""
+    for note in notes:
+        console.print(f"note: {note}")
+    world, resolved = dist.world_size, spec.resolved
+    gb = spec.train.batch_size * world
+    scaled = f" (scaled from {spec.optim.lr:g} for base batch {spec.optim.base_batch})" \
+        if spec.optim.base_batch and plan.lr != spec.optim.lr else ""
+    group = f" ({backend.dist_backend} process group)" if dist.distributed else ""
+    train_index, val_index = data.train_index, data.val_index
+    console.print(f"device {backend.device} x {world}{group} | global batch {gb} | lr {plan.lr:g}{scaled} | "
+                  f"{len(train_index)} train / {len(val_index)} val images | {data.steps_per_epoch} steps/epoch | "
+                  f"compile {compile_with or 'off'} | {resolved.precision} | "
+                  f"{resolved.workers} loader workers | augment on "
+                  f"{'device' if resolved.augment_on == 'device' else 'workers'}")
+    dropped = train_index.dropped_boxes + val_index.dropped_boxes
+    if dropped or train_index.dropped_images:
+        console.print(f"dropped {dropped} boxes of zero, negative or non-finite size or below "
+                      f"data.min_box_size and {train_index.dropped_images} train images left without boxes "
+                      "(`centerpoint data check` lists them)")
