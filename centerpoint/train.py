@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -23,10 +22,10 @@ from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader, steps_per_epoch
 from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings
 from centerpoint.errors import CenterpointError
-from centerpoint.evaluate import compute_metrics, predict_split
+from centerpoint.evaluate import evaluate
 from centerpoint.interrupt import Interrupted, StopRequest, stop_requests
 from centerpoint.layout import channels_last as to_channels_last
-from centerpoint.model import build_network, init, make_apply
+from centerpoint.model import build_model
 from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
 from centerpoint.retention import resume_checkpoint, save_epoch, save_own
 from centerpoint.spec import ExperimentSpec, spec_to_yaml
@@ -99,12 +98,11 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         raise CenterpointError(f"train.batch_size={spec.train.batch_size} x {world} is larger than the train set "
                                f"({len(train_index)} images)")
     plan = build_optimizer(spec, spe, spec.train.batch_size * world)
-    net = build_network(spec.model).to(backend.device)
-    if spec.runtime.sync_bn:
-        net = distributed.sync_batchnorm(net, dist)
-    if spec.runtime.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    params, buffers = init(spec.model, spec.train.seed)
+    compiled, on_device = resolved.compile == "on", resolved.augment_on == "device"
+    model = build_model(spec.model, backend.device, seed=spec.train.seed, traced=compiled,
+                        channels_last=spec.runtime.channels_last,
+                        convert=(lambda net: distributed.sync_batchnorm(net, dist)) if spec.runtime.sync_bn else None)
+    params, buffers = model.params, model.buffers
     if spec.model.pretrained is not None:
         from centerpoint.imports import load_torchvision_backbone
 
@@ -132,7 +130,6 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     state = distributed.broadcast_state(state, dist)
     distributed.check_identical({"params": state.params, "buffers": state.buffers, "opt": state.opt_state,
                                  "step": {"step": state.step}, "scaler": state.scaler}, dist)
-    compiled, on_device = resolved.compile == "on", resolved.augment_on == "device"
     if compiled:
         # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
         # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
@@ -141,7 +138,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
-    apply = make_apply(net, traced=compiled)
+    apply = model.apply
     step_fn = make_train_step(apply, spec, plan.transform, plan.schedule,
                               autocast=lambda: backend.autocast(precision),
                               reduce=distributed.make_reduce(dist), max_grad_norm=plan.max_grad_norm,
@@ -211,13 +208,8 @@ def to_step_batch(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.T
 
 def evaluate_run(run: Run, state: TrainState) -> dict:
     """Distributed evaluation: each rank predicts its shard, rank 0 computes COCO metrics."""
-    rows, bad = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
-                              run.dist.rank, run.dist.world_size)
-    parts = distributed.gather_objects((rows, bad), run.dist)
-    if run.dist.rank != 0:
-        return {}
-    metrics = compute_metrics(run.val_index, np.concatenate([r for r, _ in parts]), run.spec)
-    metrics["bad_images"] = sum(b for _, b in parts)
+    metrics, _ = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
+                          run.dist)
     return metrics
 
 
