@@ -134,7 +134,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
         # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
         # torch._dynamo is asked for its backends, which settles the directory.
-        from centerpoint.data.synthetic import default_cache_dir
+        from centerpoint.cache import default_cache_dir
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
