@@ -23,11 +23,12 @@ from rich.progress import (
 from centerpoint.atomic import atomic_write_text
 
 
-def make_progress(console: Console | None = None, enabled: bool = True, *, transfer: bool = False) -> Progress:
+def make_progress(console: Console | None = None, enabled: bool = True, *, transfer: bool = False,
+                  transient: bool = False) -> Progress:
     """A rich progress display.
 
     By default one for counted steps, with a free-text `info` field (give each task `info=`) for loss and
-    speed, shown on `console` while `enabled` and left standing when it ends.
+    speed, shown on `console` while `enabled` and left standing when it ends (`transient`: removed).
 
     transfer=True: one for bytes (size, speed, time left), on stderr so stdout keeps the command's own
     output, shown only on an interactive terminal (elsewhere rich would end it with an empty line) and
@@ -42,7 +43,7 @@ def make_progress(console: Console | None = None, enabled: bool = True, *, trans
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=False,
+        console=console, disable=not enabled, transient=transient,
     )
 
 

@@ -60,10 +60,10 @@ def data_check(
         raise CenterpointError(f"--split {split}: choose from {', '.join(SPLITS)}")
     spec = resolve_spec(spec_file, sets, data_dir=data_dir)  # --data-dir: a COCO-format dataset
     from rich.console import Console
-    from rich.progress import Progress
 
     from centerpoint.build import existing_data_root, shapes_root
     from centerpoint.doctor import blocking_problems, check_split
+    from centerpoint.monitor import make_progress
 
     root = existing_data_root(spec)  # read only: a synthetic set is checked if there, never generated
     if root is None:
@@ -71,9 +71,9 @@ def data_check(
               "to check (`centerpoint train` generates it; its files are correct by construction)")
         return
     reports = []
-    with Progress(transient=True) as progress:
+    with make_progress(transient=True) as progress:
         for name in SPLITS[split]:
-            task = progress.add_task(f"checking {name}", total=None)
+            task = progress.add_task(f"checking {name}", total=None, info="")
             reports.append(check_split(spec, root, name, decode, progress=lambda n, t=task: progress.advance(t, n)))
     console = Console(highlight=False)
     console.print(f"dataset {root}", markup=False, soft_wrap=True)

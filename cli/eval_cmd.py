@@ -40,14 +40,13 @@ def evaluate(
     --nproc-per-node N: N workers (one per device) each predict a shard; rank 0 computes the metrics."""
     import json
 
-    from rich.progress import Progress
-
     from centerpoint.atomic import atomic_write_text
     from centerpoint.checkpoint import load_checkpoint
     from centerpoint.coco_metrics import format_metrics_table
     from centerpoint.distributed import context
     from centerpoint.evaluate import write_results
     from centerpoint.inference import evaluate_checkpoint
+    from centerpoint.monitor import make_progress
 
     ckpt = load_checkpoint(checkpoint)
     spec = resolve_spec(spec_file, sets, base=ckpt.spec, device=device, data_dir=data_dir)
@@ -56,8 +55,8 @@ def evaluate(
     if launched_workers(nproc_per_node, nnodes, node_rank, master_addr, master_port):
         return
     main_rank = context().rank == 0
-    with Progress(transient=True, disable=not main_rank) as progress:
-        task = progress.add_task("evaluating", total=None)
+    with make_progress(enabled=main_rank, transient=True) as progress:
+        task = progress.add_task("evaluating", total=None, info="")
         metrics, rows = evaluate_checkpoint(spec, ckpt, lambda n: progress.advance(task, n))
     if not main_rank:
         return
