@@ -101,7 +101,9 @@ def fetch_weights(url: str, dest_dir: Path | None = None) -> Path:
     except OSError as err:
         raise CenterpointError(f"cannot write {dest}: {err.strerror or err}") from None
     with make_progress(transfer=True) as bars:
-        fetch(url, dest, Expected(name, None, name_hash(name), "sha256"), Bar(bars, name, None), hint=_HINT)
+        # Fewer retries than a dataset download: a run waiting on its backbone (offline, say) fails within ~7 s.
+        fetch(url, dest, Expected(name, None, name_hash(name), "sha256"), Bar(bars, name, None), hint=_HINT,
+              retries=3)
     return dest
 
 
