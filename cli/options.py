@@ -7,6 +7,7 @@ Nothing here imports torch at module level, so `centerpoint --help` stays fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,7 +79,8 @@ def resolve_spec(spec_file: Path | None, sets: list[str], base: ExperimentSpec |
 
 
 def launched_workers(nproc_per_node: int | None, nnodes: int, node_rank: int, master_addr: str | None,
-                     master_port: int | None, max_restarts: int = 0, before_launch=None) -> bool:  # noqa: ANN001
+                     master_port: int | None, max_restarts: int = 0,
+                     before_launch: Callable[[], None] | None = None) -> bool:
     """Check the job shape the launch flags ask for; when it needs workers started here, run this same
     command line as those workers (calling `before_launch()` first) and return True once they finished.
     False: this process is the job (alone, or already a worker of torchrun/srun/a launch)."""
