@@ -11,6 +11,9 @@ Network failures (and, when the size is known in advance, corrupt bytes) are ret
 backoff; an attempt that kept new bytes resets the count. A server that sends another size, a URL that
 answers 4xx, a full disk: errors at once, naming the file or URL. Used for COCO (`data/download.py`, md5
 and size known) and published weights (`weights.py`, a sha256 prefix from the file name).
+
+(A little over 300 lines: one protocol, resume + ownership + retry + verification, whose parts only make
+sense together.)
 """
 
 from __future__ import annotations
