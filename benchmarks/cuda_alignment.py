@@ -19,7 +19,7 @@ import torch
 from centerpoint.build import build_optimizer
 from centerpoint.devices import Backend, make_backend, resolve_precision, step_mode
 from centerpoint.layout import channels_last
-from centerpoint.model import build_network, init, make_apply
+from centerpoint.model import build_model
 from centerpoint.spec import ExperimentSpec, load_spec
 from centerpoint.state import TrainState, init_state
 from centerpoint.step import make_train_step
@@ -42,12 +42,11 @@ def make_batches(count: int, batch: int, size: int, classes: int) -> list[dict[s
 def build(spec: ExperimentSpec, backend: Backend, precision: str) -> tuple[object, TrainState]:
     """The run's eager step and initial state (seed 0) on `backend`, as `run.build_run` makes them."""
     plan = build_optimizer(spec, 100, spec.train.batch_size)
-    params, buffers = init(spec.model, 0)
     dev = backend.device
-    state = init_state({k: channels_last(v.to(dev)) for k, v in params.items()},
-                       {k: channels_last(v.to(dev)) for k, v in buffers.items()}, plan.transform)
-    net = build_network(spec.model).to(dev, memory_format=torch.channels_last)
-    step = make_train_step(make_apply(net, traced=False), spec, plan.transform, step_mode(backend, compiled=False),
+    model = build_model(spec.model, dev, channels_last=True)
+    state = init_state({k: channels_last(v.to(dev)) for k, v in model.params.items()},
+                       {k: channels_last(v.to(dev)) for k, v in model.buffers.items()}, plan.transform)
+    step = make_train_step(model.apply, spec, plan.transform, step_mode(backend, compiled=False),
                            autocast=lambda: backend.autocast(precision))
     return step, state
 

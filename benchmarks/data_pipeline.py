@@ -446,7 +446,7 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     from centerpoint.build import build_optimizer
     from centerpoint.devices import resolve_precision, select_backend, step_mode
     from centerpoint.layout import channels_last
-    from centerpoint.model import build_network, init, make_apply
+    from centerpoint.model import build_model
     from centerpoint.spec import MMDET_R18, load_spec
     from centerpoint.state import init_state
     from centerpoint.step import make_train_step
@@ -457,13 +457,11 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     spec = load_spec(None, [*sets, f"model.num_classes={CLASSES}", f"data.input_size={size}",
                             f"runtime.precision={prec}"])
     plan = build_optimizer(spec, 100, batch)
-    params, buffers = init(spec.model, 0)
-    mf = torch.channels_last if spec.runtime.channels_last else torch.contiguous_format
+    model = build_model(spec.model, backend.device, channels_last=spec.runtime.channels_last)
     move = lambda t: channels_last(t.to(backend.device)) if spec.runtime.channels_last else t.to(backend.device)  # noqa: E731
-    state = {"s": init_state({k: move(v) for k, v in params.items()}, {k: move(v) for k, v in buffers.items()},
-                             plan.transform)}
-    net = build_network(spec.model).to(backend.device, memory_format=mf)
-    step = make_train_step(make_apply(net, traced=False), spec, plan.transform, step_mode(backend, compiled=False),
+    state = {"s": init_state({k: move(v) for k, v in model.params.items()},
+                             {k: move(v) for k, v in model.buffers.items()}, plan.transform)}
+    step = make_train_step(model.apply, spec, plan.transform, step_mode(backend, compiled=False),
                            autocast=lambda: backend.autocast(prec))
     data = make_batch(batch, size, CLASSES, backend.device)
 

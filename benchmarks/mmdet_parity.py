@@ -77,7 +77,7 @@ from centerpoint.decode import decode_heatmap  # noqa: E402
 from centerpoint.imports import import_mmdet  # noqa: E402
 from centerpoint.inference import evaluate_checkpoint  # noqa: E402
 from centerpoint.loss import centernet_loss  # noqa: E402
-from centerpoint.model import build_network, init, make_apply  # noqa: E402
+from centerpoint.model import build_model, init  # noqa: E402
 from centerpoint.spec import ModelSpec, load_spec, spec_to_yaml  # noqa: E402
 from centerpoint.targets import make_targets  # noqa: E402
 
@@ -166,7 +166,7 @@ def head_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 
 def check_forward(model: torch.nn.Module) -> dict[str, Result]:
     params, buffers, spec = project_state(model)
-    apply = make_apply(build_network(spec), traced=False)
+    apply = build_model(spec).apply
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
     out = {}
     eval_model = copy.deepcopy(model).eval()
@@ -273,7 +273,7 @@ def check_param_grads(model: torch.nn.Module) -> Result:
     sum(mm.values()).backward()
     mm_grads = {k: p.grad for k, p in train_model.named_parameters()}
     leaves = {k: v.requires_grad_() for k, v in params.items()}
-    out, _ = make_apply(build_network(spec), traced=False)(leaves, buffers, x, True)
+    out, _ = build_model(spec).apply(leaves, buffers, x, True)
     targets = make_targets(*padded(boxes, labels), NUM_CLASSES, (24, 32), 4)
     loss = centernet_loss(out, targets)["loss"]
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))

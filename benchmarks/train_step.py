@@ -22,7 +22,7 @@ from centerpoint.build import build_optimizer
 from centerpoint.devices import select_backend, step_mode
 from centerpoint.layout import channels_last
 from centerpoint.loss import centernet_loss
-from centerpoint.model import build_network, init, make_apply, normalize
+from centerpoint.model import build_model, build_network, init, normalize
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
 from centerpoint.step import make_train_step
@@ -149,7 +149,7 @@ def main() -> None:
         opt.step()
 
     def make_step(compiled: bool):  # noqa: ANN202
-        apply = make_apply(build_network(spec.model).to(dev, memory_format=mf), traced=compiled)
+        apply = build_model(spec.model, dev, traced=compiled, channels_last=args.channels_last).apply
         return make_train_step(apply, spec, plan.transform, step_mode(backend, compiled),
                                autocast=lambda: backend.autocast(args.precision))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from centerpoint.data.coco_json import validate_coco
+from centerpoint.data.coco_json import build_coco, load_coco
 from centerpoint.errors import CenterpointError
 
 METRIC_KEYS = (
@@ -39,37 +38,6 @@ METRIC_KEYS = (
 
 Backend = Literal["pycocotools", "faster-coco-eval"]
 BACKENDS: tuple[str, ...] = ("pycocotools", "faster-coco-eval")
-
-def load_coco(ann_file: Path | str) -> COCO:
-    """Load and validate a COCO annotation file into a pycocotools ``COCO`` without its stdout chatter.
-
-    Raises:
-        CenterpointError: the file is missing, is not JSON, or its content fails `validate_coco`.
-    """
-    path = Path(ann_file)
-    if not path.is_file():
-        raise CenterpointError(f"COCO annotation file not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CenterpointError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
-        ) from e
-    except UnicodeDecodeError as e:
-        raise CenterpointError(f"{path} is not UTF-8 text; expected a COCO JSON file") from e
-    validate_coco(data, str(path))
-    return build_coco(COCO, data)
-
-
-def build_coco(coco_cls: type, dataset: dict) -> Any:
-    """Index ``dataset`` with ``coco_cls`` (either backend's COCO) without re-reading any file."""
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
-        coco = coco_cls()
-        coco.dataset = dataset
-        coco.createIndex()
-    return coco
-
 
 def _detections_array(detections: Sequence[dict] | np.ndarray) -> np.ndarray:
     """Validate detections and return them as an (N, 7) float64 array [image_id, x, y, w, h, score, cat]."""

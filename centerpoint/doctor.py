@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from centerpoint.coco_metrics import load_coco
+from centerpoint.data.coco_json import load_coco
 from centerpoint.data.images import decode as decode_image
 from centerpoint.data.images import open_image
 from centerpoint.data.images import verify as verify_image

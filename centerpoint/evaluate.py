@@ -1,4 +1,7 @@
-"""Inference over a COCO-format split -> detections in COCO results format -> COCOeval metrics."""
+"""Inference over a COCO-format split -> detections in COCO results format -> COCOeval metrics.
+
+`evaluate` is the one evaluation path: the training loop and `centerpoint eval` (`inference.py`) both call it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from centerpoint import distributed
 from centerpoint.coco_metrics import coco_bbox_metrics
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import DetectionDataset, collate_eval, eval_batches, make_loader
@@ -69,6 +73,24 @@ def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str
             if progress is not None:
                 progress(len(batch["image_ids"]))
     return (np.concatenate(rows) if rows else np.zeros((0, 7))), bad
+
+
+def evaluate(predict: Predict, params: dict[str, Tensor], buffers: dict[str, Tensor], index: CocoIndex,
+             spec: ExperimentSpec, backend: Backend, dist: distributed.Context,
+             progress: Callable[[int], None] | None = None) -> tuple[dict, np.ndarray]:
+    """COCO metrics of a model on `index`, over every rank of the job: each rank predicts its shard of the
+    images, rank 0 gathers all detections and runs COCOeval. Returns, on rank 0, the metrics (with
+    `bad_images`, the unreadable images skipped) and every rank's detection rows (n, 7); elsewhere
+    ({}, no rows). The metrics equal a single-process evaluation's."""
+    rows, bad = predict_split(predict, params, buffers, index, spec, backend, dist.rank, dist.world_size,
+                              progress=progress)
+    parts = distributed.gather_objects((rows, bad), dist)
+    if dist.rank != 0:
+        return {}, np.zeros((0, 7))
+    rows = np.concatenate([r for r, _ in parts])
+    metrics = compute_metrics(index, rows, spec)
+    metrics["bad_images"] = sum(b for _, b in parts)
+    return metrics, rows
 
 
 def evaluated_image_ids(index: CocoIndex, spec: ExperimentSpec) -> list[int]:

@@ -17,9 +17,9 @@ from centerpoint.data.transforms import eval_affine, invert, warp
 from centerpoint.decode import boxes_to_original
 from centerpoint.devices import Backend, resolve_precision, select_backend
 from centerpoint.errors import CenterpointError
-from centerpoint.evaluate import compute_metrics, detections_to_rows, predict_split
+from centerpoint.evaluate import detections_to_rows, evaluate
 from centerpoint.layout import channels_last
-from centerpoint.model import build_network, init, make_apply
+from centerpoint.model import build_model
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import make_predict_step
 
@@ -28,25 +28,24 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tuple[Callable, dict, dict]:
     """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture."""
-    params, buffers = init(spec.model, 0)
+    model = build_model(spec.model, backend.device)
     got = {"params." + k: v for k, v in ckpt.group("params").items()}
     got.update({"buffers." + k: v for k, v in ckpt.group("buffers").items()})
-    want = {"params." + k: v for k, v in params.items()}
-    want.update({"buffers." + k: v for k, v in buffers.items()})
+    want = {"params." + k: v for k, v in model.params.items()}
+    want.update({"buffers." + k: v for k, v in model.buffers.items()})
     check_compatible(str(ckpt.path), got, want)
     dev = backend.device
     params = {k: v.to(dev) for k, v in ckpt.group("params").items()}
     buffers = {k: v.to(dev) for k, v in ckpt.group("buffers").items()}
     if spec.runtime.channels_last:
         params = {k: channels_last(v) for k, v in params.items()}
-    net = build_network(spec.model).to(dev)
     precision = resolve_precision(backend, spec.runtime.precision)
-    return make_predict_step(make_apply(net, traced=False), spec, lambda: backend.autocast(precision)), params, buffers
+    return make_predict_step(model.apply, spec, lambda: backend.autocast(precision)), params, buffers
 
 
 def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None
                         ) -> tuple[dict, np.ndarray]:
-    """COCO metrics of the checkpoint on the spec's val split, and the detection rows.
+    """COCO metrics of the checkpoint on the spec's val split, and the detection rows (`evaluate`).
 
     In a launched job (`centerpoint eval --nproc-per-node N`, torchrun, srun) each rank predicts its shard
     of the images on its own device and rank 0 runs COCOeval on everyone's detections; other ranks return
@@ -59,17 +58,11 @@ def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callab
         root = data_root(spec) if ctx.rank == 0 else None  # rank 0 makes a synthetic set first, alone
         distributed.barrier(ctx)
         index = load_split(spec, root or data_root(spec), train=False)
-        rows, bad = predict_split(predict, params, buffers, index, spec, backend, ctx.rank, ctx.world_size,
-                                  progress=progress)
-        parts = distributed.gather_objects((rows, bad), ctx)
+        metrics, rows = evaluate(predict, params, buffers, index, spec, backend, ctx, progress)
     finally:
         distributed.destroy(ctx)
-    if ctx.rank != 0:
-        return {}, np.zeros((0, 7))
-    rows = np.concatenate([r for r, _ in parts])
-    metrics = compute_metrics(index, rows, spec)
-    metrics["bad_images"] = sum(b for _, b in parts)
-    metrics["images"] = min(len(index), spec.eval.max_images or len(index))
+    if ctx.rank == 0:
+        metrics["images"] = min(len(index), spec.eval.max_images or len(index))
     return metrics, rows
 
 
@@ -144,7 +137,7 @@ def class_names_of(spec: ExperimentSpec) -> list[str]:
 
         return list(CLASSES[: spec.model.num_classes])
     try:
-        from centerpoint.coco_metrics import load_coco
+        from centerpoint.data.coco_json import load_coco
 
         coco = load_coco(coco_root(spec) / spec.data.val_ann)  # reads only
         names = [coco.cats[c]["name"] for c in sorted(coco.getCatIds())]

@@ -1,4 +1,5 @@
-"""The CenterNet network as pure functions: `init(spec, seed) -> (params, buffers)` and `apply(...)`.
+"""The CenterNet network as pure functions: `init(spec, seed) -> (params, buffers)` and `apply(...)`, put
+together for a device by `build_model` (training, evaluation, prediction and the benchmarks all use it).
 
 The nn.Module tree is only the structure (it fixes the state_dict names, identical to mmdetection's);
 parameters and BatchNorm statistics are flat dicts of tensors owned by the caller's train state.
@@ -7,6 +8,7 @@ parameters and BatchNorm statistics are flat dicts of tensors owned by the calle
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +49,34 @@ def init(spec: ModelSpec, seed: int) -> tuple[Tree, Tree]:
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in net.named_buffers()}
     return params, buffers
+
+
+@dataclass(frozen=True)
+class Model:
+    """A network ready to run on a device: its structure, its apply function and a fresh init."""
+
+    net: nn.Module  # structure only: holds no training state (`make_apply` swaps the tensors in per call)
+    apply: Apply
+    params: Tree  # from `init`, on the cpu: the caller places them (in its train state)
+    buffers: Tree
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu", *, seed: int = 0, traced: bool = False,
+                channels_last: bool = False, convert: Callable[[nn.Module], nn.Module] | None = None) -> Model:
+    """The network for `spec` on `device` with its apply function and fresh (params, buffers).
+
+    traced: apply will run under torch.compile or torch.func transforms (see `make_apply`).
+    channels_last: the structure's own templates in channels-last memory format.
+    convert: applied to the network on the device before anything else (e.g. SyncBatchNorm layers).
+    (model.pretrained weights are the training run's to load: `imports.load_torchvision_backbone`.)
+    """
+    net = build_network(spec).to(device)
+    if convert is not None:
+        net = convert(net)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    params, buffers = init(spec, seed)
+    return Model(net, make_apply(net, traced=traced), params, buffers)
 
 
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

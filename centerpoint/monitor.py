@@ -1,4 +1,4 @@
-"""Progress bars, TensorBoard scalars/images and the run's metrics.jsonl."""
+"""Progress bars (the project's one factory of them), TensorBoard scalars/images and the run's metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -8,19 +8,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from centerpoint.atomic import atomic_write_text
 
 
-def make_progress(console: Console, enabled: bool) -> Progress:
-    """A rich progress display with a free-text field for loss and speed."""
+def make_progress(console: Console | None = None, enabled: bool = True, *, transfer: bool = False,
+                  transient: bool = False) -> Progress:
+    """A rich progress display.
+
+    By default one for counted steps, with a free-text `info` field (give each task `info=`) for loss and
+    speed, shown on `console` while `enabled` and left standing when it ends (`transient`: removed).
+
+    transfer=True: one for bytes (size, speed, time left), on stderr so stdout keeps the command's own
+    output, shown only on an interactive terminal (elsewhere rich would end it with an empty line) and
+    transient: it vanishes when done, so a failure leaves its one `error:` line alone. `console` is
+    ignored then.
+    """
+    if transfer:
+        console = Console(stderr=True)
+        return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not (enabled and console.is_interactive),
+                        transient=True)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=False,
+        console=console, disable=not enabled, transient=transient,
     )
 
 
@@ -39,6 +62,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def draw_boxes(image: np.ndarray, rows: np.ndarray, names: dict[int, str], score_thr: float = 0.3) -> np.ndarray:
     """(H, W, 3) uint8 image with detection rows [image_id, x, y, w, h, score, category_id] drawn."""
+    from PIL import Image, ImageDraw
+
     img = Image.fromarray(image)
     draw = ImageDraw.Draw(img)
     for r in rows[rows[:, 5] >= score_thr]:

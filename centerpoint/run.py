@@ -32,7 +32,7 @@ from centerpoint.data.loader import steps_per_epoch
 from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
 from centerpoint.errors import CenterpointError
 from centerpoint.loss_scale import init_loss_scale
-from centerpoint.model import build_network, init, make_apply
+from centerpoint.model import Apply, Model, build_model
 from centerpoint.monitor import make_progress
 from centerpoint.resume import check_same_data, resume_checkpoint, resume_step
 from centerpoint.schedules import Schedule
@@ -102,8 +102,8 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     spec, backend, notes = build_runtime(spec, dist)
     data = build_data(spec, dist, console)
     plan = build_optimizer(spec, data.steps_per_epoch, spec.train.batch_size * dist.world_size)
-    net, state = build_state(spec, backend, dist, plan)
-    step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, net, plan)
+    model, state = build_state(spec, backend, dist, plan)
+    step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, model.apply, plan)
     start = resume_run(spec, dist, workdir, state, data, plan.total_steps, resume, resume_from, console)
     if dist.rank == 0:
         _print_banner(console, spec, backend, dist, data, plan, notes, compile_with)
@@ -139,22 +139,20 @@ def build_data(spec: ExperimentSpec, dist: distributed.Context, console: Console
 
 
 def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Context,
-                plan: OptimizerPlan) -> tuple[torch.nn.Module, TrainState]:
-    """The network (structure only) and a fresh train state on the device: initialised or pretrained
-    weights, the optimizer's state, the fp16 loss scaler."""
-    net = build_network(spec.model).to(backend.device)
-    if spec.runtime.sync_bn:
-        net = distributed.sync_batchnorm(net, dist)
-    if spec.runtime.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    params, buffers = init(spec.model, spec.train.seed)
+                plan: OptimizerPlan) -> tuple[Model, TrainState]:
+    """The model (traced apply when the step will be compiled) and a fresh train state on the device:
+    initialised or pretrained weights, the optimizer's state, the fp16 loss scaler."""
+    model = build_model(spec.model, backend.device, seed=spec.train.seed, traced=spec.resolved.compile == "on",
+                        channels_last=spec.runtime.channels_last,
+                        convert=(lambda net: distributed.sync_batchnorm(net, dist)) if spec.runtime.sync_bn else None)
+    params, buffers = model.params, model.buffers
     if spec.model.pretrained is not None:
         from centerpoint.imports import load_torchvision_backbone
 
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
     scaler = init_loss_scale(spec.runtime.loss_scale) if spec.resolved.precision == "fp16" else None
     state = init_state(params, buffers, plan.transform, scaler)
-    return net, to_device(state, backend.device, spec.runtime.channels_last)
+    return model, to_device(state, backend.device, spec.runtime.channels_last)
 
 
 def resume_run(spec: ExperimentSpec, dist: distributed.Context, workdir: Path, state: TrainState, data: Data,
@@ -184,7 +182,7 @@ def resume_run(spec: ExperimentSpec, dist: distributed.Context, workdir: Path, s
     return Resumed(state, start_step, run_id, finished, lock)
 
 
-def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Context, net: torch.nn.Module,
+def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Context, apply: Apply,
                 plan: OptimizerPlan) -> tuple[Callable, Callable, str | None]:
     """The train and predict steps; with `runtime.compile` resolved on, compiled with the backend's
     torch.compile backend. Returns (train step, predict step, compile backend or None)."""
@@ -193,11 +191,10 @@ def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
         # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
         # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
         # torch._dynamo is asked for its backends, which settles the directory.
-        from centerpoint.data.synthetic import default_cache_dir
+        from centerpoint.cache import default_cache_dir
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
-    apply = make_apply(net, traced=compiled)
     step_fn = make_train_step(apply, spec, plan.transform, step_mode(backend, compiled),
                               reduce=distributed.make_reduce(dist), autocast=lambda: backend.autocast(precision))
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))

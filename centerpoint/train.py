@@ -13,7 +13,6 @@ import os
 import time
 from contextlib import closing
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress, TaskID
@@ -24,7 +23,7 @@ from centerpoint.cadence import epoch_of, itstime
 from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.train_batches import train_batches
 from centerpoint.errors import CenterpointError
-from centerpoint.evaluate import compute_metrics, predict_split
+from centerpoint.evaluate import evaluate
 from centerpoint.interrupt import Interrupted, StopRequest, stop_requests
 from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
 from centerpoint.run import Run
@@ -139,14 +138,9 @@ def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: Tens
 
 
 def evaluate_run(run: Run, state: TrainState) -> dict:
-    """Distributed evaluation: each rank predicts its shard, rank 0 computes COCO metrics."""
-    rows, bad = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
-                              run.dist.rank, run.dist.world_size)
-    parts = distributed.gather_objects((rows, bad), run.dist)
-    if run.dist.rank != 0:
-        return {}
-    metrics = compute_metrics(run.val_index, np.concatenate([r for r, _ in parts]), run.spec)
-    metrics["bad_images"] = sum(b for _, b in parts)
+    """Distributed evaluation: each rank predicts its shard, rank 0 computes COCO metrics ({} elsewhere)."""
+    metrics, _ = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
+                          run.dist)
     return metrics
 
 

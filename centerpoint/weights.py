@@ -2,7 +2,8 @@
 
 Published checkpoints carry the start of their sha256 in their name (torchvision's
 `resnet18-f37072fd.pth`, mmdetection's `...-bb5b3bf7.pth`), so a file is verified from its name alone.
-Downloads go to `$CENTERPOINT_CACHE/weights/` (default `~/.cache/centerpoint/weights/`).
+Downloads go to `$CENTERPOINT_CACHE/weights/` (default `~/.cache/centerpoint/weights/`) through the
+project's one fetcher (`centerpoint.fetch`: resumed, retried, never over a file it did not write).
 """
 
 from __future__ import annotations
@@ -10,17 +11,10 @@ from __future__ import annotations
 import hashlib
 import re
 import urllib.parse
-import urllib.request
-from http.client import HTTPException
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.error import HTTPError, URLError
 
-from centerpoint.atomic import atomic_path
 from centerpoint.errors import CenterpointError
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
+from centerpoint.fetch import Bar, Expected, fetch, hash_file
 
 __all__ = ["KNOWN_WEIGHTS", "fetch_weights", "name_hash", "resolve_weights", "sha256_of", "verify_name_hash",
            "weights_cache_dir"]
@@ -42,13 +36,12 @@ KNOWN_WEIGHTS: dict[str, str] = {
 }
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth$")
-_CHUNK = 1 << 20
-_TIMEOUT_S = 60.0
+_HINT = "download it yourself and pass the local path"
 
 
 def weights_cache_dir() -> Path:
     """`$CENTERPOINT_CACHE/weights`, default `~/.cache/centerpoint/weights`."""
-    from centerpoint.data.synthetic import default_cache_dir
+    from centerpoint.cache import default_cache_dir
 
     return default_cache_dir() / "weights"
 
@@ -62,9 +55,7 @@ def name_hash(path: Path | str) -> str | None:
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+    hash_file(path, digest)
     return digest.hexdigest()
 
 
@@ -81,20 +72,12 @@ def verify_name_hash(path: Path) -> str | None:
     return want
 
 
-def _progress() -> Progress:
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    console = Console(stderr=True)  # bars only on a terminal: elsewhere rich would leave an empty line
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    console=console, transient=True, disable=not console.is_interactive)
-
-
 def fetch_weights(url: str, dest_dir: Path | None = None) -> Path:
     """Download `url` once into `dest_dir` (default: the weights cache) and return the local file.
 
     The file name must carry a sha256 prefix, which is checked; a cached file is re-checked and reused.
-    The file appears under its final name only when complete and verified.
+    The file appears under its final name only when complete and verified; an interrupted download
+    resumes from its `.part` on the next call.
     """
     name = urllib.parse.unquote(Path(urllib.parse.urlparse(url).path).name)
     if name_hash(name) is None:
@@ -111,46 +94,17 @@ def fetch_weights(url: str, dest_dir: Path | None = None) -> Path:
                                    "another file); it is left as it is: delete it and rerun to download it "
                                    "again") from None
         return dest
+    from centerpoint.monitor import make_progress
+
     try:
-        with atomic_path(dest) as tmp, _progress() as bars:
-            _download(url, tmp, name, bars)
-            _check_download(tmp, name, url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CenterpointError(f"cannot write {dest}: {err.strerror or err}") from None
+    with make_progress(transfer=True) as bars:
+        # Fewer retries than a dataset download: a run waiting on its backbone (offline, say) fails within ~7 s.
+        fetch(url, dest, Expected(name, None, name_hash(name), "sha256"), Bar(bars, name, None), hint=_HINT,
+              retries=3)
     return dest
-
-
-def _download(url: str, tmp: Path, name: str, bars: Progress) -> None:
-    """Stream `url` into `tmp`, showing progress under `name`."""
-    try:
-        resp = urllib.request.urlopen(url, timeout=_TIMEOUT_S)
-    except HTTPError as err:
-        err.close()
-        raise CenterpointError(f"download failed: {url} answered HTTP {err.code} {err.reason}") from None
-    except (URLError, HTTPException, TimeoutError, ConnectionError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise CenterpointError(f"could not download {url} ({reason}); check the network, or download it "
-                               "yourself and pass the local path") from None
-    with resp, open(tmp, "wb") as f:
-        length = resp.headers.get("Content-Length")
-        task = bars.add_task(name, total=int(length) if length and length.isdigit() else None)
-        while True:
-            try:
-                chunk = resp.read(_CHUNK)
-            except (URLError, HTTPException, TimeoutError, ConnectionError) as err:
-                raise CenterpointError(f"download of {url} broke off ({err}); rerun to try again") from None
-            if not chunk:
-                break
-            f.write(chunk)
-            bars.advance(task, len(chunk))
-
-
-def _check_download(tmp: Path, name: str, url: str) -> None:
-    want = name_hash(name)
-    got = sha256_of(tmp)
-    if want is None or not got.startswith(want):
-        raise CenterpointError(f"{url}: downloaded file has sha256 {got[:16]}..., expected {want}...; the "
-                               "server sent a different or truncated file, rerun or download it yourself")
 
 
 def resolve_weights(path_or_url: Path | str, what: str) -> Path:

@@ -14,9 +14,9 @@ from centerpoint.coco_metrics import (
     METRIC_KEYS,
     coco_bbox_metrics,
     format_metrics_table,
-    load_coco,
     results_to_json,
 )
+from centerpoint.data.coco_json import load_coco
 from centerpoint.errors import CenterpointError
 
 BACKENDS = ["pycocotools", "faster-coco-eval"]

@@ -70,7 +70,7 @@ def _spec(root: Path, workdir: Path, batch: int):  # noqa: ANN202
 def _train_float64(spec, ctx: distributed.Context, batches: list, spe: int) -> dict:  # noqa: ANN001
     """The same data-parallel step in float64 (the network's rounding noise, which a few fp32 steps
     amplify to ~1e-3 even between two batch orders of one process, then stays far below the tolerance).
-    Built from the pieces `train.build_run` wires: sync BN, broadcast, identity check, gradient mean."""
+    Built from the pieces `run.build_run` wires: sync BN, broadcast, identity check, gradient mean."""
     from centerpoint.build import build_optimizer
     from centerpoint.checkpoint import state_tensors
     from centerpoint.devices import StepMode
@@ -96,7 +96,7 @@ def _train_float64(spec, ctx: distributed.Context, batches: list, spe: int) -> d
 
 
 def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
-    """Rank `rank` of `world` (global batch 2B): one fp32 step through `train.build_run`, STEPS float64
+    """Rank `rank` of `world` (global batch 2B): one fp32 step through `run.build_run`, STEPS float64
     steps, then the sharded evaluation of the 1-process fp32 state."""
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from centerpoint import fetch as fetcher
 from centerpoint.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from centerpoint.data import download as dl
 from centerpoint.data.download import COCO2017, RemoteFile, download_coco, file_url
@@ -161,7 +162,8 @@ def leftovers(root: Path) -> list[str]:
 def our_part(root: Path, data: bytes) -> Path:
     """A val2017.zip.part holding `data`, as an earlier run of the downloader left it (with its marker)."""
     part = root / "val2017.zip.part"
-    dl._create_part(part, TABLE["val"])
+    remote = TABLE["val"]
+    fetcher._create_part(part, fetcher.Expected(remote.name, remote.size, remote.md5))
     part.write_bytes(data)  # in place: the same file the marker names
     return part
 
@@ -359,7 +361,7 @@ def test_a_full_disk_names_the_file_being_written(server: FakeServer, tmp_path: 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     real_open = open
-    monkeypatch.setattr(dl, "open", lambda path, mode="r", *a, **k: Full(path, mode) if mode == "ab"
+    monkeypatch.setattr(fetcher, "open", lambda path, mode="r", *a, **k: Full(path, mode) if mode == "ab"
                         else real_open(path, mode, *a, **k), raising=False)
     with pytest.raises(CenterpointError, match=f"cannot write {tmp_path / 'val2017.zip.part'}: No space left"):
         fetch(server, tmp_path)

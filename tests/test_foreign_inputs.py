@@ -68,7 +68,7 @@ def test_spec_rejects(override: str) -> None:
 
 @pytest.mark.parametrize("name", list(COCO_CASES))
 def test_coco_json_rejects(name: str, tmp_path: Path) -> None:
-    from centerpoint.coco_metrics import load_coco
+    from centerpoint.data.coco_json import load_coco
     from centerpoint.errors import CenterpointError
 
     edit, fragment = COCO_CASES[name]

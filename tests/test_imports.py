@@ -398,3 +398,27 @@ def test_a_cached_weights_file_that_fails_its_hash_is_refused_not_replaced(tmp_p
     with pytest.raises(CenterpointError, match=f"{name}: sha256 does not match .* left as it is: delete it"):
         weights.fetch_weights(f"{url}/{name}")
     assert cached.read_bytes() == b"a file someone put here" and hits == []
+
+
+def test_weights_come_through_the_resumable_fetcher_and_a_foreign_part_file_is_refused(tmp_path, http_dir,
+                                                                                      monkeypatch):
+    from centerpoint import fetch as fetcher
+
+    url, served, hits = http_dir
+    name = save_pth(torchvision_resnet18(seed=7), served, "resnet18", mmdet=False).name
+    monkeypatch.setenv("CENTERPOINT_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "weights"
+    cache.mkdir(parents=True)
+    part = cache / (name + ".part")
+    part.write_bytes(b"someone's half file")
+    with pytest.raises(CenterpointError, match=f"{name}.part exists but was not started by this downloader"):
+        weights.fetch_weights(f"{url}/{name}")
+    assert part.read_bytes() == b"someone's half file" and hits == []
+
+    # A .part of the fetcher's own (its marker names it) is taken up again, and the result is verified.
+    part.unlink()
+    fetcher._create_part(part, fetcher.Expected(name, None, weights.name_hash(name), "sha256"))
+    part.write_bytes((served / name).read_bytes()[:1000])
+    assert weights.fetch_weights(f"{url}/{name}") == cache / name
+    assert (cache / name).read_bytes() == (served / name).read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == [name]  # no .part or marker left

@@ -72,7 +72,7 @@ def test_python_warnings_print_as_one_line(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_the_resume_hint_is_the_command_given_with_resume() -> None:
-    from cli.main import resume_command
+    from cli.train_cmd import resume_command
 
     run = Path("runs/a")
     assert resume_command(["/venv/bin/centerpoint", "train", "x.yaml", "--epochs", "3"], run) == \

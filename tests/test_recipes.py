@@ -81,9 +81,9 @@ def test_coco_file_layout_is_what_the_recipe_reads(tmp_path):
 
 
 def test_short_form_flags_resolve_on_the_recipe():
-    from cli.main import _resolve
+    from cli.options import resolve_spec
 
-    spec = _resolve(RECIPES[False], [], batch_size=4, lr=1e-3, epochs=10, device="sdaa",
-                    data_dir=Path("data/coco"))
+    spec = resolve_spec(RECIPES[False], [], batch_size=4, lr=1e-3, epochs=10, device="sdaa",
+                        data_dir=Path("data/coco"))
     assert (spec.train.batch_size, spec.optim.lr, spec.train.epochs, spec.runtime.device) == (4, 1e-3, 10, "sdaa")
     assert spec.data.root == Path("data/coco")

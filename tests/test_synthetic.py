@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from centerpoint.cache import default_cache_dir
 from centerpoint.data.shapes_cache import ensure_shapes_dataset
 from centerpoint.data.synthetic import (
     CLASSES,
     _shape_alpha,
     _tight,
-    default_cache_dir,
     render_sample,
 )
 from centerpoint.errors import CenterpointError

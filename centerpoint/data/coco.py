@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from centerpoint.coco_metrics import build_coco, load_coco
+from centerpoint.data.coco_json import build_coco, load_coco
 from centerpoint.errors import CenterpointError
 
 

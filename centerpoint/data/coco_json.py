@@ -1,4 +1,5 @@
-"""The one check of a COCO annotation file's content, run when it is loaded, before any training.
+"""COCO annotation files: loading one into a pycocotools index, and the one check of its content, run when
+it is loaded, before any training.
 
 Everything the project (and COCOeval) later relies on is checked here, so a foreign file fails at load
 time with the file and the entry named, never mid-run: the three lists, integer ids without repeats,
@@ -9,7 +10,13 @@ pass: the index drops and counts them like boxes of zero size.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+from pathlib import Path
 from typing import Any
+
+from pycocotools.coco import COCO
 
 from centerpoint.errors import CenterpointError
 
@@ -100,3 +107,34 @@ def validate_coco(data: Any, source: str) -> None:
                                    f"got {category['name']!r}")
     for i, ann in enumerate(data["annotations"]):
         _check_annotation(source, i, ann, ids["images"], ids["categories"])
+
+
+def load_coco(ann_file: Path | str) -> COCO:
+    """Load and validate a COCO annotation file into a pycocotools ``COCO`` without its stdout chatter.
+
+    Raises:
+        CenterpointError: the file is missing, is not JSON, or its content fails `validate_coco`.
+    """
+    path = Path(ann_file)
+    if not path.is_file():
+        raise CenterpointError(f"COCO annotation file not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CenterpointError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise CenterpointError(f"{path} is not UTF-8 text; expected a COCO JSON file") from e
+    validate_coco(data, str(path))
+    return build_coco(COCO, data)
+
+
+def build_coco(coco_cls: type, dataset: dict) -> Any:
+    """Index ``dataset`` with ``coco_cls`` (either backend's COCO) without re-reading any file."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco = coco_cls()
+        coco.dataset = dataset
+        coco.createIndex()
+    return coco

@@ -15,17 +15,15 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from centerpoint.cache import TMP_MARKER, remove_stale_staging, staging_dir
 from centerpoint.data.synthetic import CLASSES, VERSION, render_sample
 from centerpoint.errors import CenterpointError
 
 _JPEG_QUALITY = 90
 _MANIFEST = "DONE"
-_TMP_MARKER = ".centerpoint-tmp"  # written first into each temp dir: only marked ones are ever cleaned up
 _STALE_TMP_S = 3600.0  # temp dirs older than this are leftovers of crashed runs, s
 
 
@@ -78,7 +76,7 @@ def _is_ours(root: Path) -> bool:
     files = (_read_manifest(root) or {}).get("files")
     if not isinstance(files, dict):
         return False
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()} - {_MANIFEST, _TMP_MARKER}
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()} - {_MANIFEST, TMP_MARKER}
     if present != set(files):
         return False
     return all(list(_digest(root / rel)) == list(want) for rel, want in files.items())
@@ -109,17 +107,6 @@ def _remove_ours(root: Path) -> None:
         shutil.rmtree(root)
     else:
         root.rmdir()
-
-
-def _clean_stale_tmp(root: Path) -> None:
-    """Remove temp dirs that crashed runs left next to ``root`` (marked as ours, old enough not to be in use)."""
-    now = time.time()
-    for tmp in root.parent.glob(f".{root.name}.tmp-*"):
-        try:
-            if (tmp / _TMP_MARKER).is_file() and now - tmp.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def _coco_json(split: str, results: list[tuple[int, int, list[tuple[int, list[float]]], Digest]]) -> dict:
@@ -198,13 +185,11 @@ def ensure_shapes_dataset(
         return root
     _check_target(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(root)
+    remove_stale_staging(root.parent, f".{root.name}.tmp-*", _STALE_TMP_S)  # what crashed runs left
     if workers is None:
         # Spawning workers costs about a second; not worth it for small sets.
         workers = 1 if num_train + num_val < 200 else min(2, os.cpu_count() or 1)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        (tmp / _TMP_MARKER).write_text("")
+    with staging_dir(root.parent, f".{root.name}.tmp-") as tmp:
         for sub in ("train", "val", "annotations"):
             (tmp / sub).mkdir()
         try:
@@ -219,12 +204,9 @@ def ensure_shapes_dataset(
         _remove_ours(root)
         try:
             tmp.rename(root)
-            (root / _TMP_MARKER).unlink()  # kept until now: a killed run's temp dir is marked to its end
+            (root / TMP_MARKER).unlink()  # kept until now: a killed run's temp dir is marked to its end
         except OSError:
             # Lost a race with a concurrent generator between removal and rename; theirs is as good.
             if not _is_complete(root, identity):
                 raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root

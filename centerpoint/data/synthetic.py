@@ -35,8 +35,6 @@ Writing the dataset into the cache, and owning it there, is ``shapes_cache.py``'
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -56,15 +54,6 @@ _MIN_CONTRAST = 100.0  # mean RGB euclidean distance to covered background, grey
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down for anti-aliased edges
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), px
-
-
-def default_cache_dir() -> Path:
-    """Return the cache root: ``$CENTERPOINT_CACHE`` or ``~/.cache/centerpoint``.
-
-    Callers append the dataset name (e.g. ``shapes-v1-seed0``) themselves.
-    """
-    env = os.environ.get("CENTERPOINT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "centerpoint"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 directory, then the top-level entries moved into place and a marker written last.
 
 Under `root` for an archive NAME: `.NAME.unpacked` lists the top-level entries a complete unpack made;
-`.NAME.*.unpacking` is the temporary extraction directory, holding a `.centerpoint-tmp` marker from its
-first moment (only marked ones are cleaned up by a later run). An existing top-level entry without the
+`.NAME.*.unpacking` is the temporary extraction directory (`cache.staging_dir`: marked from its first
+moment, and only marked ones are cleaned up by a later run). An existing top-level entry without the
 marker is never overwritten.
 """
 
@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 from rich.progress import Progress
 
 from centerpoint.atomic import atomic_write_text, fsync_dir
+from centerpoint.cache import remove_stale_staging, staging_dir
 from centerpoint.errors import CenterpointError
-
-_TMP_MARKER = ".centerpoint-tmp"
 
 
 def _marker(root: Path, name: str) -> Path:
@@ -68,9 +65,7 @@ def unpack(archive: Path, root: Path, progress: Progress) -> list[Path]:
     A crash leaves at most the temporary directory (removed by the next attempt), never a half-filled
     `ROOT/train2017`. The marker is written last, so its presence means the unpack completed.
     """
-    for stale in root.glob(f".{archive.name}.*.unpacking"):
-        if (stale / _TMP_MARKER).is_file():  # ours: marked when it was made
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_staging(root, f".{archive.name}.*.unpacking")
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:
@@ -87,14 +82,13 @@ def unpack(archive: Path, root: Path, progress: Progress) -> list[Path]:
                     "partial or foreign copy; move or delete it and rerun"
                 )
         task = progress.add_task(f"unpack {archive.name}", total=sum(i.file_size for i in infos))
-        tmp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".unpacking", dir=root))
         try:
-            (tmp / _TMP_MARKER).write_bytes(b"")
-            for info in infos:
-                zf.extract(info, tmp)
-                progress.advance(task, info.file_size)
-            for top in tops:
-                os.replace(tmp / top, root / top)
+            with staging_dir(root, f".{archive.name}.", ".unpacking") as tmp:
+                for info in infos:
+                    zf.extract(info, tmp)
+                    progress.advance(task, info.file_size)
+                for top in tops:
+                    os.replace(tmp / top, root / top)
         except OSError as e:
             raise CenterpointError(
                 f"cannot unpack {archive}: cannot write {e.filename or root}: {e.strerror or e}; check free "
@@ -102,8 +96,6 @@ def unpack(archive: Path, root: Path, progress: Progress) -> list[Path]:
             ) from e
         except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError) as e:  # corrupt, encrypted, ...
             raise CenterpointError(f"cannot unpack {archive} ({e}); delete it and rerun to download it again") from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(root)
     atomic_write_text(_marker(root, archive.name), json.dumps({"archive": archive.name, "entries": tops}) + "\n")
     return [root / top for top in tops]

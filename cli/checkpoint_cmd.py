@@ -1,21 +1,44 @@
-"""`centerpoint checkpoint import`: foreign weights into a centerpoint checkpoint.
+"""`centerpoint checkpoint inspect|import`: a checkpoint's contents; foreign weights into a checkpoint.
 
-Registered on `cli.main.ckpt_app`; torch is imported only when the command runs.
+torch is imported only when a command runs.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
 from centerpoint.errors import CenterpointError
-from cli.main import ckpt_app
+
+app = typer.Typer(no_args_is_help=True, help="Inspect and import checkpoints.")
 
 FORMATS = ("mmdet",)
 
 
-@ckpt_app.command("import")
+@app.command("inspect")
+def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors checkpoint.")) -> None:
+    """Print a checkpoint's spec, step, metrics and a parameter summary."""
+    from centerpoint.checkpoint import load_checkpoint
+    from centerpoint.spec import spec_to_yaml
+
+    ckpt = load_checkpoint(path)
+    params = ckpt.group("params")
+    print(f"checkpoint {path}\nstep {ckpt.step}  epoch {ckpt.epoch}  batch_in_epoch {ckpt.batch_in_epoch}")
+    shown = {k: v for k, v in ckpt.metrics.items() if k.startswith("bbox_")}
+    print("metrics " + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "none"))
+    groups: dict[str, int] = {}
+    for k, v in params.items():
+        top = k.split(".")[0]
+        groups[top] = groups.get(top, 0) + v.numel()
+    total = sum(groups.values())
+    print(f"parameters {total:,} in {len(params)} tensors: " + ", ".join(f"{k} {n:,}" for k, n in groups.items()))
+    print("spec:")
+    sys.stdout.write(spec_to_yaml(ckpt.spec))
+
+
+@app.command("import")
 def checkpoint_import(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="Source format: mmdet."),
     src: str = typer.Argument(..., help="The .pth file, its URL, or the bare name of a published file "

@@ -1,6 +1,6 @@
-"""`centerpoint data check`: validate a dataset and print a summary table.
+"""`centerpoint data download|check`: fetch and unpack COCO 2017; validate a dataset and print a summary.
 
-Registered on `cli.main.data_app`; the checking code (and PIL, numpy) is imported only when it runs.
+The download and checking code (and PIL, numpy) is imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -10,12 +10,42 @@ from pathlib import Path
 import typer
 
 from centerpoint.errors import CenterpointError
-from cli.main import SetOpt, SpecArg, _resolve, data_app
+from cli.options import SetOpt, SpecArg, resolve_spec
 
+app = typer.Typer(no_args_is_help=True, help="Download and check datasets.")
+
+DATASETS = ("coco2017",)
+PARTS = ("train", "val", "annotations")
 SPLITS = {"train": ("train",), "val": ("val",), "both": ("train", "val")}
 
 
-@data_app.command("check")
+@app.command("download")
+def data_download(
+    dataset: str = typer.Argument(..., help="Dataset: coco2017."),
+    root: Path = typer.Option(Path("data/coco"), "--root", help="Where archives and unpacked folders go."),
+    unzip: bool = typer.Option(False, "--unzip", help="Unpack each archive (train2017/, val2017/, annotations/)."),
+    delete: bool = typer.Option(False, "--delete", help="Delete each archive once unpacked (needs --unzip)."),
+    only: list[str] = typer.Option([], "--only", help="train | val | annotations (repeatable; default: all)."),
+    base_url: str | None = typer.Option(None, "--base-url", "--base_url",
+                                        help="Mirror to download from (default: $CENTERPOINT_COCO_URL, else "
+                                        "images.cocodataset.org)."),
+) -> None:
+    """Download COCO 2017 (verified by size and md5; interrupted downloads resume)."""
+    if dataset not in DATASETS:
+        raise CenterpointError(f"data download: unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
+    unknown = [p for p in only if p not in PARTS]
+    if unknown:
+        raise CenterpointError(f"--only {unknown[0]}: choose from {', '.join(PARTS)}")
+    from centerpoint.data.download import download_coco
+
+    paths = download_coco(root, parts=tuple(only) or PARTS, base_url=base_url, unzip=unzip, delete=delete)
+    for path in paths:
+        print(path)
+    if unzip and not only:
+        print(f"train with: centerpoint train experiments/centernet_r18_coco.yaml --data-dir {root}")
+
+
+@app.command("check")
 def data_check(
     spec_file: Path | None = SpecArg,
     sets: list[str] = SetOpt,
@@ -28,12 +58,12 @@ def data_check(
     """Check a dataset: annotation json, image files, boxes, classes. Exit 2 on a blocking problem."""
     if split not in SPLITS:
         raise CenterpointError(f"--split {split}: choose from {', '.join(SPLITS)}")
-    spec = _resolve(spec_file, sets, data_dir=data_dir)  # --data-dir: a COCO-format dataset
+    spec = resolve_spec(spec_file, sets, data_dir=data_dir)  # --data-dir: a COCO-format dataset
     from rich.console import Console
-    from rich.progress import Progress
 
     from centerpoint.build import existing_data_root, shapes_root
     from centerpoint.doctor import blocking_problems, check_split
+    from centerpoint.monitor import make_progress
 
     root = existing_data_root(spec)  # read only: a synthetic set is checked if there, never generated
     if root is None:
@@ -41,9 +71,9 @@ def data_check(
               "to check (`centerpoint train` generates it; its files are correct by construction)")
         return
     reports = []
-    with Progress(transient=True) as progress:
+    with make_progress(transient=True) as progress:
         for name in SPLITS[split]:
-            task = progress.add_task(f"checking {name}", total=None)
+            task = progress.add_task(f"checking {name}", total=None, info="")
             reports.append(check_split(spec, root, name, decode, progress=lambda n, t=task: progress.advance(t, n)))
     console = Console(highlight=False)
     console.print(f"dataset {root}", markup=False, soft_wrap=True)
