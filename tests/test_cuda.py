@@ -28,7 +28,7 @@ from centerpoint.model import build_network, init, make_apply
 from centerpoint.spec import load_spec
 from centerpoint.step import TrainState, init_state, make_predict_step, make_train_step
 from centerpoint.targets import make_targets
-from tests.conftest import write_box_coco
+from tests.helpers import write_box_coco
 
 pytestmark = pytest.mark.cuda
 
