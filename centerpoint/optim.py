@@ -276,12 +276,6 @@ def global_norm(tree: Tree) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(xs[0].device) for n in norms]))
 
 
-def scale_tree(tree: Tree, factor: Tensor) -> Tree:
-    """Every leaf times the 0-dim tensor ``factor`` (new tensors, one foreach kernel)."""
-    keys = list(tree)
-    return dict(zip(keys, _mul_scalar([tree[k] for k in keys], factor), strict=True))
-
-
 def scale_tree_(tree: Tree, factor: Tensor) -> Tree:
     """Every leaf multiplied by the 0-dim tensor ``factor`` in place (one foreach kernel, no allocation);
     only for trees the caller owns, e.g. a train step's freshly computed gradients. Returns ``tree``."""

@@ -130,7 +130,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     report["metrics"] = evaluate_run(run, state)
     rows, _ = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, spec, run.backend, rank,
                             world)
-    report["rows"] = distributed.gather_rows(rows, run.dist).tolist()
+    report["rows"] = np.concatenate(distributed.gather_objects(rows, run.dist)).tolist()
     (out_dir / f"report_{world}_{rank}.json").write_text(json.dumps(report, sort_keys=True))
     distributed.destroy(run.dist)
 
