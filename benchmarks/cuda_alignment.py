@@ -12,43 +12,20 @@ two bf16 loss curves with their largest relative gap.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from common import initial_state, make_batches, make_step, print_result
 
-from centerpoint.build import build_optimizer
-from centerpoint.devices import Backend, make_backend, resolve_precision, step_mode
-from centerpoint.layout import channels_last
-from centerpoint.model import build_model
+from centerpoint.devices import Backend, make_backend, resolve_precision
 from centerpoint.spec import ExperimentSpec, load_spec
-from centerpoint.state import TrainState, init_state
-from centerpoint.step import make_train_step
-from centerpoint.targets import make_targets
-
-
-def make_batches(count: int, batch: int, size: int, classes: int) -> list[dict[str, torch.Tensor]]:
-    """Random uint8 images with 6 boxes each and their targets, on the cpu (seeded)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(count):
-        xy = torch.rand(batch, 6, 2, generator=g) * size * 0.7
-        boxes = torch.cat([xy, xy + 4 + torch.rand(batch, 6, 2, generator=g) * size * 0.25], -1)
-        labels = torch.randint(0, classes, (batch, 6), generator=g)
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
-        out.append({"images": images, **make_targets(boxes, labels, classes, (size // 4, size // 4), 4)})
-    return out
+from centerpoint.step import TrainState
 
 
 def build(spec: ExperimentSpec, backend: Backend, precision: str) -> tuple[object, TrainState]:
-    """The run's eager step and initial state (seed 0) on `backend`, as `run.build_run` makes them."""
-    plan = build_optimizer(spec, 100, spec.train.batch_size)
-    dev = backend.device
-    model = build_model(spec.model, dev, channels_last=True)
-    state = init_state({k: channels_last(v.to(dev)) for k, v in model.params.items()},
-                       {k: channels_last(v.to(dev)) for k, v in model.buffers.items()}, plan.transform)
-    step = make_train_step(model.apply, spec, plan.transform, step_mode(backend, compiled=False),
-                           autocast=lambda: backend.autocast(precision))
-    return step, state
+    """The run's eager step (never updating in place: the comparison reads states after stepping them) and
+    initial state (seed 0) on `backend`."""
+    state, plan = initial_state(spec, backend, spec.train.batch_size)
+    return make_step(spec, backend, precision, plan, donate=False), state
 
 
 def rel(a: float, b: float) -> float:
@@ -103,7 +80,7 @@ def main() -> None:
     result["bf16_curves"] = curves
     result["bf16_curve_max_rel"] = max(rel(a, b) for a, b in zip(curves["device"]["loss"], curves["cpu"]["loss"],
                                                                   strict=True))
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import best_seconds, clocked, initial_state, make_batches, make_step, median_seconds, print_result
 from PIL import Image, ImageDraw
 
 from centerpoint.data.coco import load_index
@@ -193,13 +194,6 @@ def ref_batch(samples: list[tuple[np.ndarray, list[np.ndarray]]]) -> dict[str, t
 
 
 # ---- timing ----------------------------------------------------------------------------------------
-
-def clocked(fn: Callable[[], object]) -> tuple[float, float]:
-    """(CPU seconds of this process, wall seconds) of one call."""
-    c, w = time.process_time(), time.perf_counter()
-    fn()
-    return time.process_time() - c, time.perf_counter() - w
-
 
 def hand_over(batch: dict[str, torch.Tensor]) -> None:
     """What a DataLoader worker does with a finished batch: put its tensors in shared memory."""
@@ -395,7 +389,7 @@ def main() -> None:
         result["workers_to_feed_step"] = round(step["step_img_s"] / result["project_img_s"], 2)  # type: ignore[operator]
         result["workers_to_feed_step_device_path"] = round(
             step["step_img_s"] / result["device_path_worker_img_s"], 2)  # type: ignore[operator]
-    print(json.dumps(result))
+    print_result(result)
 
 
 def device_part_ms(ds: DetectionDataset, groups: list[list[tuple[int, int]]], size: int, device: str,
@@ -419,56 +413,32 @@ def device_part_ms(ds: DetectionDataset, groups: list[list[tuple[int, int]]], si
         for radius, batch in batches:
             augment_batch(batch, radius, size, CLASSES, STRIDE, MIN_OVERLAP)
 
-    seconds = timed_call(run, backend.synchronize, repeats=3)
+    seconds = best_seconds(run, backend.synchronize, repeats=3)
     torch.set_num_threads(1)
     images = sum(len(g) for g in groups)
     return {"device": backend.device_string, "threads": threads, "ms_per_image": round(seconds / images * 1e3, 3)}
 
 
-def timed_call(fn: Callable[[], object], sync: Callable[[], None], repeats: int = 5) -> float:
-    """Best wall seconds of `repeats` calls after one warm-up, synchronised."""
-    fn()
-    sync()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[str, object]:
     """Images/s of the project's eager train step on the COCO recipes' network (CenterNet-R18, 80 classes)
     at `size` x `size`, batch `batch`, on random batches of the pipeline's shapes."""
-    from train_step import make_batch, timed
-
-    from centerpoint.build import build_optimizer
-    from centerpoint.devices import resolve_precision, select_backend, step_mode
-    from centerpoint.layout import channels_last
-    from centerpoint.model import build_model
+    from centerpoint.devices import resolve_precision, select_backend
     from centerpoint.spec import MMDET_R18, load_spec
-    from centerpoint.state import init_state
-    from centerpoint.step import make_train_step
 
     backend = select_backend(device)
     prec = resolve_precision(backend, precision)
     sets = [f"model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in MMDET_R18.items()]
     spec = load_spec(None, [*sets, f"model.num_classes={CLASSES}", f"data.input_size={size}",
                             f"runtime.precision={prec}"])
-    plan = build_optimizer(spec, 100, batch)
-    model = build_model(spec.model, backend.device, channels_last=spec.runtime.channels_last)
-    move = lambda t: channels_last(t.to(backend.device)) if spec.runtime.channels_last else t.to(backend.device)  # noqa: E731
-    state = {"s": init_state({k: move(v) for k, v in model.params.items()},
-                             {k: move(v) for k, v in model.buffers.items()}, plan.transform)}
-    step = make_train_step(model.apply, spec, plan.transform, step_mode(backend, compiled=False),
-                           autocast=lambda: backend.autocast(prec))
-    data = make_batch(batch, size, CLASSES, backend.device)
+    initial, plan = initial_state(spec, backend, batch)
+    state = {"s": initial}
+    step = make_step(spec, backend, prec, plan)
+    data = {k: v.to(backend.device) for k, v in make_batches(1, batch, size, CLASSES, 8.0)[0].items()}
 
     def one() -> None:
         state["s"], _ = step(state["s"], data)
 
-    seconds = timed(one, 3, 1, backend.synchronize)
+    seconds = median_seconds(one, 3, 1, backend.synchronize)
     return {"step_device": backend.device_string, "step_precision": prec, "step_img_s": round(batch / seconds, 2)}
 
 

@@ -16,14 +16,13 @@ the steps of `decode_heatmap`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import clocked, print_result
 
 from centerpoint.decode import boxes_to_original, decode_heatmap, local_max
 
@@ -84,12 +83,7 @@ def reference(inputs: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.nda
 def timed(fn: Callable[[], object], rounds: int) -> list[tuple[float, float]]:
     """(CPU seconds of this process, wall seconds) of each of `rounds` calls, after one warm-up call."""
     fn()
-    out = []
-    for _ in range(rounds):
-        c, w = time.process_time(), time.perf_counter()
-        fn()
-        out.append((time.process_time() - c, time.perf_counter() - w))
-    return out
+    return [clocked(fn) for _ in range(rounds)]
 
 
 def stage_ms(inputs: dict[str, torch.Tensor], k: int) -> dict[str, float]:
@@ -138,7 +132,7 @@ def main() -> None:
     result["ratio_median"] = round(result["project_det_s_median"] / result["reference_det_s_median"], 2)  # type: ignore[operator]
     result["project_cpu_ms_per_batch"] = round(min(t[0] for t in proj_t) * 1e3, 1)
     result["project_steps_cpu_ms"] = stage_ms(inputs, args.k)
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

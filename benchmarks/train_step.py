@@ -17,41 +17,12 @@ import json
 import time
 
 import torch
+from common import initial_state, make_batches, make_step, median_seconds, print_result
 
-from centerpoint.build import build_optimizer
-from centerpoint.devices import select_backend, step_mode
-from centerpoint.layout import channels_last
+from centerpoint.devices import select_backend
 from centerpoint.loss import centernet_loss
-from centerpoint.model import build_model, build_network, init, normalize
+from centerpoint.model import build_network, normalize
 from centerpoint.spec import load_spec
-from centerpoint.state import init_state
-from centerpoint.step import make_train_step
-from centerpoint.targets import make_targets
-
-
-def make_batch(batch: int, size: int, classes: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random uint8 images with 6 random boxes each and their targets."""
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(batch, 6, 2, generator=g) * size * 0.7
-    boxes = torch.cat([xy, xy + 8 + torch.rand(batch, 6, 2, generator=g) * size * 0.25], -1)
-    labels = torch.randint(0, classes, (batch, 6), generator=g)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
-    out = {"images": images, **make_targets(boxes, labels, classes, (size // 4, size // 4), 4)}
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def timed(fn, steps: int, warmup: int, sync) -> float:  # noqa: ANN001
-    """Median seconds per call after warmup."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync) -> float:  # noqa: ANN001
@@ -129,9 +100,8 @@ def main() -> None:
     dev = backend.device
     spec = load_spec(args.spec, [f"data.input_size={args.size}", f"runtime.channels_last={args.channels_last}",
                                  f"runtime.precision={args.precision}", "model.pretrained=null"])
-    batch = make_batch(args.batch, args.size, spec.model.num_classes, dev)
-    plan = build_optimizer(spec, 100, args.batch)
-    params, buffers = init(spec.model, 0)
+    batch = {k: v.to(dev) for k, v in make_batches(1, args.batch, args.size, spec.model.num_classes, 8.0)[0].items()}
+    state, plan = initial_state(spec, backend, args.batch)
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
 
     # Baseline: stateful module + torch.optim + backward.
@@ -148,19 +118,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), plan.max_grad_norm or 35.0)
         opt.step()
 
-    def make_step(compiled: bool):  # noqa: ANN202
-        apply = build_model(spec.model, dev, traced=compiled, channels_last=args.channels_last).apply
-        return make_train_step(apply, spec, plan.transform, step_mode(backend, compiled),
-                               autocast=lambda: backend.autocast(args.precision))
-
-    step = make_step(False)
-
-    def to_dev(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(dev)
-        return channels_last(t) if args.channels_last else t  # the layout the train loop gives the state
-
-    holder = {"state": init_state({k: to_dev(v) for k, v in params.items()},
-                                  {k: to_dev(v) for k, v in buffers.items()}, plan.transform)}
+    step = make_step(spec, backend, args.precision, plan)
+    holder = {"state": state}
 
     def functional(fn=step) -> None:  # noqa: ANN001
         holder["state"], _ = fn(holder["state"], batch)
@@ -169,29 +128,30 @@ def main() -> None:
     if args.only:  # a memory child: run one variant, report the peak resident memory while it steps
         fn = {"baseline": baseline, "eager": functional}.get(args.only)
         if fn is None:
-            compiled = torch.compile(make_step(True))
+            compiled = torch.compile(make_step(spec, backend, args.precision, plan, compiled=True))
             fn = lambda: functional(compiled)  # noqa: E731
         fn()  # first call (compiles; allocator warm-up), then the peak of the steps alone
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM, the peak resident set, to the current one (Linux)
-        timed(fn, args.steps, 0, sync)
+        median_seconds(fn, args.steps, 0, sync)
         hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
         print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
         return
     if args.compile_only:
-        compiled = torch.compile(make_step(True))
+        compiled = torch.compile(make_step(spec, backend, args.precision, plan, compiled=True))
         t = time.perf_counter()
         functional(compiled)
         sync()
-        print(json.dumps({"bench": "train_step_compile", "compile_s": round(time.perf_counter() - t, 2)}))
+        print_result({"bench": "train_step_compile", "compile_s": round(time.perf_counter() - t, 2)})
         return
-    result = {"bench": "train_step", "spec": args.spec or "built-in", "params_m": round(
-        sum(v.numel() for v in params.values()) / 1e6, 2), "device": str(dev), "size": args.size, "batch": args.batch,
+    params_m = round(sum(v.numel() for v in state.params.values()) / 1e6, 2)
+    result = {"bench": "train_step", "spec": args.spec or "built-in", "params_m": params_m, "device": str(dev),
+              "size": args.size, "batch": args.batch,
               "precision": args.precision, "channels_last": args.channels_last,
               "threads": torch.get_num_threads()}
     variants = {"baseline": baseline, "eager": functional}
     if args.compile:
-        compiled = torch.compile(make_step(True))
+        compiled = torch.compile(make_step(spec, backend, args.precision, plan, compiled=True))
         t = time.perf_counter()
         functional(compiled)
         sync()
@@ -204,7 +164,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, fn in variants.items():
             backend.reset_peak_memory()  # device memory: each variant's own peak (the others' states stay)
-            seconds[name].append(timed(fn, args.steps, 2, sync))
+            seconds[name].append(median_seconds(fn, args.steps, 2, sync))
             peaks[name] = max(peaks.get(name, 0.0), backend.max_memory_mb())
     base = min(seconds["baseline"])
     result["baseline_img_s"] = args.batch / base
@@ -225,7 +185,7 @@ def main() -> None:
         if name in seconds:
             result[f"{name}_gflop_s"] = flops / min(seconds[name]) / 1e9
             result[f"{name}_peak_fraction"] = flops / min(seconds[name]) / peak
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    print_result(result, digits=4)
 
 
 if __name__ == "__main__":

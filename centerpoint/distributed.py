@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -287,8 +286,3 @@ def gather_objects(obj: Any, ctx: Context) -> list:
     parts: list = [None] * ctx.world_size
     dist.all_gather_object(parts, obj)
     return parts
-
-
-def gather_rows(rows: np.ndarray, ctx: Context) -> np.ndarray:
-    """Concatenate every rank's detection rows on all ranks (rank order)."""
-    return np.concatenate(gather_objects(rows, ctx)) if ctx.distributed else rows

@@ -53,13 +53,6 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
     atomic_write_text(path, old + json.dumps(record) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl (empty if absent)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def draw_boxes(image: np.ndarray, rows: np.ndarray, names: dict[int, str], score_thr: float = 0.3) -> np.ndarray:
     """(H, W, 3) uint8 image with detection rows [image_id, x, y, w, h, score, category_id] drawn."""
     from PIL import Image, ImageDraw

@@ -10,7 +10,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +18,11 @@ import pytest
 
 from centerpoint.spec import load_spec
 from tests.conftest import TINY
+from tests.helpers import call_cli, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SETS = [x for o in TINY for x in ("--set", o)]
 COCO = ["--set", "data.dataset=coco"]
 HEAD = load_spec(None).model.head_channels
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
-    return subprocess.run([sys.executable, "-m", "centerpoint", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
 
 
 def snapshot(*dirs: Path) -> dict[str, str]:
@@ -238,12 +231,20 @@ def _write_file(path: Path, content: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Cases that reach the data pipeline run as users run them, in a subprocess (an `e2e` test); the others fail
+# before any data is read and run in this process, through the same entry point (no Python start-up each).
+SUBPROCESS = {"annotations not json", "annotations missing key", "annotation lacks bbox", "bbox not numbers",
+              "unknown category id", "image missing", "image not decodable", "image not decodable in a worker",
+              "classes do not match the model"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.e2e) if name in SUBPROCESS else name
+                                  for name in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_changed(name: str, shared: Shared, tmp_path: Path) -> None:
     setup, fragments = CASES[name]
     args = setup(tmp_path, shared)
     before = snapshot(tmp_path, shared.data.parent)
-    res = run_cli(*args)
+    res = run_cli(*args) if name in SUBPROCESS else call_cli(*args)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
@@ -256,6 +257,7 @@ def test_bad_input_is_one_line_exit_2_nothing_changed(name: str, shared: Shared,
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.e2e
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     res = run_cli("--debug", "spec", "show", "--set", "train.epochz=3")
     assert res.returncode != 0 and "Traceback" in res.stderr and "CenterpointError" in res.stderr
@@ -267,6 +269,7 @@ def _last_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_unreadable_images_are_skipped_and_counted(shared: Shared, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(shared.data, data)
@@ -283,6 +286,7 @@ def test_unreadable_images_are_skipped_and_counted(shared: Shared, tmp_path: Pat
     assert record["bad_train_images"] == 2 and record["bad_images"] == 1
 
 
+@pytest.mark.e2e
 def test_degenerate_boxes_are_dropped_and_counted(shared: Shared, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(shared.data, data)
@@ -317,6 +321,7 @@ def small_disk(tmp_path: Path, shared: Shared):  # noqa: ANN201
         subprocess.run(["umount", "-l", str(mount)], check=True)  # lazy: a lingering reader must not fail teardown
 
 
+@pytest.mark.e2e
 def test_disk_full_while_training_keeps_the_last_checkpoint(small_disk: Path) -> None:
     from centerpoint.checkpoint import load_checkpoint
 
@@ -410,19 +415,19 @@ def test_check_finds_every_planted_fault(shared: Shared, tmp_path: Path) -> None
 
 
 def test_check_cli_exit_codes_and_read_only(shared: Shared, tmp_path: Path) -> None:
-    res = run_cli("data", "check", "--data-dir", str(shared.data))
+    res = call_cli("data", "check", "--data-dir", str(shared.data))
     assert res.returncode == 0, res.stderr
     assert "no blocking problems" in res.stdout and "circle" in res.stdout and res.stderr == ""
     data = _broken_dataset(shared, tmp_path)
     before = snapshot(tmp_path)
-    res = run_cli("data", "check", "--data-dir", str(data))
+    res = call_cli("data", "check", "--data-dir", str(data))
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert "train: 1 missing image(s): 000000.jpg" in lines[0] and "(+1 more above)" in lines[0]
     assert "blocking: val: 1 undecodable image(s): 000000.jpg" in res.stdout
     assert "warning: train: 2 box(es) of zero, negative" in res.stdout
     assert snapshot(tmp_path) == before
-    res = run_cli("data", "check", "--data-dir", str(data), "--split", "val", "--set", "data.on_bad_image=skip")
+    res = call_cli("data", "check", "--data-dir", str(data), "--split", "val", "--set", "data.on_bad_image=skip")
     assert res.returncode == 0 and "warning: val: 1 undecodable" in res.stdout and "train" not in res.stdout
-    res = run_cli("data", "check", "--data-dir", str(data), "--split", "test")
+    res = call_cli("data", "check", "--data-dir", str(data), "--split", "test")
     assert res.returncode == 2 and res.stderr.strip() == "error: --split test: choose from train, val, both"

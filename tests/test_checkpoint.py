@@ -11,7 +11,8 @@ from centerpoint.model import init
 from centerpoint.optim import apply_updates
 from centerpoint.spec import load_spec
 from centerpoint.state import flatten_state, init_state
-from tests.conftest import TINY, call_cli
+from tests.conftest import TINY
+from tests.helpers import call_cli
 
 # The network of the format-1 run checkpoint (tests/data/make_format1_checkpoints.py).
 TINY_NET = ["model.width=8", "model.neck_channels=[8,8,8]", "model.head_channels=8"]
@@ -160,23 +161,23 @@ def test_format1_checkpoint_loads_with_optimizer_state_named_by_role(optimizer: 
 
 
 def test_format1_checkpoint_of_a_real_run_inspects_and_resumes_through_the_cli(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+        tmp_path: Path, cache_dir: Path) -> None:
     """A format-1 run checkpoint (3 steps of a tiny network, SGD with momentum): `centerpoint checkpoint
     inspect` reads it, the same run trained by this version ends with exactly its tensors, and `train
     --resume FILE` continues it."""
     old = DATA / "format1_sgd_tiny.safetensors"
-    code, out, err = call_cli(capsys, "checkpoint", "inspect", str(old))
+    code, out, err = call_cli("checkpoint", "inspect", str(old))
     assert code == 0, err
     assert "step 3  epoch 1  batch_in_epoch 0" in out
     sets = [x for s in [*TINY, *TINY_NET, "optim.name=sgd", "runtime.threads=1", "logging.tensorboard=false"]
             for x in ("--set", s)]
     again, resumed = tmp_path / "again", tmp_path / "resumed"
-    code, _, err = call_cli(capsys, "train", *sets, "--max-steps", "3", "--device", "cpu", "--workdir", str(again))
+    code, _, err = call_cli("train", *sets, "--max-steps", "3", "--device", "cpu", "--workdir", str(again))
     assert code == 0, err
     upgraded, now = load_checkpoint(old).tensors, load_file(str(again / "checkpoints" / "latest.safetensors"))
     assert set(upgraded) == set(now) and "opt.sgd.momentum.backbone.conv1.weight" in now and "opt.lr.count" in now
     assert not [k for k in now if not torch.equal(now[k], upgraded[k])]
-    code, out, err = call_cli(capsys, "train", *sets, "--max-steps", "4", "--device", "cpu", "--workdir", str(resumed),
+    code, out, err = call_cli("train", *sets, "--max-steps", "4", "--device", "cpu", "--workdir", str(resumed),
                               "--resume", str(old))
     assert code == 0, err
     assert "format1_sgd_tiny.safetensors (step 3, epoch 1)" in " ".join(out.split())

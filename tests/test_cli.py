@@ -1,20 +1,13 @@
-"""The real CLI in subprocesses: train a few steps, evaluate, predict, inspect; errors as one line."""
+"""The real CLI in subprocesses: train a few steps, evaluate, predict, inspect; in this process: spec output and
+errors as one line."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "centerpoint", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+from tests.helpers import ROOT, call_cli, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +19,7 @@ def trained(tmp_path_factory, tiny_overrides, cache_dir):
     return work, res
 
 
+@pytest.mark.e2e
 def test_help_does_not_import_torch():
     code = ("import sys; from cli.main import app\n"
             "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
@@ -35,12 +29,13 @@ def test_help_does_not_import_torch():
 
 
 def test_spec_show_and_schema():
-    res = run_cli("spec", "show", "--set", "optim.lr=0.005")
+    res = call_cli("spec", "show", "--set", "optim.lr=0.005")
     assert res.returncode == 0 and "lr: 0.005" in res.stdout
-    res = run_cli("spec", "schema")
+    res = call_cli("spec", "schema")
     assert res.returncode == 0 and "OptimSpec" in json.loads(res.stdout)["$defs"]
 
 
+@pytest.mark.e2e
 def test_train_writes_run_directory(trained):
     work, res = trained
     assert "bbox_mAP" in res.stdout
@@ -53,6 +48,7 @@ def test_train_writes_run_directory(trained):
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.e2e
 def test_inspect_eval_and_predict(trained, tmp_path, cache_dir):
     work, _ = trained
     ckpt = work / "checkpoints" / "latest.safetensors"
@@ -83,7 +79,7 @@ def test_inspect_eval_and_predict(trained, tmp_path, cache_dir):
     (["train", "--device", "sdaa"], "--device sdaa"),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragment):
-    res = run_cli(*args)
+    res = call_cli(*args)
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in res.stderr

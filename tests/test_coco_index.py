@@ -1,9 +1,9 @@
-import json
 
 from PIL import Image
 
 from centerpoint.data.coco import load_index
 from centerpoint.spec import load_spec
+from tests.helpers import write_coco
 
 
 def _dataset(tmp_path):
@@ -20,8 +20,7 @@ def _dataset(tmp_path):
         {"id": 5, "image_id": 3, "category_id": 7, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 1},  # only crowd
     ]
     cats = [{"id": 3, "name": "b"}, {"id": 7, "name": "a"}]
-    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return tmp_path / "ann.json", tmp_path / "img"
+    return write_coco(tmp_path / "ann.json", images, anns, cats), tmp_path / "img"
 
 
 def test_labels_clipping_and_filters(tmp_path):

@@ -30,7 +30,7 @@ from centerpoint.spec import load_spec
 from centerpoint.state import TrainState, init_state
 from centerpoint.step import make_predict_step, make_train_step
 from centerpoint.targets import make_targets
-from tests.conftest import write_box_coco
+from tests.helpers import write_box_coco
 
 pytestmark = pytest.mark.cuda
 

@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import subprocess
-import sys
-import threading
 import zipfile
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,19 +18,7 @@ from typer.testing import CliRunner
 from centerpoint.data import download as dl
 from centerpoint.data.download import RemoteFile
 from cli.main import app
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    requests: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.requests.append(self.path)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+from tests.helpers import call_cli, serve_dir
 
 
 def _zip(entries: dict[str, bytes]) -> bytes:
@@ -61,16 +44,8 @@ def mirror(tmp_path, monkeypatch) -> Iterator[tuple[str, list[str]]]:
         (served / subdir / name).write_bytes(data)
         monkeypatch.setitem(dl.COCO2017, part, RemoteFile(name, len(data), hashlib.md5(data).hexdigest(), subdir))
     monkeypatch.delenv(dl.ENV_BASE_URL, raising=False)
-    handler = type("Handler", (_Quiet,), {"requests": []})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(served)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler.requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serve_dir(served) as (url, requests):
+        yield url, requests
 
 
 def _printed_paths(output: str, root: Path) -> list[str]:
@@ -108,7 +83,5 @@ def test_download_keeps_archive_without_unzip(tmp_path, mirror):
     (["coco2017", "--delete"], "add --unzip"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, fragment):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "centerpoint", "data", "download", *args, "--root",
-                          str(tmp_path / "r")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    res = call_cli("data", "download", *args, "--root", str(tmp_path / "r"))
     assert res.returncode == 2 and fragment in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr

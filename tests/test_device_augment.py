@@ -27,7 +27,7 @@ from centerpoint.data.transforms import inside_mask, inside_window, invert, scal
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import make_targets
-from tests.conftest import write_box_coco
+from tests.helpers import write_box_coco
 
 CLASSES, STRIDE = 3, 4
 

@@ -21,6 +21,7 @@ import torch
 
 from centerpoint import devices, distributed, launch
 from centerpoint.errors import CenterpointError
+from tests.helpers import write_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 4  # images per process per step in the 2-process runs
@@ -51,8 +52,7 @@ def _one_box_dataset(root: Path) -> Path:
             images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
             anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, bw, bh],
                          "area": bw * bh, "iscrowd": 0})
-        doc = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "box"}]}
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+        write_coco(root / "annotations" / f"instances_{split}.json", images, anns, [{"id": 1, "name": "box"}])
     return root
 
 
@@ -135,7 +135,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     report["metrics"] = evaluate_run(run, state)
     rows, _ = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, spec, run.backend, rank,
                             world)
-    report["rows"] = distributed.gather_rows(rows, run.dist).tolist()
+    report["rows"] = np.concatenate(distributed.gather_objects(rows, run.dist)).tolist()
     (out_dir / f"report_{world}_{rank}.json").write_text(json.dumps(report, sort_keys=True))
     distributed.destroy(run.dist)
 
@@ -198,6 +198,7 @@ def test_two_process_evaluation_gives_the_same_metrics(equivalence_runs: Path) -
     np.testing.assert_allclose(rows2, rows1, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_eval_command_on_two_processes_writes_the_same_metrics(equivalence_runs: Path) -> None:
     """`centerpoint eval --nproc-per-node 2`: two launched workers, each predicting its shard; rank 0
     writes metrics and detections identical to those of a one-process `centerpoint eval`."""
@@ -279,6 +280,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker processes through /proc")
 def test_killed_worker_ends_the_job_with_an_error_naming_it(tmp_path, tiny_overrides, cache_dir) -> None:
     proc = _start_cli(tmp_path / "run", cache_dir, 300, 0, tiny_overrides)
@@ -293,6 +295,7 @@ def test_killed_worker_ends_the_job_with_an_error_naming_it(tmp_path, tiny_overr
     assert "error: worker rank 1 (pid" in err and "killed by SIGKILL" in err
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker processes through /proc")
 def test_restarted_workers_resume_and_finish(tmp_path, tiny_overrides, cache_dir) -> None:
     from centerpoint.checkpoint import load_checkpoint
@@ -312,6 +315,7 @@ def test_restarted_workers_resume_and_finish(tmp_path, tiny_overrides, cache_dir
     assert records[-1]["step"] == steps
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds worker processes through /proc")
 def test_ctrl_c_to_the_launcher_stops_every_worker_at_one_step(tmp_path, tiny_overrides, cache_dir) -> None:
     """Ctrl-C reaches the launcher (the workers run in sessions of their own); it forwards the signal, the
@@ -440,6 +444,7 @@ def test_cuda_and_sdaa_selection_without_the_hardware(monkeypatch: pytest.Monkey
     assert joined == ["nccl", "tccl", "gloo"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("vendor_amp", "bf16"), [(False, True), (True, False)])
 def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp: bool, bf16: bool) -> None:
     """In a fresh process: a stand-in `torch_sdaa` registers the 'sdaa' device name the way the real one

@@ -7,13 +7,10 @@ import hashlib
 import io
 import os
 import socket
-import subprocess
-import sys
-import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,7 @@ from centerpoint.atomic import atomic_path, atomic_write_bytes, atomic_write_tex
 from centerpoint.data import download as dl
 from centerpoint.data.download import COCO2017, RemoteFile, download_coco, file_url
 from centerpoint.errors import CenterpointError
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_cli, serve
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -87,16 +83,8 @@ def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def server() -> Iterator[FakeServer]:
     state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
+    with serve(_make_handler(state)) as state.url:
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)
@@ -340,13 +328,12 @@ def test_a_size_known_from_the_headers_fails_at_once(server: FakeServer, tmp_pat
     assert server.paths() == [VAL_PATH] and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_a_wrong_size_through_the_cli_is_one_error_line_at_once(server: FakeServer, tmp_path: Path) -> None:
     """The real command (the real COCO table, no monkeypatching): one request, stderr exactly one line."""
     server.files[VAL_PATH] = b"not the 815 MB archive"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}
-    res = subprocess.run([sys.executable, "-m", "centerpoint", "data", "download", "coco2017", "--root",
-                          str(tmp_path / "coco"), "--only", "val", "--base-url", server.url],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    res = run_cli("data", "download", "coco2017", "--root", str(tmp_path / "coco"), "--only", "val", "--base-url",
+                  server.url, env_extra={"TERM": "xterm-256color"}, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
     assert f"expected {COCO2017['val'].size} bytes, the server sends 22 bytes" in res.stderr
     assert server.paths() == [VAL_PATH] and list((tmp_path / "coco").iterdir()) == []

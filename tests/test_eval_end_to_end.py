@@ -9,7 +9,6 @@ and off. The batch size must never change a detection.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from centerpoint.evaluate import compute_metrics, detections_to_rows, predict_sp
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.spec import ExperimentSpec, load_spec
 from centerpoint.step import make_predict_step
+from tests.helpers import write_coco
 
 COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))  # class c is pure channel c
 STRIDE = 4
@@ -52,8 +52,7 @@ def write_rectangles_coco(root: Path) -> tuple[Path, Path]:
         Image.fromarray(pixels).save(root / "img" / f"{i}.png")
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
     cats = [{"id": c + 1, "name": f"c{c}"} for c in range(3)]
-    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root / "ann.json", root / "img"
+    return write_coco(root / "ann.json", images, anns, cats), root / "img"
 
 
 def edges(profile: Tensor) -> tuple[float, float]:
@@ -198,8 +197,7 @@ def test_batch_size_never_changes_a_detection(tmp_path: Path) -> None:
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
         anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 20, 20], "area": 400,
                      "iscrowd": 0})
-    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                   "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    write_coco(tmp_path / "ann.json", images, anns, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
     index = load_index(tmp_path / "ann.json", tmp_path / "img", train=False)
     net = ["model.width=8", "model.neck_channels=[16,16,8]", "model.head_channels=8", "model.num_classes=2"]
     out = {}

@@ -9,8 +9,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["setup", "tests", "alignment", "nccl", "experiment", "train_step", "data_pipeline"]
+
+
+pytestmark = pytest.mark.e2e  # the script in a subprocess, as the GPU machine runs it
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:

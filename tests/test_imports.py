@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,6 +22,7 @@ from centerpoint.imports import import_mmdet, load_torchvision_backbone
 from centerpoint.inference import load_model
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.spec import MMDET_R18, ModelSpec
+from tests.helpers import call_cli, run_cli, serve_dir, write_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -257,34 +253,29 @@ def tiny_coco(root: Path) -> Path:
     from PIL import Image
 
     (root / "val2017").mkdir(parents=True)
-    (root / "annotations").mkdir()
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 48, "width": 40 + 24 * i} for i in (1, 2)]
     for im in images:
         Image.new("RGB", (im["width"], im["height"]), (200, 40, 90)).save(root / "val2017" / im["file_name"])
-    ann = {"images": images, "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 81)],
-           "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 30], "area": 600,
-                            "iscrowd": 0}]}
-    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
+    write_coco(root / "annotations" / "instances_val2017.json", images,
+               [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 30], "area": 600, "iscrowd": 0}],
+               [{"id": c, "name": f"c{c}"} for c in range(1, 81)])
     return root
 
 
+@pytest.mark.e2e
 def test_cli_import_then_eval_and_errors_are_one_line(tmp_path, plain_sd):
     src = save_pth(plain_sd, tmp_path, "centernet")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "centerpoint", "checkpoint", "import", "mmdet"]
-    res = subprocess.run([*cmd, str(src), str(tmp_path / "c.safetensors")], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=300)
+    cmd = ["checkpoint", "import", "mmdet"]
+    res = run_cli(*cmd, str(src), str(tmp_path / "c.safetensors"), timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"imported 168 tensors from {src} (sha256 {src.stem[-8:]} verified)" in res.stdout
     assert load_checkpoint(tmp_path / "c.safetensors").spec.name == "centernet_r18_coco"
     coco = tiny_coco(tmp_path / "coco")
-    res = subprocess.run([sys.executable, "-m", "centerpoint", "eval", "--checkpoint", str(tmp_path / "c.safetensors"),
-                          "--data-dir", str(coco), "--set", "data.workers=0", "--out", str(tmp_path / "m.json")],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    res = run_cli("eval", "--checkpoint", str(tmp_path / "c.safetensors"), "--data-dir", str(coco), "--set",
+                  "data.workers=0", "--out", str(tmp_path / "m.json"), timeout=300)
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "m.json").read_text())["images"] == 2
-    res = subprocess.run([*cmd, str(tmp_path / "nope.pth"), str(tmp_path / "d.safetensors")], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=300)
+    res = call_cli(*cmd, str(tmp_path / "nope.pth"), str(tmp_path / "d.safetensors"))
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "file not found" in res.stderr
 
 
@@ -328,32 +319,12 @@ def test_torchvision_without_bn_counters_is_accepted_but_a_wrong_depth_is_not(tm
         load_torchvision_backbone(save_pth(wide, tmp_path, "resnet18w", mmdet=False), params, buffers)
 
 
-class _CountingHandler(SimpleHTTPRequestHandler):
-    hits: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.hits.append(self.path)
-        super().do_GET()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def http_dir(tmp_path) -> Iterator[tuple[str, Path, list[str]]]:
     served = tmp_path / "served"
     served.mkdir()
-    hits: list[str] = []
-    handler = type("H", (_CountingHandler,), {"hits": hits})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(served)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", served, hits
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serve_dir(served) as (url, hits):
+        yield url, served, hits
 
 
 def test_published_name_is_fetched_into_the_cache_once_and_verified(tmp_path, http_dir, monkeypatch):

@@ -19,6 +19,7 @@ from centerpoint.interrupt import Interrupted, stop_requests
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_command_waiting_on_the_network_exits_130_or_143(sig: signal.Signals, tmp_path: Path) -> None:
     """`data download` from a server that accepts and never answers: the signal ends it with 128 + signal."""

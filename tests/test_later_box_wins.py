@@ -3,7 +3,6 @@ and offset, on both training paths (targets in the loader workers, or batched on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from centerpoint.data.coco import load_index
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, collate_source, collate_train
 from centerpoint.spec import DataSpec
+from tests.helpers import write_coco
 
 # A 64x64 image trained at scale 1 without flips (pad mode, scale range 1..1): input pixels = original
 # pixels. Both boxes are centred on (30, 30) px = cell (7.5, 7.5) at stride 4; sizes in cells by hand.
@@ -27,10 +27,8 @@ def write_pair(root: Path, first: list[int], second: list[int]) -> tuple[Path, P
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "img" / "0.png")
     anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
             for k, box in enumerate((first, second))]
-    doc = {"images": [{"id": 1, "file_name": "0.png", "width": 64, "height": 64}], "annotations": anns,
-           "categories": [{"id": 1, "name": "a"}]}
-    (root / "ann.json").write_text(json.dumps(doc))
-    return root / "ann.json", root / "img"
+    images = [{"id": 1, "file_name": "0.png", "width": 64, "height": 64}]
+    return write_coco(root / "ann.json", images, anns, [{"id": 1, "name": "a"}]), root / "img"
 
 
 @pytest.mark.parametrize(("first", "second"), [(BIG, SMALL), (SMALL, BIG)])

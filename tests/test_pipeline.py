@@ -26,7 +26,7 @@ from centerpoint.data.transforms import (
 from centerpoint.decode import boxes_to_original
 from centerpoint.spec import CenterCropSpec, DataSpec
 from centerpoint.targets import gaussian_radius, make_targets
-from tests.conftest import write_box_coco
+from tests.helpers import write_box_coco
 
 # ---- the previous formulations, kept verbatim as references ----------------------------------------
 

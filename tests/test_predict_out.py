@@ -17,7 +17,8 @@ from centerpoint.model import init
 from centerpoint.predict_out import MANIFEST, drawing_names
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
-from tests.conftest import TINY, call_cli
+from tests.conftest import TINY
+from tests.helpers import call_cli
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,14 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_an_output_folder_among_the_inputs_is_refused(checkpoint: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_output_folder_among_the_inputs_is_refused(checkpoint: Path, tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     for i in range(2):
         _photo(photos / f"p{i}.jpg", i)
     before = _files(tmp_path)
     for out, inputs, folder in ((photos, [photos], photos.resolve()), (photos / "pred", [photos], photos.resolve()),
                                 (photos, [photos / "p0.jpg"], photos)):
-        code, _, err = call_cli(capsys, "predict", "--checkpoint", str(checkpoint), *map(str, inputs),
+        code, _, err = call_cli("predict", "--checkpoint", str(checkpoint), *map(str, inputs),
                                 "--out", str(out))
         assert code == 2, err
         assert err.strip() == (f"error: --out {out} is (inside) {folder}, a folder of input images: the drawings "
@@ -56,12 +56,11 @@ def test_an_output_folder_among_the_inputs_is_refused(checkpoint: Path, tmp_path
     assert _files(tmp_path) == before and not (photos / "pred").exists()
 
 
-def test_same_file_names_in_two_folders_get_unique_stable_drawings(checkpoint: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_same_file_names_in_two_folders_get_unique_stable_drawings(checkpoint: Path, tmp_path: Path) -> None:
     a, b = _photo(tmp_path / "a" / "x.jpg", 1), _photo(tmp_path / "b" / "x.jpg", 2)
     c = _photo(tmp_path / "a" / "y.png", 3)
     out = tmp_path / "out"
-    code, _, err = call_cli(capsys, "predict", "--checkpoint", str(checkpoint), str(tmp_path / "a"), str(b),
+    code, _, err = call_cli("predict", "--checkpoint", str(checkpoint), str(tmp_path / "a"), str(b),
                             "--out", str(out), "--score-thr", "0")
     assert code == 0, err
     names = drawing_names([a, b, c])
@@ -70,7 +69,7 @@ def test_same_file_names_in_two_folders_get_unique_stable_drawings(checkpoint: P
     dets = json.loads((out / "detections.json").read_text())
     assert {d["file"]: d["drawing"] for d in dets} == {str(p): names[p] for p in (a, b, c)}
     # Stable: the same inputs in another order give the same names; predict replaces its own files.
-    code, _, err = call_cli(capsys, "predict", "--checkpoint", str(checkpoint), str(b), str(a), "--out", str(out),
+    code, _, err = call_cli("predict", "--checkpoint", str(checkpoint), str(b), str(a), "--out", str(out),
                             "--score-thr", "1")  # no boxes drawn: each drawing is its input
     assert code == 0, err
     assert drawing_names([b, a]) == {a: names[a], b: names[b]}
@@ -80,19 +79,18 @@ def test_same_file_names_in_two_folders_get_unique_stable_drawings(checkpoint: P
         assert np.abs(drawn - np.asarray(Image.open(photo), dtype=float)).max() <= 3, photo
 
 
-def test_files_predict_did_not_write_are_never_replaced(checkpoint: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_files_predict_did_not_write_are_never_replaced(checkpoint: Path, tmp_path: Path) -> None:
     photo = _photo(tmp_path / "in" / "x.jpg", 1)
     out = tmp_path / "out"
     out.mkdir()
     (out / "detections.json").write_text("the user's own")
     args = ("predict", "--checkpoint", str(checkpoint), str(photo), "--out", str(out))
-    code, _, err = call_cli(capsys, *args)
+    code, _, err = call_cli(*args)
     assert code == 2 and "already holds detections.json, not written by centerpoint predict" in err, err
     assert _files(out) == {"detections.json": b"the user's own"}
     (out / "detections.json").unlink()
-    assert call_cli(capsys, *args)[0] == 0
+    assert call_cli(*args)[0] == 0
     (out / "x.jpg").write_bytes(b"edited by the user since")  # no longer what predict wrote
-    code, _, err = call_cli(capsys, *args)
+    code, _, err = call_cli(*args)
     assert code == 2 and f"--out {out} already holds x.jpg" in err, err
     assert (out / "x.jpg").read_bytes() == b"edited by the user since"

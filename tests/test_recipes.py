@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from centerpoint.build import build_optimizer, load_split
 from centerpoint.spec import load_spec
+from tests.helpers import write_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {False: ROOT / "experiments" / "centernet_r18_coco.yaml",
@@ -68,11 +68,10 @@ def test_coco_file_layout_is_what_the_recipe_reads(tmp_path):
     cats = [{"id": i + 1 + (i > 10), "name": f"class{i}"} for i in range(80)]  # COCO's ids have gaps
     for split in ("train2017", "val2017"):
         (tmp_path / split).mkdir()
-        ann = {"images": [{"id": 1, "file_name": "000000000001.jpg", "height": 40, "width": 60}],
-               "annotations": [{"id": 1, "image_id": 1, "category_id": 13, "bbox": [5, 5, 20, 10],
-                                "area": 200, "iscrowd": 0}], "categories": cats}
-        (tmp_path / "annotations").mkdir(exist_ok=True)
-        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(ann))
+        write_coco(tmp_path / "annotations" / f"instances_{split}.json",
+                   [{"id": 1, "file_name": "000000000001.jpg", "height": 40, "width": 60}],
+                   [{"id": 1, "image_id": 1, "category_id": 13, "bbox": [5, 5, 20, 10], "area": 200, "iscrowd": 0}],
+                   cats)
     spec = load_spec(RECIPES[False], [f"data.root={tmp_path}"])
     for train in (True, False):
         index = load_split(spec, tmp_path, train)

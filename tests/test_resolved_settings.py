@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +11,8 @@ from safetensors import safe_open
 
 from centerpoint import devices
 from centerpoint.spec import ResolvedSpec, load_spec, spec_from_json, with_updates
+from tests.helpers import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 RECORD = "resolved={device: cpu, precision: fp32, compile: on, workers: 2, augment_on: device}"
 
 
@@ -47,12 +44,7 @@ def test_a_record_this_machine_cannot_honour_is_said_and_replaced(monkeypatch: p
     assert "device=cuda" in notes[0] and "precision=bf16" in notes[1] and "no native bf16" in notes[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "centerpoint", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
-
-
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without cuda")
 def test_train_records_resolved_settings_and_a_rerun_uses_them(tmp_path: Path, tiny_overrides: list[str]) -> None:
     sets = [x for o in [*tiny_overrides, "eval.max_images=2", "logging.tensorboard=false"] for x in ("--set", o)]

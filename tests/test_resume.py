@@ -30,14 +30,10 @@ from centerpoint.checkpoint import (
 from centerpoint.spec import load_spec
 from centerpoint.state import TrainState
 from tests.conftest import TINY
+from tests.helpers import ROOT, cli_env
 
-ROOT = Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6  # 24 images / batch 8 = 3 steps per epoch: the run crosses an epoch boundary
 DETERMINISTIC = ["runtime.threads=1", "train.checkpoint_every_steps=1", "logging.tensorboard=false"]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
 
 
 def _train_args(work: Path, *extra: str) -> list[str]:
@@ -47,7 +43,7 @@ def _train_args(work: Path, *extra: str) -> list[str]:
 
 
 def _run(work: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_train_args(work, *extra), capture_output=True, text=True, env=_env(), cwd=ROOT,
+    return subprocess.run(_train_args(work, *extra), capture_output=True, text=True, env=cli_env(), cwd=ROOT,
                           timeout=600)
 
 
@@ -79,6 +75,7 @@ def _assert_same_final_state(got: Path, want: Path) -> None:
     assert int(a["step"]) == TOTAL_STEPS
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_killed_run_resumes_bit_identical(seed: int, reference: Path, tmp_path: Path) -> None:
     rng = random.Random(seed)
@@ -86,7 +83,7 @@ def test_killed_run_resumes_bit_identical(seed: int, reference: Path, tmp_path: 
     delay = rng.uniform(0.0, 0.3)  # ...plus a random delay, to land in a step, a write or the loader
     latest = tmp_path / "checkpoints" / "latest.safetensors"
     proc = subprocess.Popen(_train_args(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env(), cwd=ROOT)
+                            env=cli_env(), cwd=ROOT)
     deadline = time.monotonic() + 300
     while _saved_step(latest) < kill_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -110,6 +107,7 @@ def test_killed_run_resumes_bit_identical(seed: int, reference: Path, tmp_path: 
     assert last["step"] == TOTAL_STEPS
 
 
+@pytest.mark.e2e
 def test_resume_of_a_finished_run_does_nothing(reference: Path, tmp_path: Path) -> None:
     work = tmp_path / "run"
     (work / "checkpoints").mkdir(parents=True)
@@ -126,7 +124,7 @@ def _start(work: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     (it is in the loop)."""
     latest = work / "checkpoints" / "latest.safetensors"
     proc = subprocess.Popen(_train_args(work, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=ROOT, start_new_session=True)
+                            text=True, env=cli_env(), cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 300
     while _saved_step(latest) < 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
@@ -134,6 +132,7 @@ def _start(work: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     return proc, latest
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_at_a_step_boundary_and_the_printed_resume_is_exact(sig: signal.Signals, reference: Path,
                                                                          tmp_path: Path) -> None:
@@ -160,7 +159,7 @@ def test_signal_stops_at_a_step_boundary_and_the_printed_resume_is_exact(sig: si
     assert command[:3] == ["python", "-m", "centerpoint"]
     assert command[3:] == [*_train_args(tmp_path, *extra)[3:], "--resume"]
 
-    res = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=_env(), cwd=ROOT,
+    res = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=cli_env(), cwd=ROOT,
                          timeout=600)
     assert res.returncode == 0, res.stderr
     assert f"resuming from {latest} (step {stopped}," in " ".join(res.stdout.split())
@@ -172,6 +171,7 @@ def _wait_stopped(pid: int) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process state from /proc")
 def test_a_second_signal_stops_at_once_without_writing(tmp_path: Path) -> None:
     proc, latest = _start(tmp_path)
@@ -191,23 +191,24 @@ def test_a_second_signal_stops_at_once_without_writing(tmp_path: Path) -> None:
     assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.safetensors"]
 
 
-def test_resume_from_a_checkpoint_file(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.e2e
+def test_resume_from_a_checkpoint_file(reference: Path, tmp_path: Path) -> None:
     """`--resume FILE`: that checkpoint, in its own run directory unless --workdir says otherwise; never by
     replacing newer checkpoints of that run."""
-    from tests.conftest import call_cli
+    from tests.helpers import call_cli
 
     first = reference / "checkpoints" / "epoch_0001.safetensors"  # step 3 of 6
     before = {p.name: p.stat().st_mtime_ns for p in (reference / "checkpoints").iterdir()}
     args = _train_args(reference, "--resume", str(first))[3:]
     args[args.index("--workdir"): args.index("--workdir") + 2] = []  # the file's own run directory
-    code, _, err = call_cli(capsys, *args)
+    code, _, err = call_cli(*args)
     assert code == 2
     assert err.startswith(f"error: --resume: {reference / 'checkpoints'}/") and f"than {first}; resuming from the " \
         "older file would replace it: pass another --workdir" in err, err
     assert {p.name: p.stat().st_mtime_ns for p in (reference / "checkpoints").iterdir()} == before
 
     branch = tmp_path / "branch"
-    res = subprocess.run(_train_args(branch, "--resume", str(first)), capture_output=True, text=True, env=_env(),
+    res = subprocess.run(_train_args(branch, "--resume", str(first)), capture_output=True, text=True, env=cli_env(),
                          cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr
     assert f"resuming from {first} (step 3," in " ".join(res.stdout.split())
@@ -285,6 +286,25 @@ def test_resume_after_skipped_non_finite_step_is_exact(tmp_path: Path, cache_dir
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_crash_mid_epoch_resumes_at_the_next_batch_bit_exactly(tmp_path: Path, cache_dir: Path) -> None:
+    """A run that dies inside an epoch (at a chosen step, not a moment chosen by a timer) resumes with exactly
+    the batches it had not trained on and ends bit-identical to an uninterrupted run."""
+    def spec_for(work: Path):  # noqa: ANN202
+        return load_spec(None, [*TINY, *DETERMINISTIC, f"train.max_steps={TOTAL_STEPS}", "runtime.device=cpu",
+                                "eval.max_images=2", f"logging.workdir={work}"])
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    keys = _batch_keys(spec_for(ref))
+    assert len(keys) == TOTAL_STEPS and len(set(keys)) == TOTAL_STEPS
+    assert _poisoned_train(spec_for(ref), False, set(), None) == keys
+    # Die before step 5: `latest` holds 4 steps, one batch into the second epoch.
+    assert _poisoned_train(spec_for(cut), False, set(), crash_at=5) == keys[:5]
+    died = load_checkpoint(cut / "checkpoints" / "latest.safetensors")
+    assert (died.step, died.epoch, died.batch_in_epoch) == (4, 1, 1)
+    assert _poisoned_train(spec_for(cut), True, set(), None) == keys[4:]
+    _assert_same_final_state(cut, ref)
+
+
 # --- killing the writer ---------------------------------------------------------------------------------
 
 # Imports torch once, then per round forks a child that saves checkpoints in a loop, SIGKILLs it after a
@@ -321,10 +341,11 @@ def _check_consistent(ckpt_step: int, tensors: dict[str, torch.Tensor]) -> None:
         assert torch.all(t == ckpt_step), name
 
 
+@pytest.mark.e2e
 def test_kill_during_checkpoint_writes_never_corrupts(tmp_path: Path) -> None:
     rounds = 30
     harness = subprocess.Popen([sys.executable, "-c", _HARNESS, str(tmp_path), "1234"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=ROOT, text=True)
     assert harness.stdin is not None and harness.stdout is not None
     last_step = 0
     try:

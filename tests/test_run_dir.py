@@ -22,7 +22,8 @@ from centerpoint.errors import CenterpointError
 from centerpoint.model import init
 from centerpoint.spec import load_spec
 from centerpoint.state import TrainState, init_state
-from tests.conftest import TINY, call_cli
+from tests.conftest import TINY
+from tests.helpers import call_cli
 from tests.test_checkpoint import as_newer_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,29 +46,30 @@ def _finished_checkpoint(work: Path, steps: int = 3) -> Path:
                            spec, 1, 0, {"step": steps, "bbox_mAP": 0.0}, run_id="r1")
 
 
-def test_a_fresh_run_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_a_fresh_run_refuses_a_non_empty_directory(tmp_path: Path,
                                                    cache_dir: Path) -> None:
     work = tmp_path / "run"
     work.mkdir()
     (work / "notes.txt").write_text("mine")
-    code, _, err = call_cli(capsys, "train", *SETS, "--max-steps", "3", "--workdir", str(work))
+    code, _, err = call_cli("train", *SETS, "--max-steps", "3", "--workdir", str(work))
     assert code == 2
     assert err.strip() == (f"error: run directory {work} is not empty (notes.txt): pass --resume to continue the "
                            "run in it, or choose another --workdir")
     assert _listing(work) == {"notes.txt": 4}
 
 
-def test_bad_data_leaves_no_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_data_leaves_no_run_directory(tmp_path: Path) -> None:
     (tmp_path / "coco").mkdir()  # no annotations in it
     work = tmp_path / "runs" / "x"
-    code, _, err = call_cli(capsys, "train", *SETS, "--set", "data.dataset=coco", "--set",
+    code, _, err = call_cli("train", *SETS, "--set", "data.dataset=coco", "--set",
                             f"data.root={tmp_path / 'coco'}", "--max-steps", "3", "--workdir", str(work))
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
 
 
+@pytest.mark.e2e
 def test_the_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+        tmp_path: Path, cache_dir: Path) -> None:
     work = tmp_path / "run"
     _finished_checkpoint(work)
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from centerpoint.rundir import lock; "
@@ -77,7 +79,7 @@ def test_the_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         args = ("train", *SETS, "--max-steps", "3", "--workdir", str(work), "--resume")
-        code, _, err = call_cli(capsys, *args)
+        code, _, err = call_cli(*args)
         assert code == 2, err
         assert err.strip() == (f"error: run directory {work} is in use by another centerpoint process (pid "
                                f"{holder.pid}); wait for it to end or choose another --workdir")
@@ -85,12 +87,13 @@ def test_the_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(
         holder.kill()
         holder.wait()
     assert (work / ".lock").read_text().split()[0] == str(holder.pid)  # left behind by the killed holder
-    code, out, err = call_cli(capsys, *args)
+    code, out, err = call_cli(*args)
     assert code == 0, err
     assert "already trained all 3 steps; nothing to do" in " ".join(out.split())
     assert not (work / ".lock").exists()  # released when the run ended
 
 
+@pytest.mark.e2e
 def test_without_flock_the_lock_file_itself_is_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_flock(fd: int, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
@@ -111,29 +114,28 @@ def test_without_flock_the_lock_file_itself_is_the_lock(tmp_path: Path, monkeypa
     assert sorted((tmp_path / "run").iterdir()) == []  # not created by this lock: kept
 
 
-def test_resume_with_no_usable_checkpoint_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_resume_with_no_usable_checkpoint_is_an_error(tmp_path: Path,
                                                       cache_dir: Path) -> None:
     work = tmp_path / "run"
     latest = _finished_checkpoint(work)
     as_newer_version(latest)
     before = _listing(work)
-    code, _, err = call_cli(capsys, "train", *SETS, "--max-steps", "6", "--workdir", str(work), "--resume")
+    code, _, err = call_cli("train", *SETS, "--max-steps", "6", "--workdir", str(work), "--resume")
     assert code == 2
     assert err.startswith(f"error: --resume: no usable checkpoint in {work / 'checkpoints'}: {latest}: unknown "
                           "key 'train.ema_decay'") and len(err.strip().splitlines()) == 1, err
     assert _listing(work) == before  # no spec.yaml, metrics or checkpoint written over the run
 
 
-def test_default_run_directory_is_named_after_the_spec_file(tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_run_directory_is_named_after_the_spec_file(tmp_path: Path) -> None:
     spec = tmp_path / "my_experiment.yaml"
     spec.write_text("train:\n  epochs: 2\n")
-    code, out, _ = call_cli(capsys, "spec", "show", str(spec))
+    code, out, _ = call_cli("spec", "show", str(spec))
     assert code == 0 and "workdir: runs/my_experiment\n" in out
-    code, out, _ = call_cli(capsys, "spec", "show")
+    code, out, _ = call_cli("spec", "show")
     assert code == 0 and "workdir: runs/shapes\n" in out
     spec.write_text("logging:\n  workdir: elsewhere\n")
-    assert "workdir: elsewhere\n" in call_cli(capsys, "spec", "show", str(spec))[1]
+    assert "workdir: elsewhere\n" in call_cli("spec", "show", str(spec))[1]
 
 
 def _state(step: int) -> TrainState:
@@ -163,6 +165,7 @@ def test_retention_and_best_read_the_metadata_and_keep_other_files(tmp_path: Pat
     assert read_header(ckpt_dir / "latest.safetensors")["run_id"] == "other"
 
 
+@pytest.mark.e2e
 def test_start_up_clean_up_spares_a_live_writers_temp_file(tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "checkpoints"
     ckpt_dir.mkdir()
@@ -181,13 +184,13 @@ def test_start_up_clean_up_spares_a_live_writers_temp_file(tmp_path: Path) -> No
         live.wait()
 
 
-def test_epochs_flag_replaces_max_steps_of_the_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_epochs_flag_replaces_max_steps_of_the_spec_file(tmp_path: Path,
                                                           cache_dir: Path) -> None:
     """The README's rerun of a run's spec.yaml: `--epochs` is what trains, not the file's train.max_steps."""
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(load_spec(None, [*TINY, "train.max_steps=2"]).model_dump_json())  # JSON is YAML
     work = tmp_path / "run"
-    code, _, err = call_cli(capsys, "train", str(spec_file), "--epochs", "1", "--workdir", str(work),
+    code, _, err = call_cli("train", str(spec_file), "--epochs", "1", "--workdir", str(work),
                             "--set", "logging.tensorboard=false", "--device", "cpu")
     assert code == 0, err
     assert f"warning: --epochs 1 replaces train.max_steps=2 of {spec_file} (it would stop the run first)" in err
@@ -195,7 +198,7 @@ def test_epochs_flag_replaces_max_steps_of_the_spec_file(tmp_path: Path, capsys:
     assert (record["step"], record["epoch"]) == (3, 1)  # 24 images / batch 8: one epoch is 3 steps
     assert "max_steps: null" in (work / "spec.yaml").read_text()
     # Both on the command line: they contradict each other.
-    code, _, err = call_cli(capsys, "train", str(spec_file), "--epochs", "1", "--set", "train.max_steps=4")
+    code, _, err = call_cli("train", str(spec_file), "--epochs", "1", "--set", "train.max_steps=4")
     assert code == 2 and "--epochs 1 and --set train.max_steps contradict each other" in err
 
 
@@ -243,6 +246,7 @@ def test_divergence_on_an_accelerator_is_read_where_the_loop_syncs() -> None:
     off.check()
 
 
+@pytest.mark.e2e
 def test_default_experiment_benchmark_keeps_others_files_and_removes_its_own(tmp_path: Path) -> None:
     bench = [sys.executable, str(ROOT / "benchmarks" / "default_experiment.py")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}

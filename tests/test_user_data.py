@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tests.conftest import TINY
+from tests.helpers import call_cli, run_cli, write_user_coco
 
-ROOT = Path(__file__).resolve().parents[1]
 # The tiny settings (the synthetic set's counts among them: they must not matter for a COCO dataset).
 SMALL = [x for o in TINY for x in ("--set", o)]
-
-
-def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "1000", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "centerpoint", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
 
 
 def hashes(root: Path) -> dict[str, str]:
@@ -32,29 +21,6 @@ def hashes(root: Path) -> dict[str, str]:
     out = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
     out.update({str(p.relative_to(root)) + "/": "dir" for p in root.rglob("*") if p.is_dir()})
     return out
-
-
-def write_user_coco(root: Path, classes: int = 3, train: int = 16, val: int = 8) -> Path:
-    """A COCO layout as users have it: annotations/instances_{train,val}.json, train/, val/ (PNG images,
-    noise with a bright rectangle per box)."""
-    rng = np.random.default_rng(0)
-    (root / "annotations").mkdir(parents=True)
-    cats = [{"id": c + 1, "name": f"thing{c}"} for c in range(classes)]
-    for split, count in (("train", train), ("val", val)):
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(count):
-            w, h = (96, 64) if i % 2 else (64, 80)
-            pixels = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
-            x, y = int(rng.integers(0, w - 24)), int(rng.integers(0, h - 24))
-            pixels[y:y + 20, x:x + 20] = 230
-            Image.fromarray(pixels).save(root / split / f"img{i:03d}.png")
-            images.append({"id": 100 + i, "file_name": f"img{i:03d}.png", "width": w, "height": h})
-            anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": i % classes + 1,
-                         "bbox": [x, y, 20, 20], "area": 400, "iscrowd": 0})
-        (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +38,7 @@ def shapes_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pa
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "shapes.safetensors", state, spec, epoch=1)
 
 
+@pytest.mark.e2e
 def test_train_data_dir_reads_the_users_coco_data_and_never_writes_it(tmp_path: Path, cache_dir: Path) -> None:
     data = write_user_coco(tmp_path / "mydata")
     before = hashes(data)
@@ -85,7 +52,7 @@ def test_train_data_dir_reads_the_users_coco_data_and_never_writes_it(tmp_path: 
 def test_eval_of_a_shapes_checkpoint_with_data_dir_never_writes_it(tmp_path: Path, shapes_ckpt: Path) -> None:
     data = write_user_coco(tmp_path / "mydata")
     before = hashes(data)
-    res = run_cli("eval", "--checkpoint", str(shapes_ckpt), "--data-dir", str(data))
+    res = call_cli("eval", "--checkpoint", str(shapes_ckpt), "--data-dir", str(data))
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
     # --data-dir means COCO data: the stored spec's dataset=shapes does not make it generate there.
@@ -93,6 +60,7 @@ def test_eval_of_a_shapes_checkpoint_with_data_dir_never_writes_it(tmp_path: Pat
     assert hashes(data) == before
 
 
+@pytest.mark.e2e
 def test_eval_data_dir_with_matching_classes(tmp_path: Path, shapes_ckpt: Path) -> None:
     data = write_user_coco(tmp_path / "mydata", classes=5)
     before = hashes(data)
@@ -106,13 +74,14 @@ def test_eval_data_dir_with_matching_classes(tmp_path: Path, shapes_ckpt: Path) 
 def test_synthetic_data_is_never_generated_over_other_files(tmp_path: Path, how: list[str]) -> None:
     data = write_user_coco(tmp_path / "mydata")
     before = hashes(data)
-    res = run_cli("train", *[a.format(data=data) for a in how], *SMALL, "--workdir", str(tmp_path / "run"))
+    res = call_cli("train", *[a.format(data=data) for a in how], *SMALL, "--workdir", str(tmp_path / "run"))
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
     assert f"{data} is not empty and is not a synthetic dataset written by centerpoint" in lines[0]
     assert hashes(data) == before and not list(tmp_path.glob(".mydata*"))  # no temp dir beside it either
 
 
+@pytest.mark.e2e
 def test_data_check_of_the_synthetic_spec_writes_nothing(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     res = run_cli("data", "check", *SMALL, env_extra={"CENTERPOINT_CACHE": str(cache)})
@@ -126,11 +95,12 @@ def test_data_check_reads_a_generated_synthetic_set_without_writing(cache_dir: P
 
     root = data_root(load_spec(None, TINY))  # generated (or reused) in the session's cache
     before = hashes(root)
-    res = run_cli("data", "check", *SMALL)
+    res = call_cli("data", "check", *SMALL)
     assert res.returncode == 0, res.stderr
     assert f"dataset {root}" in res.stdout and "no blocking problems" in res.stdout and hashes(root) == before
 
 
+@pytest.mark.e2e
 def test_resume_refuses_other_data_and_accepts_the_same_data_moved(tmp_path: Path) -> None:
     import shutil
 
