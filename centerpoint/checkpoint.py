@@ -4,7 +4,8 @@ Tensors: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>` (fp16 ru
 Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
 latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown),
-`run_id` (the run that wrote it: a run only replaces or deletes its own files).
+`run_id` (the run that wrote it: a run only replaces or deletes its own files), `classes` (JSON of the class
+names and COCO category ids per label, `classes.Classes`; absent in files of earlier versions).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from centerpoint.atomic import atomic_path
+from centerpoint.classes import Classes, from_meta
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
 from centerpoint.step import TrainState
@@ -42,6 +44,7 @@ class Checkpoint:
     metrics: dict
     data: dict  # the identity of the data it was trained on ({} when unknown, e.g. imported weights)
     run_id: str = ""
+    classes: Classes | None = None  # None: written before checkpoints recorded them (`classes.classes_of`)
 
     def group(self, name: str) -> dict[str, Tensor]:
         """Tensors of one group ('params', 'buffers', 'opt') without the prefix."""
@@ -57,10 +60,11 @@ def state_tensors(state: TrainState) -> dict[str, Tensor]:
 
 
 def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int = 0,
-                    metrics: dict | None = None, run_id: str = "", data: dict | None = None) -> Path:
+                    metrics: dict | None = None, run_id: str = "", data: dict | None = None,
+                    classes: Classes | None = None) -> Path:
     """Write `state` to `path` atomically (temp file, fsync, rename); refuses non-finite tensors.
     `run_id`: the run writing it; `data`: the identity of the data trained on (`data.coco.data_identity`),
-    checked when resuming."""
+    checked when resuming; `classes`: the model's class names and category ids."""
     tensors = state_tensors(state)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -75,6 +79,8 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
         "data": json.dumps(data or {}),
         "run_id": run_id,
     }
+    if classes is not None:
+        meta["classes"] = classes.to_json()
     try:
         with atomic_path(path) as tmp:
             # Serialised here and written into our own temp file: safetensors' save_file would create a
@@ -131,7 +137,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if bad:  # save_checkpoint never writes these: a damaged or foreign file
         raise CenterpointError(f"{path}: non-finite values in {', '.join(bad[:3])}"
                                f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; not a usable checkpoint")
-    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics, data, meta.get("run_id", ""))
+    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics, data, meta.get("run_id", ""),
+                      from_meta(path, meta))
 
 
 def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int, int, int, dict, dict]:

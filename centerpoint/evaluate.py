@@ -76,10 +76,11 @@ def evaluated_image_ids(index: CocoIndex, spec: ExperimentSpec) -> list[int]:
     return list(index.image_ids[: spec.eval.max_images or len(index)])
 
 
-def compute_metrics(index: CocoIndex, rows: np.ndarray, spec: ExperimentSpec) -> dict:
-    """COCOeval bbox metrics (12 numbers + per-class AP) of detection rows on `index`."""
+def compute_metrics(index: CocoIndex, rows: np.ndarray, spec: ExperimentSpec, pr_curves: bool = False) -> dict:
+    """COCOeval bbox metrics (12 numbers + per-class AP; PR curves per class if asked) of detection rows on
+    `index`."""
     return coco_bbox_metrics(index.coco, rows, backend=spec.eval.backend,
-                             img_ids=evaluated_image_ids(index, spec))
+                             img_ids=evaluated_image_ids(index, spec), pr_curves=pr_curves)
 
 
 def rows_to_results(rows: np.ndarray) -> list[dict]:

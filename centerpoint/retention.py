@@ -18,6 +18,7 @@ from centerpoint.checkpoint import (
     read_header,
     save_checkpoint,
 )
+from centerpoint.classes import Classes
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import TrainState
@@ -28,13 +29,13 @@ def _position(meta: dict[str, str]) -> tuple[int, int, int]:
 
 
 def save_own(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int,
-             metrics: dict | None, run_id: str, data: dict | None = None) -> Path:
+             metrics: dict | None, run_id: str, data: dict | None = None, classes: Classes | None = None) -> Path:
     """`save_checkpoint`, refusing to replace a checkpoint that another run wrote."""
     if path.exists():
         meta = read_header(path)
         if meta is not None and meta.get("run_id", "") != run_id:
             raise CenterpointError(f"refusing to replace {path}: another run wrote it; train into another --workdir")
-    return save_checkpoint(path, state, spec, epoch, batch_in_epoch, metrics, run_id, data)
+    return save_checkpoint(path, state, spec, epoch, batch_in_epoch, metrics, run_id, data, classes)
 
 
 def own_checkpoints(ckpt_dir: Path, pattern: str, run_id: str) -> list[tuple[tuple[int, int, int], Path]]:
@@ -93,19 +94,21 @@ def best_map(ckpt_dir: Path, run_id: str) -> float:
 
 
 def save_epoch(workdir: Path, state: TrainState, spec: ExperimentSpec, epoch: int, metrics: dict, last: bool,
-               position: tuple[int, int] | None, run_id: str, data: dict | None = None) -> None:
+               position: tuple[int, int] | None, run_id: str, data: dict | None = None,
+               classes: Classes | None = None) -> None:
     """latest (always), epoch_N every checkpoint_every epochs (keeping the newest keep_last), best by bbox_mAP.
 
     `position`: (epochs completed, batches of the next one done) stored for resuming; (epoch, 0) unless
     the run stopped inside an epoch (train.max_steps)."""
     ckpt_dir = workdir / "checkpoints"
     at_epoch, at_batch = position or (epoch, 0)
-    save_own(ckpt_dir / "latest.safetensors", state, spec, at_epoch, at_batch, metrics, run_id, data)
+    save_own(ckpt_dir / "latest.safetensors", state, spec, at_epoch, at_batch, metrics, run_id, data, classes)
     every = spec.train.checkpoint_every
     if (every and epoch % every == 0) or last:
-        save_own(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, at_epoch, at_batch, metrics, run_id, data)
+        save_own(ckpt_dir / f"epoch_{epoch:04d}.safetensors", state, spec, at_epoch, at_batch, metrics, run_id, data,
+                 classes)
         periodic = own_checkpoints(ckpt_dir, "epoch_*.safetensors", run_id)
         for _, old in periodic[: -spec.train.keep_last]:
             old.unlink(missing_ok=True)
     if "bbox_mAP" in metrics and metrics["bbox_mAP"] > best_map(ckpt_dir, run_id):
-        save_own(ckpt_dir / "best.safetensors", state, spec, at_epoch, at_batch, metrics, run_id, data)
+        save_own(ckpt_dir / "best.safetensors", state, spec, at_epoch, at_batch, metrics, run_id, data, classes)

@@ -17,6 +17,7 @@ from rich.console import Console
 from centerpoint import distributed, rundir
 from centerpoint.build import build_optimizer, data_root, load_split
 from centerpoint.checkpoint import Checkpoint, check_same_data, remove_partial_writes, restore_state, resume_position
+from centerpoint.classes import Classes, align, of_index, with_num_classes
 from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.device_augment import augment_batch
@@ -56,6 +57,7 @@ class Run:
     lock: rundir.RunLock | None = None  # rank 0's lock on the run directory, held until the run ends
     run_id: str = ""  # written into every checkpoint: the run replaces and deletes only its own files
     data: dict | None = None  # the data's identity, stored in every checkpoint (`data_identity`)
+    classes: Classes | None = None  # the model's class names and category ids, stored in every checkpoint
 
 
 def to_device(state: TrainState, backend: Backend, channels_last: bool) -> TrainState:
@@ -91,7 +93,9 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         torch.set_num_threads(spec.runtime.threads)
     distributed.init_process_group(dist, backend)
     root = _prepare_data(spec, console, dist)
-    train_index, val_index = load_split(spec, root, True), load_split(spec, root, False)
+    train_index = load_split(spec, root, True)
+    spec, classes = with_num_classes(spec, train_index), of_index(train_index)  # model.num_classes null: the data's
+    val_index, _ = align(load_split(spec, root, False), classes, f"the train split ({train_index.ann_file})")
     data = data_identity(train_index, val_index)
     world = dist.world_size
     spe = steps_per_epoch(len(train_index), spec.train.batch_size, world)
@@ -109,6 +113,11 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
         from centerpoint.imports import load_torchvision_backbone
 
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
+    if spec.model.init_from is not None:  # after `pretrained`: its tensors win where both give one
+        from centerpoint.finetune import init_from
+
+        say = (lambda text: console.print(text, markup=False, soft_wrap=True)) if dist.rank == 0 else None
+        params, buffers = init_from(spec.model.init_from, params, buffers, say)
     loss_scale = spec.runtime.loss_scale if precision == "fp16" else None
     state = to_device(init_state(params, buffers, plan.transform, loss_scale), backend, spec.runtime.channels_last)
     start_epoch = start_batch = 0
@@ -170,7 +179,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
                           f"data.min_box_size and {train_index.dropped_images} train images left without boxes "
                           "(`centerpoint data check` lists them)")
     return Run(spec, backend, workdir, train_index, val_index, state, step_fn, predict_fn, spe, plan.total_steps,
-               start_epoch, start_batch, dist, finished, compiled, on_device, lock, run_id, data)
+               start_epoch, start_batch, dist, finished, compiled, on_device, lock, run_id, data, classes)
 
 
 def _claim(workdir: Path, resume: bool, resume_from: Path | None, console: Console) -> Checkpoint | None:
@@ -211,14 +220,21 @@ def to_step_batch(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.T
 
 def evaluate_run(run: Run, state: TrainState) -> dict:
     """Distributed evaluation: each rank predicts its shard, rank 0 computes COCO metrics."""
+    return evaluate_run_detail(run, state)[0]
+
+
+def evaluate_run_detail(run: Run, state: TrainState) -> tuple[dict, np.ndarray, dict]:
+    """`evaluate_run`, plus (rank 0) the detection rows and COCOeval's precision-recall curve per class."""
     rows, bad = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
                               run.dist.rank, run.dist.world_size)
     parts = distributed.gather_objects((rows, bad), run.dist)
     if run.dist.rank != 0:
-        return {}
-    metrics = compute_metrics(run.val_index, np.concatenate([r for r, _ in parts]), run.spec)
+        return {}, np.zeros((0, 7)), {}
+    rows = np.concatenate([r for r, _ in parts])
+    metrics = compute_metrics(run.val_index, rows, run.spec, pr_curves=True)
+    curves = metrics.pop("pr_curves")
     metrics["bad_images"] = sum(b for _, b in parts)
-    return metrics
+    return metrics, rows, curves
 
 
 def train(spec: ExperimentSpec, resume: bool = False, console: Console | None = None,
@@ -315,7 +331,7 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
                     diverged.check()  # on every rank, so that all stop together
                 if saving and is_main:
                     save_own(workdir / "checkpoints" / "latest.safetensors", state, spec, *position, None, run.run_id,
-                             run.data)
+                             run.data, run.classes)
                 _stop_if_asked(stop, run, state, position, step, diverged, saved=saving)
                 t_wait = time.perf_counter()
             if position[1] == len(batches):
@@ -327,7 +343,7 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
             diverged.check()
             if last or (every_eval and finished % every_eval == 0):
                 t_eval = time.perf_counter()
-                metrics_out = evaluate_run(run, state)
+                metrics_out, rows, curves = evaluate_run_detail(run, state)
                 if is_main:
                     metrics_out.update(step=step, epoch=finished, bad_train_images=bad_images,
                                        eval_s=time.perf_counter() - t_eval,
@@ -336,10 +352,12 @@ def _train(run: Run, console: Console, t_start: float) -> dict:
                     last_metrics = metrics_out
                     append_metrics(workdir / "metrics.jsonl", _jsonable(metrics_out))
                     tb.scalars({k: v for k, v in metrics_out.items() if k.startswith("bbox_")}, step, "val")
+                    tb.evaluation(run.val_index, rows, metrics_out, curves, step, spec)  # pictures, per-class AP
                     console.print(f"epoch {finished}: bbox_mAP {metrics_out['bbox_mAP']:.3f} "
                                   f"mAP_50 {metrics_out['bbox_mAP_50']:.3f}")
             if is_main:
-                save_epoch(workdir, state, spec, finished, metrics_out, last, position, run.run_id, run.data)
+                save_epoch(workdir, state, spec, finished, metrics_out, last, position, run.run_id, run.data,
+                           run.classes)
             if last:
                 break
             _stop_if_asked(stop, run, state, position, step, diverged, saved=True)
@@ -370,7 +388,7 @@ def _stop_if_asked(stop: StopRequest, run: Run, state: TrainState, position: tup
     diverged.check()
     if main and not saved:
         save_own(run.workdir / "checkpoints" / "latest.safetensors", state, run.spec, *position, None, run.run_id,
-                 run.data)
+                 run.data, run.classes)
     distributed.destroy(run.dist)
     raise Interrupted(signum, step, run.workdir, quiet=not main)
 

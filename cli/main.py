@@ -56,17 +56,26 @@ def _flag_updates(**flags: object) -> dict[str, object]:
     return updates
 
 
-def _data_dir_updates(data_dir: object, spec_file: Path | None, sets: list[str]) -> dict[str, object]:
+def _data_dir_updates(data_dir: object, spec_file: Path | None, sets: list[str],
+                      count_classes: bool = False) -> dict[str, object]:
     """--data-dir DIR means "my COCO-format data is at DIR": data.root=DIR and data.dataset=coco, unless the
-    spec file or a --set names data.dataset itself (the built-in default does not count)."""
+    spec file or a --set names data.dataset itself (the built-in default does not count). `count_classes`:
+    model.num_classes becomes null (the data's count) too, unless the spec file or a --set names it."""
     if data_dir is None:
         return {}
     from centerpoint.spec import parse_override, read_spec_dict
 
-    section = read_spec_dict(spec_file).get("data") if spec_file is not None else None
-    explicit = (isinstance(section, dict) and "dataset" in section) or any(
-        parse_override(item)[0] == "data.dataset" for item in sets)
-    return {"data.root": str(data_dir)} if explicit else {"data.root": str(data_dir), "data.dataset": "coco"}
+    spec = read_spec_dict(spec_file) if spec_file is not None else {}
+
+    def named(section: str, key: str) -> bool:
+        part = spec.get(section)
+        return (isinstance(part, dict) and key in part) or any(
+            parse_override(item)[0] == f"{section}.{key}" for item in sets)
+
+    if named("data", "dataset"):
+        return {"data.root": str(data_dir)}
+    classes = {"model.num_classes": None} if count_classes and not named("model", "num_classes") else {}
+    return {"data.root": str(data_dir), "data.dataset": "coco", **classes}
 
 
 def _resolve(spec_file: Path | None, sets: list[str], **flags: object):  # noqa: ANN202
@@ -74,7 +83,7 @@ def _resolve(spec_file: Path | None, sets: list[str], **flags: object):  # noqa:
 
     spec = load_spec(spec_file, sets)
     data_dir = flags.pop("data_dir", None)
-    updates = {**_flag_updates(**flags), **_data_dir_updates(data_dir, spec_file, sets)}
+    updates = {**_flag_updates(**flags), **_data_dir_updates(data_dir, spec_file, sets, count_classes=True)}
     return with_updates(spec, updates) if updates else spec
 
 
@@ -271,7 +280,8 @@ def predict(
 
     --out must not be a folder of the inputs; a file there is replaced only if predict wrote it."""
     from centerpoint.checkpoint import load_checkpoint
-    from centerpoint.inference import class_names_of, collect_images, predict_files
+    from centerpoint.classes import classes_of
+    from centerpoint.inference import collect_images, predict_files
     from centerpoint.predict_out import check_outputs, drawing_names
     from centerpoint.spec import with_updates
 
@@ -281,7 +291,7 @@ def predict(
     names = drawing_names(files)
     check_outputs(inputs, files, out, names)
     _check_output_dir(out, out)
-    results = predict_files(spec, ckpt, files, out, score_thr, class_names_of(spec), names)
+    results = predict_files(spec, ckpt, files, out, score_thr, classes_of(ckpt), names)
     print(f"{len(results)} detections in {len(files)} image(s) -> {out}")
 
 
@@ -312,6 +322,13 @@ def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors che
     ckpt = load_checkpoint(path)
     params = ckpt.group("params")
     print(f"checkpoint {path}\nstep {ckpt.step}  epoch {ckpt.epoch}  batch_in_epoch {ckpt.batch_in_epoch}")
+    from centerpoint.classes import checkpoint_classes
+
+    classes = checkpoint_classes(ckpt)
+    ids = classes.ids or (None,) * len(classes.names)
+    recorded = "" if ckpt.classes is not None else " (not recorded in the file: from its spec)"
+    print(f"classes {len(classes.names)}{recorded}: " + ", ".join(
+        n if i is None else f"{n} (id {i})" for n, i in zip(classes.names, ids, strict=True)))
     shown = {k: v for k, v in ckpt.metrics.items() if k.startswith("bbox_")}
     print("metrics " + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "none"))
     groups: dict[str, int] = {}
