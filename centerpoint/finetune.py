@@ -27,14 +27,15 @@ def _names(names: list[str], limit: int = 3) -> str:
 def merge(source: Params, params: Params, buffers: Params) -> tuple[Params, Params, dict[str, list[str]]]:
     """(params, buffers) with every tensor of `source` whose name and shape match put in (cast to the
     template's dtype and device), and what happened: 'loaded', 'reinit' (kept fresh: absent from the source
-    or another shape) and 'ignored' (source tensors the model has no place for)."""
+    or of another shape there) and 'ignored' (source tensors whose name the model does not have)."""
     template = {**params, **buffers}
     fits = {k for k, v in source.items() if k in template and tuple(v.shape) == tuple(template[k].shape)}
 
     def put(tree: Params) -> Params:
         return {k: source[k].to(dtype=v.dtype, device=v.device).clone() if k in fits else v for k, v in tree.items()}
 
-    report = {"loaded": sorted(fits), "reinit": sorted(set(template) - fits), "ignored": sorted(set(source) - fits)}
+    report = {"loaded": sorted(fits), "reinit": sorted(set(template) - fits),
+              "ignored": sorted(set(source) - set(template))}
     return put(params), put(buffers), report
 
 
@@ -53,7 +54,8 @@ def describe(path: Path, report: dict[str, list[str]]) -> str:
 def init_from(path: Path, params: Params, buffers: Params, say: Callable[[str], object] | None = None
               ) -> tuple[Params, Params]:
     """`model.init_from`: (params, buffers) started from the checkpoint at `path` (see the module doc).
-    A file that fits no tensor of the model is an error (the wrong file, or another network)."""
+    A file that gives under half of the model's parameters (by count) is an error: the wrong file, or
+    another network (whose biases alone may fit)."""
     from centerpoint.checkpoint import load_checkpoint
 
     path = Path(path)
@@ -65,9 +67,11 @@ def init_from(path: Path, params: Params, buffers: Params, say: Callable[[str], 
     ckpt = load_checkpoint(path)
     source = {**ckpt.group("params"), **ckpt.group("buffers")}
     params, buffers, report = merge(source, params, buffers)
-    if not any(k in params for k in report["loaded"]):
-        raise CenterpointError(f"model.init_from {path}: none of its tensors fits this model (another network: "
-                               f"model.depth, width, neck_channels, head_channels or dcn differ)")
+    loaded = sum(params[k].numel() for k in report["loaded"] if k in params)
+    if loaded * 2 < sum(v.numel() for v in params.values()):
+        raise CenterpointError(f"model.init_from {path}: fits under half of this model's parameters ({loaded:,} "
+                               "loaded): another network (model.depth, width, neck_channels, head_channels or dcn "
+                               "differ from the checkpoint's spec)")
     if say is not None:
         say(describe(path, report))
     return params, buffers

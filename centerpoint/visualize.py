@@ -33,38 +33,59 @@ def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+Rect = tuple[float, float, float, float]
+
+
+def place_tags(boxes: np.ndarray, sizes: Sequence[tuple[float, float]], image_wh: tuple[int, int]) -> list[Rect | None]:
+    """Where each box's label tag (`sizes[i]`: width, height) goes, in the order given: above the box,
+    inside its top-left corner or below it, the first place that no earlier tag covers, shifted to stay in
+    the image; None when every place is taken (the tag is then left out, never printed over another)."""
+    placed: list[Rect] = []
+    out: list[Rect | None] = []
+    w_img, h_img = image_wh
+    for (x1, y1, _, y2), (tw, th) in zip(boxes.tolist(), sizes, strict=True):
+        spot = None
+        for tx, ty in ((x1, y1 - th), (x1 + 2, y1 + 2), (x1, y2)):
+            tx, ty = min(max(tx, 0.0), w_img - tw), min(max(ty, 0.0), h_img - th)
+            tag = (tx, ty, tx + tw, ty + th)
+            if not any(_overlaps(tag, p) for p in placed):
+                spot = tag
+                placed.append(tag)
+                break
+        out.append(spot)
+    return out
+
+
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int], names: Sequence[str],
                scores: Sequence[float] | None = None, min_side: int = MIN_SIDE) -> np.ndarray:
     """(H, W, 3) uint8 image with xyxy pixel `boxes` (n, 4) drawn in their class's colour, each labelled
-    `name` (or `name 0.87` with `scores`) on a filled tag. Tags are placed above, inside or below their box,
-    the first place that no earlier tag covers (highest scores first); a tag with no free place is left out,
-    its box still drawn. Images under `min_side` pixels (longer side) are enlarged to it first, so the result
-    may be larger (0: never)."""
+    `name` (or `name 0.87` with `scores`) on a filled tag placed by `place_tags`, highest scores first.
+    Images under `min_side` pixels (longer side) are enlarged to it first, so the result may be larger
+    (0: never)."""
     img = Image.fromarray(np.ascontiguousarray(image[..., :3]))
     scale = max(1.0, min_side / max(img.size))
     if scale > 1:
         img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
     draw, font = ImageDraw.Draw(img), _font()
-    order = np.argsort(-np.asarray(scores, dtype=np.float64)) if scores is not None else np.arange(len(labels))
-    placed: list[tuple[float, float, float, float]] = []
-    for i in order:
-        x1, y1, x2, y2 = (float(v) * scale for v in boxes[i])
-        label = int(labels[i])
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable") if scores is not None \
+        else np.arange(len(labels))
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[order] * scale
+    labels = [int(labels[i]) for i in order]
+    texts = [names[k] if 0 <= k < len(names) else str(k) for k in labels]
+    if scores is not None:
+        texts = [f"{t} {float(scores[i]):.2f}" for t, i in zip(texts, order, strict=True)]
+    extents = [draw.textbbox((0, 0), t, font=font) for t in texts]
+    sizes = [(r - l + 4, b - t + 4) for l, t, r, b in extents]  # noqa: E741
+    for box, label in zip(boxes.tolist(), labels, strict=True):
+        draw.rectangle(box, outline=class_colour(label), width=2)
+    for tag, label, text, (left, top, _, _) in zip(place_tags(boxes, sizes, img.size), labels, texts, extents,
+                                                    strict=True):
+        if tag is None:
+            continue
         colour = class_colour(label)
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-        name = names[label] if 0 <= label < len(names) else str(label)
-        text = f"{name} {float(scores[i]):.2f}" if scores is not None else name
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left + 4, bottom - top + 4
-        for tx, ty in ((x1, y1 - th), (x1 + 2, y1 + 2), (x1, y2)):
-            tx, ty = min(max(tx, 0.0), img.width - tw), min(max(ty, 0.0), img.height - th)
-            tag = (tx, ty, tx + tw, ty + th)
-            if not any(_overlaps(tag, p) for p in placed):
-                placed.append(tag)
-                draw.rectangle(tag, fill=colour)
-                dark = sum(c * w for c, w in zip(colour, (0.299, 0.587, 0.114), strict=True)) > 150
-                draw.text((tx + 2 - left, ty + 2 - top), text, fill=(0, 0, 0) if dark else (255, 255, 255), font=font)
-                break
+        draw.rectangle(tag, fill=colour)
+        dark = sum(c * w for c, w in zip(colour, (0.299, 0.587, 0.114), strict=True)) > 150
+        draw.text((tag[0] + 2 - left, tag[1] + 2 - top), text, fill=(0, 0, 0) if dark else (255, 255, 255), font=font)
     return np.asarray(img)
 
 
