@@ -48,11 +48,10 @@ def data_check(
             reports.append(check_split(spec, root, name, decode, progress=lambda n, t=task: progress.advance(t, n)))
     console = Console(highlight=False)
     console.print(f"dataset {root}", markup=False, soft_wrap=True)
-    if spec.model.num_classes is None:
-        train = next((r for r in reports if r.split == "train"), None)
-        count = f" ({len(train.class_boxes)} in {train.ann_file.name})" if train is not None else ""
-        console.print(f"classes: from the train annotations (model.num_classes null){count}", markup=False,
-                      soft_wrap=True)
+    train = next((r for r in reports if r.split == "train"), None)
+    if spec.model.num_classes is None and train is not None:
+        console.print(f"classes: {len(train.class_boxes)}, the categories of {train.ann_file.name} "
+                      "(model.num_classes null)", markup=False, soft_wrap=True)
     console.print(_summary_table(reports))
     console.print(_class_table(reports))
     for r in reports:
