@@ -69,7 +69,11 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int], name
     draw, font = ImageDraw.Draw(img), _font()
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable") if scores is not None \
         else np.arange(len(labels))
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[order] * scale
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    # A diverged model can give non-finite or inverted boxes: leave out the first, put corners in order.
+    order = np.array([i for i in order if np.isfinite(boxes[i]).all()], dtype=np.int64)
+    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])],
+                           axis=1)[order] * scale
     labels = [int(labels[i]) for i in order]
     texts = [names[k] if 0 <= k < len(names) else str(k) for k in labels]
     if scores is not None:

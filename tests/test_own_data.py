@@ -171,3 +171,12 @@ def test_tags_never_overprint(n: int) -> None:
     picture = draw_boxes(np.zeros((150, 200, 3), np.uint8), boxes, list(range(n)), ["a", "b", "c", "d", "e"],
                          [0.9] * n, min_side=0)
     assert picture.shape == (150, 200, 3) and picture.any()
+
+
+def test_drawing_survives_a_diverged_model() -> None:
+    from centerpoint.visualize import draw_boxes
+
+    boxes = np.array([[50, 40, 10, 10], [np.nan, 0, 5, 5], [0, 0, np.inf, 3], [5, 5, 30, 30]], dtype=np.float64)
+    picture = draw_boxes(np.zeros((60, 80, 3), np.uint8), boxes, [0, 1, 2, 3], ["a", "b", "c", "d"],
+                         [0.5, float("nan"), 0.4, 0.9], min_side=0)
+    assert picture.shape == (60, 80, 3) and picture.any()
