@@ -18,7 +18,7 @@ from common import initial_state, make_batches, make_step, print_result
 
 from centerpoint.devices import Backend, make_backend, resolve_precision
 from centerpoint.spec import ExperimentSpec, load_spec
-from centerpoint.step import TrainState
+from centerpoint.state import TrainState
 
 
 def build(spec: ExperimentSpec, backend: Backend, precision: str) -> tuple[object, TrainState]:

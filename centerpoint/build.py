@@ -58,12 +58,16 @@ def existing_data_root(spec: ExperimentSpec) -> Path | None:
 
 
 def load_split(spec: ExperimentSpec, root: Path, train: bool) -> CocoIndex:
-    """Index the train or val split and check its classes against model.num_classes."""
+    """Index the train or val split and check its classes against model.num_classes (when set)."""
     d = spec.data
     ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
+    if not (root / ann).is_file():
+        field = "data.train_ann" if train else "data.val_ann"
+        raise CenterpointError(f"{'train' if train else 'val'} annotations not found: {root / ann} ({field}: {ann}, "
+                               f"under the dataset root {root}); set --set {field}=PATH relative to the root")
     index = load_index(root / ann, root / images, train=train, min_box_size=d.min_box_size if train else 0.0,
                        min_image_size=d.min_image_size)
-    if index.num_classes != spec.model.num_classes:
+    if spec.model.num_classes is not None and index.num_classes != spec.model.num_classes:
         raise CenterpointError(f"{root / ann}: {index.num_classes} categories but model.num_classes="
                                f"{spec.model.num_classes}; set --set model.num_classes={index.num_classes}")
     return index

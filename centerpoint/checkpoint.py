@@ -7,7 +7,8 @@ Tensors: the flat train state (`state.flatten_state`): `params.<name>`, `buffers
 Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
 latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown),
-`run_id` (the run that wrote it: a run only replaces or deletes its own files).
+`run_id` (the run that wrote it: a run only replaces or deletes its own files), `classes` (JSON of the class
+names and COCO category ids per label, `classes.Classes`; absent in files of earlier versions).
 
 Which files a run writes and keeps is the `Checkpointer`'s: `latest`, periodic `epoch_NNNN` (the newest
 `train.keep_last`) and `best` (highest bbox_mAP). Ranking and ownership are read from each file's metadata
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from centerpoint.atomic import atomic_path
 from centerpoint.cadence import epoch_of, itstime
+from centerpoint.classes import Classes, from_meta
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
 from centerpoint.state import TrainState, flatten_state, unflatten, unflatten_state
@@ -51,6 +53,7 @@ class Checkpoint:
     metrics: dict
     data: dict  # the identity of the data it was trained on ({} when unknown, e.g. imported weights)
     run_id: str = ""
+    classes: Classes | None = None  # None: written before checkpoints recorded them (`classes.classes_of`)
 
     def group(self, name: str) -> dict[str, Tensor]:
         """Tensors of one group ('params', 'buffers', 'opt') without the prefix."""
@@ -63,10 +66,11 @@ def state_tensors(state: TrainState) -> dict[str, Tensor]:
 
 
 def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int = 0,
-                    metrics: dict | None = None, run_id: str = "", data: dict | None = None) -> Path:
+                    metrics: dict | None = None, run_id: str = "", data: dict | None = None,
+                    classes: Classes | None = None) -> Path:
     """Write `state` to `path` atomically (temp file, fsync, rename); refuses non-finite tensors.
     `run_id`: the run writing it; `data`: the identity of the data trained on (`data.coco.data_identity`),
-    checked when resuming."""
+    checked when resuming; `classes`: the model's class names and category ids."""
     tensors = state_tensors(state)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -81,6 +85,8 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
         "data": json.dumps(data or {}),
         "run_id": run_id,
     }
+    if classes is not None:
+        meta["classes"] = classes.to_json()
     try:
         with atomic_path(path) as tmp:
             # Serialised here and written into our own temp file: safetensors' save_file would create a
@@ -138,7 +144,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if bad:  # save_checkpoint never writes these: a damaged or foreign file
         raise CenterpointError(f"{path}: non-finite values in {', '.join(bad[:3])}"
                                f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; not a usable checkpoint")
-    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics, data, meta.get("run_id", ""))
+    return Checkpoint(path, tensors, spec, step, epoch, batch_in_epoch, metrics, data, meta.get("run_id", ""),
+                      from_meta(path, meta))
 
 
 def read_metadata(path: Path, meta: dict[str, str]) -> tuple[ExperimentSpec, int, int, int, dict, dict]:
@@ -303,13 +310,13 @@ def _position(meta: dict[str, str]) -> tuple[int, int, int]:
 
 
 def save_own(path: Path, state: TrainState, spec: ExperimentSpec, epoch: int, batch_in_epoch: int,
-             metrics: dict | None, run_id: str, data: dict | None = None) -> Path:
+             metrics: dict | None, run_id: str, data: dict | None = None, classes: Classes | None = None) -> Path:
     """`save_checkpoint`, refusing to replace a checkpoint that another run wrote."""
     if path.exists():
         meta = read_header(path)
         if meta is not None and meta.get("run_id", "") != run_id:
             raise CenterpointError(f"refusing to replace {path}: another run wrote it; train into another --workdir")
-    return save_checkpoint(path, state, spec, epoch, batch_in_epoch, metrics, run_id, data)
+    return save_checkpoint(path, state, spec, epoch, batch_in_epoch, metrics, run_id, data, classes)
 
 
 def own_checkpoints(ckpt_dir: Path, pattern: str, run_id: str) -> list[tuple[tuple[int, int, int], Path]]:
@@ -352,6 +359,7 @@ class Checkpointer:
     data: dict  # the data's identity (`data.coco.data_identity`), checked when resuming
     steps_per_epoch: int
     total_steps: int
+    classes: Classes | None = None  # the model's class names and category ids, recorded in every file
 
     def latest_due(self, step: int) -> bool:
         """Whether `save` writes `latest` after `step`."""
@@ -381,4 +389,4 @@ class Checkpointer:
     def _write(self, name: str, state: TrainState, step: int, metrics: dict) -> None:
         epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
         save_own(self.directory / f"{name}.safetensors", state, self.spec, epoch, batch_in_epoch, metrics,
-                 self.run_id, self.data)
+                 self.run_id, self.data, self.classes)

@@ -203,12 +203,22 @@ def _per_class_ap(evaluator: Any, coco_gt: Any) -> dict[str, float]:
     return out
 
 
+def _pr_curves(evaluator: Any, coco_gt: Any) -> dict[str, list[float]]:
+    """Per category with ground truth: COCOeval's interpolated precision at IoU 0.5 (area 'all', 100 dets) at
+    recall 0, 0.01, ..., 1, keyed as `per_class_AP` is."""
+    precision = np.asarray(evaluator.eval["precision"])
+    names = list(_per_class_ap(evaluator, coco_gt))
+    return {names[k]: [float(v) for v in precision[0, :, k, 0, -1]]
+            for k in range(len(names)) if (precision[0, :, k, 0, -1] > -1).any()}
+
+
 def coco_bbox_metrics(
     coco_gt: Any,
     detections: Sequence[dict] | np.ndarray,
     backend: Backend = "pycocotools",
     img_ids: list[int] | None = None,
     quiet: bool = True,
+    pr_curves: bool = False,
 ) -> dict:
     """COCO bbox metrics of ``detections`` against ``coco_gt``.
 
@@ -219,6 +229,8 @@ def coco_bbox_metrics(
         backend: "pycocotools" (reference) or "faster-coco-eval" (same numbers, much faster).
         img_ids: evaluate only these images (default: every image of the ground truth).
         quiet: swallow the evaluators' progress prints.
+        pr_curves: also return ``"pr_curves": {category name: precision at IoU 0.5 at recall 0, 0.01, .., 1}``
+            (COCOeval's own precision array; categories without ground truth left out).
 
     Returns:
         ``{key: float for key in METRIC_KEYS}`` plus ``"per_class_AP": {category name: AP@[.5:.95]}``.
@@ -236,6 +248,8 @@ def coco_bbox_metrics(
     evaluator = _evaluate(coco_gt, arr, eval_img_ids, backend, quiet)
     metrics: dict = {key: float(v) for key, v in zip(METRIC_KEYS, evaluator.stats, strict=True)}
     metrics["per_class_AP"] = _per_class_ap(evaluator, coco_gt)
+    if pr_curves:
+        metrics["pr_curves"] = _pr_curves(evaluator, coco_gt)
     return metrics
 
 

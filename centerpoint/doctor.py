@@ -25,6 +25,7 @@ from centerpoint.data.images import decode as decode_image
 from centerpoint.data.images import open_image
 from centerpoint.data.images import verify as verify_image
 from centerpoint.errors import CenterpointError
+from centerpoint.size_stats import SplitSizes
 from centerpoint.spec import ExperimentSpec
 
 Progress = Callable[[int], None]
@@ -51,6 +52,7 @@ class SplitReport:
     class_images: dict[str, int] = field(default_factory=dict)
     blocking: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sizes: SplitSizes | None = None  # image and usable box sizes, objects per image (`size_stats`)
 
 
 def _check_image(path: Path, size: tuple[int, int], decode: bool, max_pixels: int) -> tuple[str, str]:
@@ -81,9 +83,12 @@ def check_split(spec: ExperimentSpec, root: Path, split: str, decode: bool = Fal
     d = spec.data
     ann, images = (d.train_ann, d.train_images) if split == "train" else (d.val_ann, d.val_images)
     report = SplitReport(split, root / ann, root / images)
+    if not report.ann_file.is_file():
+        raise CenterpointError(f"{split} annotations not found: {report.ann_file} (data.{split}_ann: {ann}, under "
+                               f"data.root / --data-dir {root}); set --set data.{split}_ann=PATH relative to the root")
     if not report.image_dir.is_dir():
-        raise CenterpointError(f"image directory not found: {report.image_dir} (check --data-dir and "
-                               f"data.{split}_images)")
+        raise CenterpointError(f"image directory not found: {report.image_dir} (data.{split}_images: {images}, under "
+                               f"data.root / --data-dir {root}); set data.{split}_images=DIR relative to the root")
     coco = load_coco(report.ann_file)  # structure errors are blocking at once, with the json's own message
     entries = [coco.imgs[i] for i in sorted(coco.getImgIds())]
     report.images = len(entries)
@@ -128,6 +133,12 @@ def _check_boxes(report: SplitReport, coco, spec: ExperimentSpec, split: str,  #
         report.class_images[names[cat]] += 1
     with_boxes = {img for img, _ in seen}
     report.images_without_boxes = report.images - len(with_boxes)
+    image_ids = sorted(size_of)
+    row_of = {img: i for i, img in enumerate(image_ids)}
+    per_image = np.bincount([row_of[a["image_id"]] for a, ok in zip(anns, usable, strict=True) if ok],
+                            minlength=len(image_ids))
+    report.sizes = SplitSizes(np.array([size_of[i] for i in image_ids], dtype=np.float64).reshape(-1, 2),
+                              np.stack([cw, ch], axis=1)[usable], per_image)
 
 
 def _check_files(report: SplitReport, names: list[str], sizes: list[tuple[int, int]], decode: bool,
@@ -153,7 +164,7 @@ def _check_files(report: SplitReport, names: list[str], sizes: list[tuple[int, i
 def _judge(report: SplitReport, spec: ExperimentSpec, num_classes: int) -> None:
     """Sort the findings into blocking problems and warnings."""
     r, s = report, report.split
-    if num_classes != spec.model.num_classes:
+    if spec.model.num_classes is not None and num_classes != spec.model.num_classes:
         r.blocking.append(f"{s}: {num_classes} categories in {r.ann_file.name} but model.num_classes="
                           f"{spec.model.num_classes} (set --set model.num_classes={num_classes})")
     bad_files = [("missing", r.missing), ("undecodable", r.undecodable)]

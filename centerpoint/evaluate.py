@@ -77,18 +77,19 @@ def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str
 
 def evaluate(predict: Predict, params: dict[str, Tensor], buffers: dict[str, Tensor], index: CocoIndex,
              spec: ExperimentSpec, backend: Backend, dist: distributed.Context,
-             progress: Callable[[int], None] | None = None) -> tuple[dict, np.ndarray]:
+             progress: Callable[[int], None] | None = None, pr_curves: bool = False) -> tuple[dict, np.ndarray]:
     """COCO metrics of a model on `index`, over every rank of the job: each rank predicts its shard of the
     images, rank 0 gathers all detections and runs COCOeval. Returns, on rank 0, the metrics (with
     `bad_images`, the unreadable images skipped) and every rank's detection rows (n, 7); elsewhere
-    ({}, no rows). The metrics equal a single-process evaluation's."""
+    ({}, no rows). The metrics equal a single-process evaluation's. `pr_curves`: the metrics also hold
+    COCOeval's precision-recall curve per class under "pr_curves"."""
     rows, bad = predict_split(predict, params, buffers, index, spec, backend, dist.rank, dist.world_size,
                               progress=progress)
     parts = distributed.gather_objects((rows, bad), dist)
     if dist.rank != 0:
         return {}, np.zeros((0, 7))
     rows = np.concatenate([r for r, _ in parts])
-    metrics = compute_metrics(index, rows, spec)
+    metrics = compute_metrics(index, rows, spec, pr_curves=pr_curves)
     metrics["bad_images"] = sum(b for _, b in parts)
     return metrics, rows
 
@@ -98,10 +99,11 @@ def evaluated_image_ids(index: CocoIndex, spec: ExperimentSpec) -> list[int]:
     return list(index.image_ids[: spec.eval.max_images or len(index)])
 
 
-def compute_metrics(index: CocoIndex, rows: np.ndarray, spec: ExperimentSpec) -> dict:
-    """COCOeval bbox metrics (12 numbers + per-class AP) of detection rows on `index`."""
+def compute_metrics(index: CocoIndex, rows: np.ndarray, spec: ExperimentSpec, pr_curves: bool = False) -> dict:
+    """COCOeval bbox metrics (12 numbers + per-class AP; PR curves per class if asked) of detection rows on
+    `index`."""
     return coco_bbox_metrics(index.coco, rows, backend=spec.eval.backend,
-                             img_ids=evaluated_image_ids(index, spec))
+                             img_ids=evaluated_image_ids(index, spec), pr_curves=pr_curves)
 
 
 def rows_to_results(rows: np.ndarray) -> list[dict]:

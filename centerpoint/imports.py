@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from centerpoint.checkpoint import check_compatible, save_checkpoint
+from centerpoint.classes import Classes
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, load_spec
 from centerpoint.state import Tree
@@ -113,6 +114,16 @@ def default_recipe(dcn: bool) -> Path:
     return path
 
 
+def mmdet_classes(meta: dict[str, Any], num_classes: int | None) -> Classes | None:
+    """The class names an mmdetection checkpoint records (2.x: meta CLASSES, 3.x: meta dataset_meta.classes),
+    when they are as many strings as the model has classes; their COCO ids are not recorded there."""
+    dataset_meta = meta.get("dataset_meta")
+    names = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
+    if isinstance(names, (list, tuple)) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return Classes(tuple(names))
+    return None
+
+
 def import_mmdet(src: Path | str, dst: Path, spec_path: Path | None = None) -> ImportResult:
     """Convert an mmdetection CenterNet checkpoint into a centerpoint checkpoint at step 0.
 
@@ -128,7 +139,7 @@ def import_mmdet(src: Path | str, dst: Path, spec_path: Path | None = None) -> I
     if Path(dst).resolve() == file.resolve():
         raise CenterpointError(f"{dst}: the destination is the source file; choose another name")
     prefix = verify_name_hash(file)
-    sd, _ = read_state_dict(file)
+    sd, meta = read_state_dict(file)
     dcn = any(".conv_offset." in k for k in sd)
     spec_path = Path(spec_path) if spec_path is not None else default_recipe(dcn)
     spec = load_spec(spec_path)
@@ -137,5 +148,6 @@ def import_mmdet(src: Path | str, dst: Path, spec_path: Path | None = None) -> I
             f"num_classes={spec.model.num_classes})")
     params, buffers = _fill(what, sd, params, buffers)
     plan = build_optimizer(spec, steps_per_epoch=1, global_batch=spec.train.batch_size)
-    save_checkpoint(Path(dst), init_state(params, buffers, plan.transform), spec, epoch=0)
+    save_checkpoint(Path(dst), init_state(params, buffers, plan.transform), spec, epoch=0,
+                    classes=mmdet_classes(meta, spec.model.num_classes))
     return ImportResult(file, Path(dst), spec_path, spec, len(sd), prefix)

@@ -10,13 +10,15 @@ import numpy as np
 import torch
 
 from centerpoint import distributed
-from centerpoint.build import coco_root, data_root, load_split
+from centerpoint.build import data_root, load_split
 from centerpoint.checkpoint import Checkpoint, check_compatible
+from centerpoint.classes import align
+from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import read_image
 from centerpoint.data.transforms import eval_affine, invert, warp
 from centerpoint.decode import boxes_to_original
 from centerpoint.devices import Backend, resolve_precision, select_backend
-from centerpoint.errors import CenterpointError
+from centerpoint.errors import CenterpointError, warn
 from centerpoint.evaluate import detections_to_rows, evaluate
 from centerpoint.layout import channels_last
 from centerpoint.model import build_model
@@ -57,13 +59,27 @@ def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callab
         predict, params, buffers = load_model(spec, ckpt, backend)
         root = data_root(spec) if ctx.rank == 0 else None  # rank 0 makes a synthetic set first, alone
         distributed.barrier(ctx)
-        index = load_split(spec, root or data_root(spec), train=False)
+        index = split_for(ckpt, spec, root or data_root(spec))
         metrics, rows = evaluate(predict, params, buffers, index, spec, backend, ctx, progress)
     finally:
         distributed.destroy(ctx)
     if ctx.rank == 0:
         metrics["images"] = min(len(index), spec.eval.max_images or len(index))
     return metrics, rows
+
+
+def split_for(ckpt: Checkpoint, spec: ExperimentSpec, root: Path) -> CocoIndex:
+    """The val split in the checkpoint's label order. Its classes must be the checkpoint's (by name; in
+    another order they are mapped by name, with a warning); a checkpoint that does not record its classes
+    is checked by their count."""
+    if ckpt.classes is None:
+        return load_split(spec, root, train=False)
+    index = load_split(spec.model_copy(update={"model": spec.model.model_copy(update={"num_classes": None})}),
+                       root, train=False)
+    index, mapped = align(index, ckpt.classes, str(ckpt.path))
+    if mapped and distributed.context().rank == 0:
+        warn(f"{index.ann_file}: the checkpoint's classes in another order; detections are mapped by class name")
+    return index
 
 
 def collect_images(inputs: Sequence[Path]) -> list[Path]:
@@ -93,8 +109,8 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
     from PIL import Image
 
     from centerpoint.atomic import atomic_write_bytes
-    from centerpoint.monitor import draw_boxes
     from centerpoint.predict_out import RESULTS, record, sha256
+    from centerpoint.visualize import draw_boxes, rows_to_boxes
 
     names = names or {f: f.stem + ".jpg" for f in files}
     backend = select_backend(spec.runtime.device)
@@ -115,8 +131,9 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
             rows = detections_to_rows(boxes, scores, labels, torch.tensor([i]), np.array([[h, w]]),
                                       tuple(range(len(class_names))), score_thr, clip=True)
             drawn = io.BytesIO()
-            Image.fromarray(draw_boxes(np.asarray(img), rows, labels_of, score_thr=score_thr)).save(
-                drawn, format="JPEG", quality=92)
+            drawing = draw_boxes(np.asarray(img), rows_to_boxes(rows), rows[:, 6].astype(int), class_names, rows[:, 5],
+                                 min_side=0)
+            Image.fromarray(drawing).save(drawn, format="JPEG", quality=92)
             atomic_write_bytes(out_dir / names[path], drawn.getvalue())
             written[names[path]] = sha256(drawn.getvalue())
             for r in rows:
@@ -128,22 +145,3 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
     finally:
         record(out_dir, written)
     return results
-
-
-def class_names_of(spec: ExperimentSpec) -> list[str]:
-    """Class names for predictions: the val json's categories when it is at hand, else numbers."""
-    if spec.data.dataset == "shapes":
-        from centerpoint.data.synthetic import CLASSES
-
-        return list(CLASSES[: spec.model.num_classes])
-    try:
-        from centerpoint.data.coco_json import load_coco
-
-        coco = load_coco(coco_root(spec) / spec.data.val_ann)  # reads only
-        names = [coco.cats[c]["name"] for c in sorted(coco.getCatIds())]
-        if len(names) == spec.model.num_classes:
-            return names
-    except CenterpointError:
-        pass
-    return [str(i) for i in range(spec.model.num_classes)]
-

@@ -53,17 +53,6 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
     atomic_write_text(path, old + json.dumps(record) + "\n")
 
 
-def draw_boxes(image: np.ndarray, rows: np.ndarray, names: dict[int, str], score_thr: float = 0.3) -> np.ndarray:
-    """(H, W, 3) uint8 image with detection rows [image_id, x, y, w, h, score, category_id] drawn."""
-    from PIL import Image, ImageDraw
-
-    img = Image.fromarray(image)
-    draw = ImageDraw.Draw(img)
-    for r in rows[rows[:, 5] >= score_thr]:
-        x, y, w, h = (float(v) for v in r[1:5])
-        draw.rectangle([x, y, x + w, y + h], outline=(255, 40, 40), width=2)
-        draw.text((x + 2, y + 1), f"{names.get(int(r[6]), int(r[6]))} {r[5]:.2f}", fill=(255, 255, 0))
-    return np.asarray(img)
 
 
 class TensorBoard:
@@ -85,6 +74,14 @@ class TensorBoard:
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def evaluation(self, index: Any, rows: np.ndarray, metrics: dict, curves: dict, step: int, spec: Any) -> None:
+        """An evaluation's pictures, per-class AP, time and PR curves (`visualize.log_evaluation`)."""
+        if self.writer is not None:
+            from centerpoint.visualize import log_evaluation
+
+            log_evaluation(self.writer, index, rows, metrics, curves, step, spec.eval.num_visualize,
+                           spec.data.max_image_pixels)
 
     def text(self, tag: str, text: str) -> None:
         if self.writer is not None:

@@ -27,6 +27,7 @@ from rich.console import Console
 from centerpoint import distributed, rundir
 from centerpoint.build import OptimizerPlan, build_optimizer, data_root, load_split
 from centerpoint.checkpoint import Checkpointer, remove_partial_writes, restore_state
+from centerpoint.classes import Classes, align, of_index, with_num_classes
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.loader import steps_per_epoch
 from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
@@ -73,6 +74,7 @@ class Data:
     val_index: CocoIndex
     identity: dict
     steps_per_epoch: int
+    classes: Classes  # the train split's class names and category ids, in label order
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,15 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     if dist.rank == 0:
         rundir.check_start(workdir, resume)
     spec, backend, notes = build_runtime(spec, dist)
-    data = build_data(spec, dist, console)
+    spec, data = build_data(spec, dist, console)
     plan = build_optimizer(spec, data.steps_per_epoch, spec.train.batch_size * dist.world_size)
-    model, state = build_state(spec, backend, dist, plan)
+    model, state = build_state(spec, backend, dist, plan, console)
     step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, model.apply, plan)
     start = resume_run(spec, dist, workdir, state, data, plan.total_steps, resume, resume_from, console)
     if dist.rank == 0:
         _print_banner(console, spec, backend, dist, data, plan, notes, compile_with)
     checkpointer = Checkpointer(workdir / "checkpoints", spec, start.run_id, data.identity, data.steps_per_epoch,
-                                plan.total_steps)
+                                plan.total_steps, data.classes)
     return Run(spec, backend, dist, workdir, data.train_index, data.val_index, start.state, step_fn, plan.schedule,
                predict_fn, data.steps_per_epoch, plan.total_steps, start.start_step, checkpointer, started,
                start.finished, compile_with is not None, start.lock)
@@ -126,22 +128,26 @@ def build_runtime(spec: ExperimentSpec, dist: distributed.Context) -> tuple[Expe
     return spec, backend, notes
 
 
-def build_data(spec: ExperimentSpec, dist: distributed.Context, console: Console) -> Data:
-    """Locate (or generate, rank 0 first) the dataset and index both splits."""
+def build_data(spec: ExperimentSpec, dist: distributed.Context, console: Console) -> tuple[ExperimentSpec, Data]:
+    """Locate (or generate, rank 0 first) the dataset and index both splits. Returns the spec with
+    model.num_classes set from the train split when it is null, and the data."""
     root = _prepare_data(spec, console, dist)
-    train_index, val_index = load_split(spec, root, True), load_split(spec, root, False)
+    train_index = load_split(spec, root, True)
+    spec, classes = with_num_classes(spec, train_index), of_index(train_index)
+    val_index, _ = align(load_split(spec, root, False), classes, f"the train split ({train_index.ann_file})")
     world = dist.world_size
     spe = steps_per_epoch(len(train_index), spec.train.batch_size, world)
     if spe == 0:
         raise CenterpointError(f"train.batch_size={spec.train.batch_size} x {world} is larger than the train set "
                                f"({len(train_index)} images)")
-    return Data(train_index, val_index, data_identity(train_index, val_index), spe)
+    return spec, Data(train_index, val_index, data_identity(train_index, val_index), spe, classes)
 
 
-def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Context,
-                plan: OptimizerPlan) -> tuple[Model, TrainState]:
+def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Context, plan: OptimizerPlan,
+                console: Console) -> tuple[Model, TrainState]:
     """The model (traced apply when the step will be compiled) and a fresh train state on the device:
-    initialised or pretrained weights, the optimizer's state, the fp16 loss scaler."""
+    initialised, pretrained or fine-tuned (`model.init_from`) weights, the optimizer's state, the fp16 loss
+    scaler."""
     model = build_model(spec.model, backend.device, seed=spec.train.seed, traced=spec.resolved.compile == "on",
                         channels_last=spec.runtime.channels_last,
                         convert=(lambda net: distributed.sync_batchnorm(net, dist)) if spec.runtime.sync_bn else None)
@@ -150,6 +156,11 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
         from centerpoint.imports import load_torchvision_backbone
 
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
+    if spec.model.init_from is not None:  # after `pretrained`: its tensors win where both give one
+        from centerpoint.finetune import init_from
+
+        say = (lambda text: console.print(text, markup=False, soft_wrap=True)) if dist.rank == 0 else None
+        params, buffers = init_from(spec.model.init_from, params, buffers, say)
     scaler = init_loss_scale(spec.runtime.loss_scale) if spec.resolved.precision == "fp16" else None
     state = init_state(params, buffers, plan.transform, scaler)
     return model, to_device(state, backend.device, spec.runtime.channels_last)

@@ -150,7 +150,9 @@ class ModelSpec(_Spec):
     # CenterNet-R18 (the COCO recipes, pretrained weights) is width 64, neck 256/128/64, head 64.
     width: int = Field(32, ge=8, le=256, multiple_of=8, description="Filters of the ResNet stem; its stages "
                        "use 1, 2, 4, 8 times this. 64 is the standard network (and what pretrained weights need).")
-    num_classes: int = Field(5, ge=1, le=10_000, description="Object classes (must match the dataset).")
+    num_classes: int | None = Field(
+        5, ge=1, le=10_000, description="Object classes, as many as the dataset has. None (the default with "
+        "dataset=coco): the number of categories in the train annotations. 5: the built-in dataset's.")
     neck_channels: tuple[Channels, Channels, Channels] = Field(
         (128, 64, 32), description="Filters of the 3 upsampling stages (mmdetection: 256, 128, 64).")
     head_channels: Channels = Field(32, description="Hidden filters of each head branch (mmdetection: 64).")
@@ -160,6 +162,10 @@ class ModelSpec(_Spec):
                                      "the COCO recipes (pretrained weights replace it). Off here: the built-in "
                                      "experiment's 16 epochs from scratch reach 0.58 bbox_mAP without it, 0.41 with.")
     pretrained: Path | None = Field(None, description="torchvision ResNet checkpoint (.pth) for the backbone.")
+    init_from: Path | None = Field(
+        None, description="Fine-tune: start from this centerpoint checkpoint (.safetensors; an mmdetection one "
+        "after `centerpoint checkpoint import`). Every tensor whose name and shape match is loaded (over "
+        "`pretrained`); the heatmap head's last layer starts afresh when the class count differs.")
 
     @property
     def stride(self) -> int:
@@ -294,6 +300,22 @@ class ExperimentSpec(_Spec):
     resolved: ResolvedSpec | None = Field(
         None, description="Filled in by `centerpoint train`: what the auto settings resolved to on the machine that "
         "ran. Rerunning the file uses them where a setting is still auto; null resolves afresh.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coco_classes(cls, data: Any) -> Any:
+        # With dataset=coco a model section that leaves num_classes out counts the classes of the data (null).
+        section, model = (data.get("data"), data.get("model")) if isinstance(data, dict) else (None, 0)
+        dataset = section.get("dataset") if isinstance(section, dict) else getattr(section, "dataset", None)
+        if dataset != "coco" or not isinstance(model, (dict, ModelSpec, type(None))):
+            return data
+        if isinstance(model, ModelSpec):
+            given = "num_classes" in model.model_fields_set
+            model = model.model_dump(exclude_unset=True)
+        else:
+            model = model or {}
+            given = "num_classes" in model
+        return data if given else {**data, "model": {**model, "num_classes": None}}
 
 
 def field_paths(model: type[BaseModel] = ExperimentSpec, prefix: str = "") -> list[str]:

@@ -125,23 +125,19 @@ def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: Tens
     """Evaluate after `step`; rank 0 appends the record to metrics.jsonl, TensorBoard and the console and
     returns it ({} on other ranks)."""
     t_eval = time.perf_counter()
-    record = evaluate_run(run, state)
+    record, rows = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
+                            run.dist, pr_curves=True)
     if run.dist.rank != 0:
         return {}
+    curves = record.pop("pr_curves")
     epoch = epoch_of(step, run.steps_per_epoch)
     record.update(step=step, epoch=epoch, bad_train_images=bad_images, eval_s=time.perf_counter() - t_eval,
                   elapsed_s=time.perf_counter() - run.started, first_step_s=first_step_s)
     append_metrics(run.workdir / "metrics.jsonl", _jsonable(record))
     tb.scalars({k: v for k, v in record.items() if k.startswith("bbox_")}, step, "val")
+    tb.evaluation(run.val_index, rows, record, curves, step, run.spec)  # pictures, per-class AP, PR curves
     console.print(f"epoch {epoch}: bbox_mAP {record['bbox_mAP']:.3f} mAP_50 {record['bbox_mAP_50']:.3f}")
     return record
-
-
-def evaluate_run(run: Run, state: TrainState) -> dict:
-    """Distributed evaluation: each rank predicts its shard, rank 0 computes COCO metrics ({} elsewhere)."""
-    metrics, _ = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
-                          run.dist)
-    return metrics
 
 
 def _check_trained(steps: int, skipped: int) -> None:

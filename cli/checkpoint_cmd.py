@@ -26,6 +26,13 @@ def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors che
     ckpt = load_checkpoint(path)
     params = ckpt.group("params")
     print(f"checkpoint {path}\nstep {ckpt.step}  epoch {ckpt.epoch}  batch_in_epoch {ckpt.batch_in_epoch}")
+    from centerpoint.classes import checkpoint_classes
+
+    classes = checkpoint_classes(ckpt)
+    ids = classes.ids or (None,) * len(classes.names)
+    recorded = "" if ckpt.classes is not None else " (not recorded in the file: from its spec)"
+    print(f"classes {len(classes.names)}{recorded}: " + ", ".join(
+        n if i is None else f"{n} (id {i})" for n, i in zip(classes.names, ids, strict=True)))
     shown = {k: v for k, v in ckpt.metrics.items() if k.startswith("bbox_")}
     print("metrics " + (", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else "none"))
     groups: dict[str, int] = {}

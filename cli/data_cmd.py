@@ -5,6 +5,7 @@ The download and checking code (and PIL, numpy) is imported only when a command 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -77,8 +78,16 @@ def data_check(
             reports.append(check_split(spec, root, name, decode, progress=lambda n, t=task: progress.advance(t, n)))
     console = Console(highlight=False)
     console.print(f"dataset {root}", markup=False, soft_wrap=True)
+    train = next((r for r in reports if r.split == "train"), None)
+    if spec.model.num_classes is None and train is not None:
+        console.print(f"classes: {len(train.class_boxes)}, the categories of {train.ann_file.name} "
+                      "(model.num_classes null)", markup=False, soft_wrap=True)
     console.print(_summary_table(reports))
     console.print(_class_table(reports))
+    for r in reports:
+        if r.sizes is not None and len(r.sizes.image_wh):
+            console.print(_sizes_table(r))
+    _print_suggestion(console, reports, spec)
     for r in reports:
         for w in r.warnings:
             console.print(f"warning: {w}", markup=False, soft_wrap=True)
@@ -92,19 +101,53 @@ def data_check(
 
 
 def _summary_table(reports: list) -> object:
+    """What was found, one row per finding and one column per split (narrow: fits an 80-column log)."""
     from rich.table import Table
 
     table = Table(title="images and boxes")
-    cols = ("split", "images", "missing", "undecodable", "size != json", "boxes", "degenerate", "clipped",
-            "< min size", "crowd", "no-box images")
-    for c in cols:
-        table.add_column(c, justify="left" if c == "split" else "right")
+    table.add_column("")
     for r in reports:
-        table.add_row(r.split, *(str(v) for v in (r.images, len(r.missing), len(r.undecodable),
-                                                    len(r.size_mismatch), r.boxes, r.degenerate_boxes,
-                                                    r.clipped_boxes, r.small_boxes, r.crowd,
-                                                    r.images_without_boxes)))
+        table.add_column(r.split, justify="right")
+    rows = (("images", lambda r: r.images), ("missing", lambda r: len(r.missing)),
+            ("undecodable", lambda r: len(r.undecodable)), ("size != json", lambda r: len(r.size_mismatch)),
+            ("boxes", lambda r: r.boxes), ("degenerate boxes", lambda r: r.degenerate_boxes),
+            ("clipped boxes", lambda r: r.clipped_boxes), ("boxes < min size", lambda r: r.small_boxes),
+            ("crowd boxes", lambda r: r.crowd), ("images without boxes", lambda r: r.images_without_boxes))
+    for name, get in rows:
+        table.add_row(name, *(str(get(r)) for r in reports))
     return table
+
+
+def _sizes_table(report: object) -> object:
+    """Percentiles of image and box sizes (pixels) and objects per image of one split."""
+    from rich.table import Table
+
+    from centerpoint.size_stats import PERCENTILES, percentile_rows
+
+    table = Table(title=f"{report.split}: sizes in pixels, percentiles")
+    table.add_column("")
+    for q in PERCENTILES:
+        table.add_column({0: "min", 100: "max"}.get(q, f"p{q}"), justify="right")
+    for name, values in percentile_rows(report.sizes):
+        table.add_row(name, *(f"{v:.0f}" if v >= 10 or v == int(v) else f"{v:.1f}" for v in values))
+    return table
+
+
+def _print_suggestion(console: object, reports: list, spec: object) -> None:
+    """The input_size / test_size the train split's sizes suggest, and why."""
+    from centerpoint.size_stats import suggest
+
+    train = next((r for r in reports if r.split == "train" and r.sizes is not None), None)
+    tip = suggest(train.sizes) if train is not None else None
+    if tip is None:
+        return
+    now = f"now {spec.data.input_size} / {spec.data.test_size}"
+    say = partial(console.print, markup=False, soft_wrap=True)  # a long line stays whole in a piped log
+    say(f"suggested: --set data.input_size={tip.input_size} --set data.test_size={tip.test_size} ({now})")
+    for reason in tip.reasons:
+        say(f"  {reason}")
+    if spec.data.test_mode == "pad":
+        say("  (data.test_mode=pad tests at each image's own size: test_size is then unused)")
 
 
 def _class_table(reports: list) -> object:

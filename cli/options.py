@@ -47,23 +47,33 @@ def flag_updates(**flags: object) -> dict[str, object]:
     return updates
 
 
-def data_dir_updates(data_dir: object, spec_file: Path | None, sets: list[str]) -> dict[str, object]:
+def data_dir_updates(data_dir: object, spec_file: Path | None, sets: list[str],
+                     count_classes: bool = False) -> dict[str, object]:
     """--data-dir DIR means "my COCO-format data is at DIR": data.root=DIR and data.dataset=coco, unless the
-    spec file or a --set names data.dataset itself (the built-in default does not count)."""
+    spec file or a --set names data.dataset itself (the built-in default does not count). `count_classes`:
+    model.num_classes becomes null (the data's count) too, unless the spec file or a --set names it."""
     if data_dir is None:
         return {}
     from centerpoint.spec import parse_override, read_spec_dict
 
-    section = read_spec_dict(spec_file).get("data") if spec_file is not None else None
-    explicit = (isinstance(section, dict) and "dataset" in section) or any(
-        parse_override(item)[0] == "data.dataset" for item in sets)
-    return {"data.root": str(data_dir)} if explicit else {"data.root": str(data_dir), "data.dataset": "coco"}
+    spec = read_spec_dict(spec_file) if spec_file is not None else {}
+
+    def named(section: str, key: str) -> bool:
+        part = spec.get(section)
+        return (isinstance(part, dict) and key in part) or any(
+            parse_override(item)[0] == f"{section}.{key}" for item in sets)
+
+    if named("data", "dataset"):
+        return {"data.root": str(data_dir)}
+    classes = {"model.num_classes": None} if count_classes and not named("model", "num_classes") else {}
+    return {"data.root": str(data_dir), "data.dataset": "coco", **classes}
 
 
 def resolve_spec(spec_file: Path | None, sets: list[str], base: ExperimentSpec | None = None,
                  **flags: object) -> ExperimentSpec:
     """The spec a command runs: `spec_file` (else `base`, e.g. a checkpoint's spec, else the built-in
-    default), then the `--set` overrides in order, then the flags (`data_dir` as `data_dir_updates` says)."""
+    default), then the `--set` overrides in order, then the flags (`data_dir` as `data_dir_updates` says;
+    the class count comes from that data unless a model is given as `base`)."""
     from centerpoint.spec import apply_override, load_spec, parse_override, spec_from_dict, spec_to_dict, with_updates
 
     if spec_file is None and base is not None:
@@ -74,7 +84,7 @@ def resolve_spec(spec_file: Path | None, sets: list[str], base: ExperimentSpec |
     else:
         spec = load_spec(spec_file, sets)
     data_dir = flags.pop("data_dir", None)
-    updates = {**flag_updates(**flags), **data_dir_updates(data_dir, spec_file, sets)}
+    updates = {**flag_updates(**flags), **data_dir_updates(data_dir, spec_file, sets, count_classes=base is None)}
     return with_updates(spec, updates) if updates else spec
 
 

@@ -21,7 +21,8 @@ def predict(
 
     --out must not be a folder of the inputs; a file there is replaced only if predict wrote it."""
     from centerpoint.checkpoint import load_checkpoint
-    from centerpoint.inference import class_names_of, collect_images, predict_files
+    from centerpoint.classes import classes_of
+    from centerpoint.inference import collect_images, predict_files
     from centerpoint.predict_out import check_outputs, drawing_names
     from centerpoint.spec import with_updates
 
@@ -31,5 +32,5 @@ def predict(
     names = drawing_names(files)
     check_outputs(inputs, files, out, names)
     check_output_dir(out, out)
-    results = predict_files(spec, ckpt, files, out, score_thr, class_names_of(spec), names)
+    results = predict_files(spec, ckpt, files, out, score_thr, classes_of(ckpt), names)
     print(f"{len(results)} detections in {len(files)} image(s) -> {out}")

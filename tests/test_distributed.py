@@ -107,9 +107,8 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint, state_tensors
     from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader
     from centerpoint.data.train_batches import train_collate
-    from centerpoint.evaluate import predict_split
+    from centerpoint.evaluate import evaluate, predict_split
     from centerpoint.run import build_run
-    from centerpoint.train import evaluate_run
 
     out_dir = Path(out)
     spec = _spec(Path(root), out_dir / f"work{world}", 2 * B // world)
@@ -132,7 +131,8 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     if world == 1:
         save_checkpoint(one, state, spec, 0, 1)
     state = restore_state(load_checkpoint(one), state)
-    report["metrics"] = evaluate_run(run, state)
+    report["metrics"], _ = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, spec, run.backend,
+                                    run.dist)
     rows, _ = predict_split(run.predict_fn, state.params, state.buffers, run.val_index, spec, run.backend, rank,
                             world)
     report["rows"] = np.concatenate(distributed.gather_objects(rows, run.dist)).tolist()

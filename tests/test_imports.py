@@ -22,7 +22,7 @@ from centerpoint.imports import import_mmdet, load_torchvision_backbone
 from centerpoint.inference import load_model
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.spec import MMDET_R18, ModelSpec
-from tests.helpers import call_cli, run_cli, serve_dir, write_coco
+from tests.helpers import call_cli, run_cli, serve_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -256,9 +256,12 @@ def tiny_coco(root: Path) -> Path:
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 48, "width": 40 + 24 * i} for i in (1, 2)]
     for im in images:
         Image.new("RGB", (im["width"], im["height"]), (200, 40, 90)).save(root / "val2017" / im["file_name"])
-    write_coco(root / "annotations" / "instances_val2017.json", images,
-               [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 30], "area": 600, "iscrowd": 0}],
-               [{"id": c, "name": f"c{c}"} for c in range(1, 81)])
+    # the names the mmdetection file records (CLASSES c0..c79), under COCO's ids 1..80
+    ann = {"images": images, "categories": [{"id": c, "name": f"c{c - 1}"} for c in range(1, 81)],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 30], "area": 600,
+                            "iscrowd": 0}]}
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
     return root
 
 
