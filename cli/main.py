@@ -431,6 +431,7 @@ from cli import (  # noqa: E402,F401  (registers commands)
     checkpoint_cmds,
     data_cmds,
     doctor_cmd,  # noqa: E402,F401  (registers commands)
+    export_cmd,
 )
 
 if __name__ == "__main__":
