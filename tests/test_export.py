@@ -221,3 +221,19 @@ def test_onnx_between_preprocess_and_postprocess_gives_the_detectors_detections(
         got = postprocess(boxes[0], scores[0], labels[0], to_image, *image.size, score_thr=0.1)
         assert len(want) > 10 and len(got[0]) == len(want)
         assert_same_detections([[t] for t in got], [[want.boxes], [want.scores], [want.labels]])
+
+
+def test_readme_onnx_example_runs_as_written(onnx_files: dict, tmp_path: Path) -> None:
+    import os
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(import json, onnxruntime.*?)```", text, re.S).group(1)
+    os.link(onnx_files["builtin"][0], tmp_path / "model.onnx")
+    from tests.detector_checkpoint import photos
+
+    photos(tmp_path / "made", ((70, 50),))[0].rename(tmp_path / "photo.jpg")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("['"), res.stdout  # class names of the detections over 0.3
