@@ -146,7 +146,7 @@ def _files(folder: Path) -> set[str]:
 @pytest.mark.parametrize("case, message", [
     ("not_a_checkpoint", "not a readable .safetensors checkpoint"),
     ("unknown_format", "unknown export format 'tflite'"),
-    ("under_a_file", "a parent of it is a file"),
+    ("under_a_file", "a parent of it, is a file"),
     ("users_file", "already exists and was not written by centerpoint export"),
     ("a_directory", "it is a directory"),
     ("missing_package", "needs the package(s) onnxscript, which are not installed: pip install"),
@@ -161,6 +161,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(models: dict[str, Path]
     if case == "not_a_checkpoint":
         ckpt = str(tmp_path / "photo.safetensors")
         Path(ckpt).write_bytes(b"\xff\xd8 not a checkpoint")
+        out = tmp_path / "out" / "new" / "folder" / "m.onnx"  # not created either
     elif case == "unknown_format":
         extra = ["--format", "tflite"]
     elif case == "under_a_file":
@@ -176,10 +177,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(models: dict[str, Path]
         extra = ["--size", "100"]
     elif case == "bad_batch":
         extra = ["--batch", "many"]
-    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "out").rglob("*")}
     code, stdout, err = call_cli(capsys, "export", ckpt, str(out), *extra)
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
-    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "out").rglob("*")} == before
 
 
 def test_prepost_imports_no_torch() -> None:

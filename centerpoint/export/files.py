@@ -42,7 +42,8 @@ def _sha256(path: Path) -> str:
 
 def check_target(out: Path) -> None:
     """Refuse (CenterpointError) an OUT the export may not write, before any export work: a directory, a file
-    that no earlier export wrote (or one changed since), a folder that cannot be created or written."""
+    that no earlier export wrote (or one changed since), a path under a file or in a folder it may not write.
+    Creates nothing."""
     mark = mark_path(out)
     if out.is_symlink() or out.is_dir():
         raise CenterpointError(f"cannot write {out}: it is a {'symlink' if out.is_symlink() else 'directory'}; "
@@ -52,14 +53,13 @@ def check_target(out: Path) -> None:
                                "since): name a new file; an export replaces only its own")
     if (mark.exists() or mark.is_symlink()) and _mark(out) is None:
         raise CenterpointError(f"cannot write {out}: {mark} exists and is not an export's mark; move it away")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise CenterpointError(f"cannot write {out}: a parent of it is a file, not a directory") from None
-    except OSError as err:
-        raise CenterpointError(f"cannot write {out}: {err.strerror or err}") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise CenterpointError(f"cannot write {out}: no permission to write in {out.parent}")
+    folder = out.parent  # created only when the export is written: nearest existing folder decides
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CenterpointError(f"cannot write {out}: {folder}, a parent of it, is a file, not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CenterpointError(f"cannot write {out}: no permission to write in {folder}")
 
 
 def write_export(out: Path, data: bytes, description: dict) -> None:
