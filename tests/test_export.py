@@ -24,7 +24,6 @@ from tests.conftest import call_cli
 from tests.detector_checkpoint import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-onnxruntime = pytest.importorskip("onnxruntime")
 
 
 def torch_predict(ckpt_path: Path):  # noqa: ANN201
@@ -68,6 +67,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def onnx_files(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
     """Each model exported to ONNX at 64 px (the spec's test size) with a dynamic batch, and its description."""
+    pytest.importorskip("onnxscript")  # the export extra (`.ci/run` installs it with dev)
     d = tmp_path_factory.mktemp("onnx")
     return {m: (d / f"{m}.onnx", export_checkpoint(ckpt, d / f"{m}.onnx", ExportOptions("onnx", None, None, True)))
             for m, ckpt in models.items()}
@@ -76,6 +76,7 @@ def onnx_files(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 @pytest.mark.parametrize("model", ["builtin", "dcn"])
 def test_onnx_in_onnxruntime_matches_the_predict_step(models: dict[str, Path], onnx_files: dict, model: str) -> None:
     import onnx
+    import onnxruntime
 
     out, info = onnx_files[model]
     assert info["size"] == 64 and info["batch"] == "batch"
@@ -206,6 +207,7 @@ def test_a_write_that_fails_halfway_leaves_nothing(models: dict[str, Path], tmp_
 def test_onnx_between_preprocess_and_postprocess_gives_the_detectors_detections(
         models: dict[str, Path], onnx_files: dict, tmp_path: Path) -> None:
     """The program a user writes around an exported graph (README): the Python API's detections."""
+    import onnxruntime
     from PIL import Image
 
     import centerpoint
