@@ -133,16 +133,17 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
     return train_step
 
 
-def make_predict_step(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None
-                      ) -> Callable[[Tree, Tree, Tensor], tuple[Tensor, ...]]:
-    """predict(params, buffers, images) -> boxes (B, k, 4) in input pixels, scores (B, k), labels (B, k).
+def make_heads_step(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None
+                    ) -> Callable[[Tree, Tree, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """heads(params, buffers, images) -> heatmap probabilities (B, C, H/4, W/4), wh and offset (B, 2, H/4, W/4)
+    in feature cells, float32: the network with its input normalisation, before decoding.
 
     images: (B, 3, H, W) RGB 0..255 with H, W multiples of 32. With eval.flip_test the heatmap, wh and
     offset are averaged with those of the mirrored image (mirrored back).
     """
-    mean, std, stride, k = spec.data.mean, spec.data.std, spec.model.stride, spec.eval.topk
+    mean, std = spec.data.mean, spec.data.std
 
-    def predict(params: Tree, buffers: Tree, images: Tensor) -> tuple[Tensor, ...]:
+    def heads(params: Tree, buffers: Tree, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = normalize(images, mean, std)
         if spec.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -159,7 +160,19 @@ def make_predict_step(apply: Apply, spec: ExperimentSpec, autocast: Callable[[],
             heatmap = (heatmap[:b] + heatmap[b:].flip(-1)) / 2
             wh = (wh[:b] + wh[b:].flip(-1)) / 2
             offset = offset[:b]  # the mirrored offset is not a mirror of the offset; keep the original
-        return decode_heatmap(heatmap, wh, offset, stride, k=k)
+        return heatmap, wh, offset
+
+    return heads
+
+
+def make_predict_step(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None
+                      ) -> Callable[[Tree, Tree, Tensor], tuple[Tensor, ...]]:
+    """predict(params, buffers, images) -> boxes (B, k, 4) in input pixels, scores (B, k), labels (B, k):
+    `make_heads_step`, then the 3x3 peak test and top-k (`decode_heatmap`)."""
+    heads, stride, k = make_heads_step(apply, spec, autocast), spec.model.stride, spec.eval.topk
+
+    def predict(params: Tree, buffers: Tree, images: Tensor) -> tuple[Tensor, ...]:
+        return decode_heatmap(*heads(params, buffers, images), stride, k=k)
 
     return predict
 

@@ -14,6 +14,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.interrupt import Interrupted
 from cli import checkpoint_cmd, data_cmd, spec_cmd
 from cli.eval_cmd import evaluate
+from cli.export_cmd import export
 from cli.predict_cmd import predict
 from cli.train_cmd import TrainCommand, resume_command
 from cli.train_cmd import train as train_command
@@ -23,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.command("train", cls=TrainCommand)(train_command)
 app.command("eval")(evaluate)
 app.command("predict")(predict)
+app.command("export")(export)
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(checkpoint_cmd.app, name="checkpoint")
