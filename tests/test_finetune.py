@@ -57,7 +57,7 @@ def test_init_from_wins_over_pretrained_and_both_apply(tmp_path: Path, cache_dir
 
     from centerpoint.checkpoint import load_checkpoint
     from centerpoint.model import init
-    from centerpoint.train import build_run
+    from centerpoint.run import build_run
     from tests.own_coco import OTHER_CATEGORIES, write_own_coco
 
     data = write_own_coco(tmp_path / "data", train=2, val=1, categories=OTHER_CATEGORIES)
