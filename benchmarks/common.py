@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from centerpoint.build import build_optimizer
 from centerpoint.devices import Backend, StepMode, step_mode
 from centerpoint.model import build_model, init
+from centerpoint.optim_plan import build_optimizer
 from centerpoint.spec import ExperimentSpec
 from centerpoint.state import TrainState, init_state, to_device
 from centerpoint.step import make_train_step

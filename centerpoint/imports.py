@@ -131,8 +131,8 @@ def import_mmdet(src: Path | str, dst: Path, spec_path: Path | None = None) -> I
     `conv_offset` tensors); every tensor name and shape must match it exactly. The result carries that
     spec and a fresh optimizer state, so `eval` and `predict` use it directly.
     """
-    from centerpoint.build import build_optimizer
     from centerpoint.model import init
+    from centerpoint.optim_plan import build_optimizer
     from centerpoint.state import init_state
 
     file = resolve_weights(src, "checkpoint import")

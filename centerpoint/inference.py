@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from centerpoint import distributed
-from centerpoint.build import data_root, load_split
 from centerpoint.checkpoint import Checkpoint, check_compatible
 from centerpoint.classes import align
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import read_image
 from centerpoint.data.transforms import eval_affine, invert, warp
+from centerpoint.data_paths import data_root, load_split
 from centerpoint.decode import boxes_to_original
 from centerpoint.devices import Backend, resolve_precision, select_backend
 from centerpoint.errors import CenterpointError, warn

@@ -25,16 +25,17 @@ import torch
 from rich.console import Console
 
 from centerpoint import distributed, rundir
-from centerpoint.build import OptimizerPlan, build_optimizer, data_root, load_split
 from centerpoint.checkpoint import Checkpointer, remove_partial_writes, restore_state
 from centerpoint.classes import Classes, align, of_index, with_num_classes
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.loader import steps_per_epoch
+from centerpoint.data_paths import data_root, load_split
 from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
 from centerpoint.errors import CenterpointError
 from centerpoint.loss_scale import init_loss_scale
 from centerpoint.model import Apply, Model, build_model
 from centerpoint.monitor import make_progress
+from centerpoint.optim_plan import OptimizerPlan, build_optimizer
 from centerpoint.resume import check_same_data, resume_checkpoint, resume_step
 from centerpoint.schedules import Schedule
 from centerpoint.spec import ExperimentSpec

@@ -62,7 +62,7 @@ def data_check(
     spec = resolve_spec(spec_file, sets, data_dir=data_dir)  # --data-dir: a COCO-format dataset
     from rich.console import Console
 
-    from centerpoint.build import existing_data_root, shapes_root
+    from centerpoint.data_paths import existing_data_root, shapes_root
     from centerpoint.doctor import blocking_problems, check_split
     from centerpoint.monitor import make_progress
 

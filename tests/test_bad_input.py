@@ -50,9 +50,10 @@ class Shared:
 def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
     import torch
 
-    from centerpoint.build import build_optimizer, data_root
     from centerpoint.checkpoint import save_checkpoint
+    from centerpoint.data_paths import data_root
     from centerpoint.model import init
+    from centerpoint.optim_plan import build_optimizer
     from centerpoint.state import init_state
 
     base = tmp_path_factory.mktemp("shared")

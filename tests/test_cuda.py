@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from centerpoint.build import build_optimizer
 from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from centerpoint.data.coco import load_index
 from centerpoint.data.device_augment import augment_batch
@@ -26,6 +25,7 @@ from centerpoint.evaluate import compute_metrics, predict_split
 from centerpoint.layout import channels_last
 from centerpoint.loss_scale import init_loss_scale
 from centerpoint.model import build_network, init, make_apply
+from centerpoint.optim_plan import build_optimizer
 from centerpoint.spec import load_spec
 from centerpoint.state import TrainState, init_state
 from centerpoint.step import make_predict_step, make_train_step

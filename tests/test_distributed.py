@@ -71,10 +71,10 @@ def _train_float64(spec, ctx: distributed.Context, batches: list, spe: int) -> d
     """The same data-parallel step in float64 (the network's rounding noise, which a few fp32 steps
     amplify to ~1e-3 even between two batch orders of one process, then stays far below the tolerance).
     Built from the pieces `run.build_run` wires: sync BN, broadcast, identity check, gradient mean."""
-    from centerpoint.build import build_optimizer
     from centerpoint.checkpoint import state_tensors
     from centerpoint.devices import StepMode
     from centerpoint.model import build_network, init, make_apply
+    from centerpoint.optim_plan import build_optimizer
     from centerpoint.state import flatten_state, init_state
     from centerpoint.step import make_train_step
 

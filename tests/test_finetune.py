@@ -16,9 +16,9 @@ NET = ["model.width=8", "model.neck_channels=[16,16,8]", "model.head_channels=8"
 
 
 def _save(path: Path, sets: list[str], seed: int = 1) -> Path:
-    from centerpoint.build import build_optimizer
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.model import init
+    from centerpoint.optim_plan import build_optimizer
     from centerpoint.state import init_state
 
     spec = load_spec(None, [*NET, *sets])

@@ -86,9 +86,10 @@ def test_coco_json_rejects(name: str, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
     """A small COCO-format dataset (a copy of the tiny synthetic one) and a checkpoint of its model."""
-    from centerpoint.build import build_optimizer, data_root
     from centerpoint.checkpoint import save_checkpoint
+    from centerpoint.data_paths import data_root
     from centerpoint.model import init
+    from centerpoint.optim_plan import build_optimizer
     from centerpoint.state import init_state
 
     base = tmp_path_factory.mktemp("foreign")

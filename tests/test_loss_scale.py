@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from centerpoint.build import build_optimizer
 from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from centerpoint.devices import StepMode
 from centerpoint.loss_scale import init_loss_scale, update_loss_scale
 from centerpoint.model import build_network, init, make_apply
+from centerpoint.optim_plan import build_optimizer
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
 from centerpoint.step import make_train_step

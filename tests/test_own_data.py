@@ -82,10 +82,10 @@ def test_readme_own_data_section_runs_verbatim(tmp_path: Path, cache_dir: Path) 
 def _checkpoint(path: Path, classes: tuple[str, ...] | None, ids: tuple[int, ...] = ()) -> Path:
     """A checkpoint of a small untrained network for the 4 classes, recording `classes` (None: nothing, as
     earlier versions wrote)."""
-    from centerpoint.build import build_optimizer
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.classes import Classes
     from centerpoint.model import init
+    from centerpoint.optim_plan import build_optimizer
     from centerpoint.spec import load_spec
     from centerpoint.state import init_state
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from centerpoint.build import build_optimizer
 from centerpoint.checkpoint import save_checkpoint
 from centerpoint.model import init
+from centerpoint.optim_plan import build_optimizer
 from centerpoint.predict_out import MANIFEST, drawing_names
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state

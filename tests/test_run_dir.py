@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from centerpoint import rundir
-from centerpoint.build import build_optimizer
 from centerpoint.checkpoint import Checkpointer, load_checkpoint, read_header, remove_partial_writes, save_checkpoint
 from centerpoint.errors import CenterpointError
 from centerpoint.model import init
+from centerpoint.optim_plan import build_optimizer
 from centerpoint.spec import load_spec
 from centerpoint.state import TrainState, init_state
 from tests.conftest import TINY

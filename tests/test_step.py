@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from centerpoint import layout, optim
-from centerpoint.build import build_optimizer
 from centerpoint.devices import StepMode, make_backend, step_mode
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, init, make_apply, normalize
+from centerpoint.optim_plan import build_optimizer
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
 from centerpoint.step import make_predict_step, make_train_step

@@ -26,7 +26,7 @@ def test_step_batches_continue_the_epoch_order_from_any_step() -> None:
 
 
 def test_train_batches_from_a_later_step_equal_the_uninterrupted_ones(cache_dir: Path) -> None:
-    from centerpoint.build import data_root, load_split
+    from centerpoint.data_paths import data_root, load_split
     from centerpoint.devices import resolve_settings
 
     spec = load_spec(None, [*TINY, "runtime.device=cpu", "data.photometric=true"])

@@ -1,12 +1,11 @@
-"""From a spec to the pieces of a run: dataset paths, data indexes, optimizer and LR schedule."""
+"""Where a spec's dataset is: the synthetic set's folder (generated there if needed) or the COCO root, and
+each split indexed and checked against the model's class count."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from centerpoint import optim, schedules
 from centerpoint.data.coco import CocoIndex, load_index
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import ExperimentSpec
@@ -71,43 +70,3 @@ def load_split(spec: ExperimentSpec, root: Path, train: bool) -> CocoIndex:
         raise CenterpointError(f"{root / ann}: {index.num_classes} categories but model.num_classes="
                                f"{spec.model.num_classes}; set --set model.num_classes={index.num_classes}")
     return index
-
-
-@dataclass(frozen=True)
-class OptimizerPlan:
-    """The optimizer of a run and the numbers it was derived from."""
-
-    transform: optim.Transform
-    schedule: schedules.Schedule
-    lr: float  # peak lr after linear scaling
-    total_steps: int
-    max_grad_norm: float | None  # clipping is done by the step, which computes the norm anyway
-
-
-def scaled_lr(spec: ExperimentSpec, global_batch: int) -> float:
-    """optim.lr, scaled linearly by global_batch / optim.base_batch when base_batch is set."""
-    o = spec.optim
-    return o.lr if o.base_batch is None else o.lr * global_batch / o.base_batch
-
-
-def build_optimizer(spec: ExperimentSpec, steps_per_epoch: int, global_batch: int) -> OptimizerPlan:
-    """The optimizer transform with its schedule (milestones converted from epochs to steps)."""
-    o, s = spec.optim, spec.schedule
-    lr = scaled_lr(spec, global_batch)
-    total = spec.train.max_steps or spec.train.epochs * steps_per_epoch
-    if s.kind == "constant":
-        sched = schedules.constant(lr)
-    elif s.kind == "multistep":
-        sched = schedules.multistep(lr, [m * steps_per_epoch for m in s.milestones], s.gamma)
-    else:
-        sched = schedules.cosine(lr, max(1, total), lr * s.final_ratio)
-    if s.warmup_steps > 0:
-        sched = schedules.linear_warmup(sched, s.warmup_steps, s.warmup_ratio)
-    mask = None if o.decay_norm_and_bias else optim.default_decay_mask
-    if o.name == "sgd":
-        tx = optim.sgd(sched, o.momentum, o.nesterov, o.weight_decay, mask, None)
-    elif o.name == "adam":
-        tx = optim.adam(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, None)
-    else:
-        tx = optim.adamw(sched, o.betas[0], o.betas[1], o.eps, o.weight_decay, mask, None)
-    return OptimizerPlan(tx, sched, lr, total, o.grad_clip)
