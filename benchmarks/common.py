@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from centerpoint.devices import Backend, StepMode, step_mode
+from centerpoint.data.targets import make_targets
 from centerpoint.model import build_model, init
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.optim.plan import build_optimizer
+from centerpoint.runtime.devices import Backend, StepMode, step_mode
 from centerpoint.spec import ExperimentSpec
 from centerpoint.state import TrainState, init_state, to_device
 from centerpoint.step import make_train_step
-from centerpoint.targets import make_targets
 
 
 def make_batches(count: int, batch: int, size: int, classes: int, min_side: float = 4.0

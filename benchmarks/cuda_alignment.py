@@ -16,7 +16,7 @@ import argparse
 import torch
 from common import initial_state, make_batches, make_step, print_result
 
-from centerpoint.devices import Backend, make_backend, resolve_precision
+from centerpoint.runtime.devices import Backend, make_backend, resolve_precision
 from centerpoint.spec import ExperimentSpec, load_spec
 from centerpoint.state import TrainState
 

@@ -53,10 +53,10 @@ from centerpoint.data.loader import (
     shared_empty,
 )
 from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion, photometric_distort
+from centerpoint.data.targets import make_targets
 from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr, zero_outside_
 from centerpoint.data.transforms import train_affine, transform_boxes, warp, zero_padding_
 from centerpoint.spec import CenterCropSpec, DataSpec
-from centerpoint.targets import make_targets
 
 CLASSES, WIDTH, HEIGHT, STRIDE, MIN_OVERLAP = 80, 640, 480, 4, 0.3
 
@@ -398,7 +398,7 @@ def device_part_ms(ds: DetectionDataset, groups: list[list[tuple[int, int]]], si
     photometric distortion, padding, 80-class targets) on `device` with the training process's threads,
     for batches already on the device (the copy is not timed)."""
     from centerpoint.data.device_augment import augment_batch
-    from centerpoint.devices import select_backend
+    from centerpoint.runtime.devices import select_backend
 
     backend = select_backend(device)
     torch.set_num_threads(threads)
@@ -422,7 +422,7 @@ def device_part_ms(ds: DetectionDataset, groups: list[list[tuple[int, int]]], si
 def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[str, object]:
     """Images/s of the project's eager train step on the COCO recipes' network (CenterNet-R18, 80 classes)
     at `size` x `size`, batch `batch`, on random batches of the pipeline's shapes."""
-    from centerpoint.devices import resolve_precision, select_backend
+    from centerpoint.runtime.devices import resolve_precision, select_backend
     from centerpoint.spec import MMDET_R18, load_spec
 
     backend = select_backend(device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from common import clocked, print_result
 
-from centerpoint.decode import boxes_to_original, decode_heatmap, local_max
+from centerpoint.evaluation.decode import boxes_to_original, decode_heatmap, local_max
 
 STRIDE = 4
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from centerpoint.coco_metrics import METRIC_KEYS, coco_bbox_metrics
 from centerpoint.data.coco_json import load_coco
+from centerpoint.evaluation.coco_metrics import METRIC_KEYS, coco_bbox_metrics
 
 CLASSES, WIDTH, HEIGHT = 80, 640, 480
 

@@ -27,8 +27,8 @@ import torch
 
 from centerpoint.export.formats import ExportOptions, export_bytes
 from centerpoint.export.graph import ExportedDetector
-from centerpoint.layout import channels_last
 from centerpoint.model import build_network, init, make_apply
+from centerpoint.runtime.memory_format import channels_last
 from centerpoint.spec import load_spec
 from centerpoint.step import make_predict_step
 

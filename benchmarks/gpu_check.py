@@ -113,7 +113,7 @@ if dev == "cuda" and torch.cuda.is_available():
                bf16=torch.cuda.is_bf16_supported(), nccl=torch.distributed.is_nccl_available())
 sys.path.insert(0, "benchmarks")
 from train_step import matmul_peak
-from centerpoint.devices import select_backend
+from centerpoint.runtime.devices import select_backend
 backend = select_backend(dev)
 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     if dev == "cpu" and sys.argv[2] == "1":

@@ -72,14 +72,14 @@ from mmengine.structures import InstanceData  # noqa: E402
 from centerpoint.checkpoint import load_checkpoint  # noqa: E402
 from centerpoint.data.coco import load_index  # noqa: E402
 from centerpoint.data.loader import DetectionDataset, read_image  # noqa: E402
+from centerpoint.data.targets import make_targets  # noqa: E402
 from centerpoint.data.transforms import transform_boxes, warp, zero_padding_  # noqa: E402
-from centerpoint.decode import decode_heatmap  # noqa: E402
-from centerpoint.imports import import_mmdet  # noqa: E402
-from centerpoint.inference import evaluate_checkpoint  # noqa: E402
+from centerpoint.evaluation.decode import decode_heatmap  # noqa: E402
+from centerpoint.evaluation.predict import evaluate_checkpoint  # noqa: E402
 from centerpoint.loss import centernet_loss  # noqa: E402
 from centerpoint.model import build_model, init  # noqa: E402
 from centerpoint.spec import ModelSpec, load_spec, spec_to_yaml  # noqa: E402
-from centerpoint.targets import make_targets  # noqa: E402
+from centerpoint.weights.foreign import import_mmdet  # noqa: E402
 
 RECIPE = ROOT / "experiments" / "centernet_r18_coco.yaml"
 CONFIG = Path(mmdet.__file__).parent / ".mim" / "configs" / "centernet" / "centernet_r18_8xb16-crop512-140e_coco.py"

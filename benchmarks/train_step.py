@@ -19,9 +19,9 @@ import time
 import torch
 from common import initial_state, make_batches, make_step, median_seconds, print_result
 
-from centerpoint.devices import select_backend
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, normalize
+from centerpoint.runtime.devices import select_backend
 from centerpoint.spec import load_spec
 
 
@@ -54,7 +54,7 @@ def step_flops(spec, batch) -> float:  # noqa: ANN001
 
 def torch_optimizer(spec, net: torch.nn.Module) -> torch.optim.Optimizer:  # noqa: ANN001
     """The spec's optimizer as torch.optim would run it (same decay mask as the functional one)."""
-    from centerpoint.optim import default_decay_mask
+    from centerpoint.optim.transforms import default_decay_mask
 
     o = spec.optim
     named = list(net.named_parameters())

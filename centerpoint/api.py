@@ -22,9 +22,9 @@ from PIL import Image
 
 from centerpoint.checkpoint import Checkpoint, load_checkpoint
 from centerpoint.classes import classes_of
-from centerpoint.devices import select_backend
 from centerpoint.errors import CenterpointError
 from centerpoint.export.prepost import letterbox_size, postprocess, preprocess
+from centerpoint.runtime.devices import select_backend
 from centerpoint.spec import ExperimentSpec, with_updates
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
@@ -57,7 +57,7 @@ class Detector:
 
     def __init__(self, ckpt: Checkpoint, device: str = "auto", score_thr: float = 0.3,
                  batch_size: int | None = None) -> None:
-        from centerpoint.inference import load_model
+        from centerpoint.evaluation.predict import load_model
 
         spec: ExperimentSpec = with_updates(ckpt.spec, {"runtime.device": device})
         self.spec, self.score_thr = spec, score_thr
@@ -120,7 +120,7 @@ class Detector:
 
     def draw(self, image: ImageLike, result: Detections) -> Image.Image:
         """The image with the result's boxes, class names and scores drawn (as `centerpoint predict` draws)."""
-        from centerpoint.visualize import draw_boxes
+        from centerpoint.evaluation.visualize import draw_boxes
 
         rgb = np.asarray(self.image(image))
         drawn = draw_boxes(rgb, result.boxes, result.labels.astype(int), self.names, result.scores, min_side=0)

@@ -29,10 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from centerpoint.atomic import atomic_path
 from centerpoint.cadence import epoch_of, itstime
 from centerpoint.classes import Classes, from_meta
 from centerpoint.errors import CenterpointError, first_line
+from centerpoint.io.atomic import atomic_path
 from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
 from centerpoint.state import TrainState, flatten_state, unflatten, unflatten_state
 
@@ -108,8 +108,8 @@ def remove_partial_writes(run_dir: Path) -> int:
     For the run's writer, holding the run directory's lock, before it starts. A temp file whose writer
     (the pid in its name) is still alive is left alone: it is another process's write in progress.
     """
-    from centerpoint.atomic import writer_pid
-    from centerpoint.rundir import alive
+    from centerpoint.io.atomic import writer_pid
+    from centerpoint.io.run_dir import alive
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():

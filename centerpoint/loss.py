@@ -41,7 +41,7 @@ def centernet_loss(pred: dict[str, Tensor], targets: dict[str, Tensor], heatmap_
     Args:
         pred: ``heatmap`` logits ``(B, C, H, W)`` (before sigmoid), ``wh`` ``(B, 2, H, W)`` and
             ``offset`` ``(B, 2, H, W)`` in feature-map cells.
-        targets: output of :func:`centerpoint.targets.make_targets` with the same shapes plus
+        targets: output of :func:`centerpoint.data.targets.make_targets` with the same shapes plus
             ``reg_weight`` ``(B, 1, H, W)``.
         heatmap_weight, wh_weight, offset_weight: term weights (mmdet defaults 1, 0.1, 1).
         alpha, gamma: focal exponents on the prediction and on ``1 - target``.

@@ -24,20 +24,21 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from centerpoint import distributed, rundir
 from centerpoint.checkpoint import Checkpointer, remove_partial_writes, restore_state
 from centerpoint.classes import Classes, align, of_index, with_num_classes
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.loader import steps_per_epoch
-from centerpoint.data_paths import data_root, load_split
-from centerpoint.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
+from centerpoint.data.paths import data_root, load_split
 from centerpoint.errors import CenterpointError
-from centerpoint.loss_scale import init_loss_scale
+from centerpoint.io import run_dir as rundir
+from centerpoint.io.monitor import make_progress
 from centerpoint.model import Apply, Model, build_model
-from centerpoint.monitor import make_progress
-from centerpoint.optim_plan import OptimizerPlan, build_optimizer
+from centerpoint.optim.loss_scale import init_loss_scale
+from centerpoint.optim.plan import OptimizerPlan, build_optimizer
+from centerpoint.optim.schedules import Schedule
 from centerpoint.resume import check_same_data, resume_checkpoint, resume_step
-from centerpoint.schedules import Schedule
+from centerpoint.runtime import distributed
+from centerpoint.runtime.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
 from centerpoint.spec import ExperimentSpec
 from centerpoint.state import TrainState, flatten_state, init_state, to_device
 from centerpoint.step import make_predict_step, make_train_step
@@ -154,11 +155,11 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
                         convert=(lambda net: distributed.sync_batchnorm(net, dist)) if spec.runtime.sync_bn else None)
     params, buffers = model.params, model.buffers
     if spec.model.pretrained is not None:
-        from centerpoint.imports import load_torchvision_backbone
+        from centerpoint.weights.foreign import load_torchvision_backbone
 
         params, buffers = load_torchvision_backbone(spec.model.pretrained, params, buffers)
     if spec.model.init_from is not None:  # after `pretrained`: its tensors win where both give one
-        from centerpoint.finetune import init_from
+        from centerpoint.weights.finetune import init_from
 
         say = (lambda text: console.print(text, markup=False, soft_wrap=True)) if dist.rank == 0 else None
         params, buffers = init_from(spec.model.init_from, params, buffers, say)
@@ -203,7 +204,7 @@ def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
         # Inductor's compiled-graph caches (on by default) live under /tmp unless told otherwise: keep
         # them beside the datasets so a later run of the same shapes skips most of the compile. Set before
         # torch._dynamo is asked for its backends, which settles the directory.
-        from centerpoint.cache import default_cache_dir
+        from centerpoint.io.cache import default_cache_dir
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from centerpoint.layout import channels_last as to_channels_last
+from centerpoint.runtime.memory_format import channels_last as to_channels_last
 
 Tree = dict[str, Tensor]
 

@@ -16,14 +16,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from centerpoint import optim
-from centerpoint.decode import decode_heatmap
-from centerpoint.devices import StepMode
 from centerpoint.errors import CenterpointError
+from centerpoint.evaluation.decode import decode_heatmap
 from centerpoint.loss import centernet_loss
-from centerpoint.loss_scale import update_loss_scale
 from centerpoint.model import Apply, normalize
-from centerpoint.optim_inplace import scale_tree_
+from centerpoint.optim import transforms as optim
+from centerpoint.optim.inplace import scale_tree_
+from centerpoint.optim.loss_scale import update_loss_scale
+from centerpoint.runtime.devices import StepMode
 from centerpoint.spec import ExperimentSpec
 from centerpoint.state import TrainState, Tree
 

@@ -17,16 +17,16 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from centerpoint import distributed
-from centerpoint.atomic import atomic_write_text
 from centerpoint.cadence import epoch_of, itstime
-from centerpoint.coco_metrics import format_metrics_table
 from centerpoint.data.train_batches import train_batches
 from centerpoint.errors import CenterpointError
-from centerpoint.evaluate import evaluate
-from centerpoint.interrupt import Interrupted, StopRequest, stop_requests
-from centerpoint.monitor import TensorBoard, Throughput, append_metrics, make_progress
+from centerpoint.evaluation.coco_metrics import format_metrics_table
+from centerpoint.evaluation.evaluate import evaluate
+from centerpoint.io.atomic import atomic_write_text
+from centerpoint.io.monitor import TensorBoard, Throughput, append_metrics, make_progress
 from centerpoint.run import Run
+from centerpoint.runtime import distributed
+from centerpoint.runtime.interrupt import Interrupted, StopRequest, stop_requests
 from centerpoint.spec import spec_to_yaml
 from centerpoint.state import TrainState
 from centerpoint.step import Divergence
@@ -36,7 +36,7 @@ def train(run: Run, console: Console) -> dict:
     """Train `run` to its last step; returns the last evaluation's metrics (rank 0; {} elsewhere).
 
     SIGINT/SIGTERM stop the run at the next step boundary: `latest` is saved there and `Interrupted`
-    raised (see `centerpoint.interrupt`). Rank 0's lock on the run directory is released when this ends."""
+    raised (see `centerpoint.runtime.interrupt`). Rank 0's lock on the run directory is released when this ends."""
     try:
         return _train(run, console)
     finally:

@@ -58,7 +58,7 @@ def checkpoint_import(
     if fmt not in FORMATS:
         raise CenterpointError(f"checkpoint import: unknown format {fmt!r}; supported: {', '.join(FORMATS)} "
                                "(torchvision ResNets load through the spec field model.pretrained)")
-    from centerpoint.imports import import_mmdet
+    from centerpoint.weights.foreign import import_mmdet
 
     result = import_mmdet(src, dst, spec)
     checked = f"sha256 {result.sha256_prefix} verified" if result.sha256_prefix else "no sha256 in the name"

@@ -62,9 +62,9 @@ def data_check(
     spec = resolve_spec(spec_file, sets, data_dir=data_dir)  # --data-dir: a COCO-format dataset
     from rich.console import Console
 
-    from centerpoint.data_paths import existing_data_root, shapes_root
-    from centerpoint.doctor import blocking_problems, check_split
-    from centerpoint.monitor import make_progress
+    from centerpoint.data.check import blocking_problems, check_split
+    from centerpoint.data.paths import existing_data_root, shapes_root
+    from centerpoint.io.monitor import make_progress
 
     root = existing_data_root(spec)  # read only: a synthetic set is checked if there, never generated
     if root is None:
@@ -122,7 +122,7 @@ def _sizes_table(report: object) -> object:
     """Percentiles of image and box sizes (pixels) and objects per image of one split."""
     from rich.table import Table
 
-    from centerpoint.size_stats import PERCENTILES, percentile_rows
+    from centerpoint.data.size_stats import PERCENTILES, percentile_rows
 
     table = Table(title=f"{report.split}: sizes in pixels, percentiles")
     table.add_column("")
@@ -135,7 +135,7 @@ def _sizes_table(report: object) -> object:
 
 def _print_suggestion(console: object, reports: list, spec: object) -> None:
     """The input_size / test_size the train split's sizes suggest, and why."""
-    from centerpoint.size_stats import suggest
+    from centerpoint.data.size_stats import suggest
 
     train = next((r for r in reports if r.split == "train" and r.sizes is not None), None)
     tip = suggest(train.sizes) if train is not None else None

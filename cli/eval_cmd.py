@@ -40,13 +40,13 @@ def evaluate(
     --nproc-per-node N: N workers (one per device) each predict a shard; rank 0 computes the metrics."""
     import json
 
-    from centerpoint.atomic import atomic_write_text
     from centerpoint.checkpoint import load_checkpoint
-    from centerpoint.coco_metrics import format_metrics_table
-    from centerpoint.distributed import context
-    from centerpoint.evaluate import write_results
-    from centerpoint.inference import evaluate_checkpoint
-    from centerpoint.monitor import make_progress
+    from centerpoint.evaluation.coco_metrics import format_metrics_table
+    from centerpoint.evaluation.evaluate import write_results
+    from centerpoint.evaluation.predict import evaluate_checkpoint
+    from centerpoint.io.atomic import atomic_write_text
+    from centerpoint.io.monitor import make_progress
+    from centerpoint.runtime.distributed import context
 
     ckpt = load_checkpoint(checkpoint)
     spec = resolve_spec(spec_file, sets, base=ckpt.spec, device=device, data_dir=data_dir)

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from centerpoint.errors import CenterpointError
-from centerpoint.interrupt import Interrupted
+from centerpoint.runtime.interrupt import Interrupted
 from cli import checkpoint_cmd, data_cmd, spec_cmd
 from cli.eval_cmd import evaluate
 from cli.export_cmd import export
@@ -62,7 +62,7 @@ def main() -> None:
     """Console-script entry: CenterpointError, OSError and usage errors -> one line on stderr, exit 2
     (--debug: traceback); SIGINT / SIGTERM -> exit 130 / 143."""
     from centerpoint.errors import one_line_warnings
-    from centerpoint.interrupt import raise_on_signals
+    from centerpoint.runtime.interrupt import raise_on_signals
 
     raise_on_signals()
     one_line_warnings()

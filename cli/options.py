@@ -94,7 +94,7 @@ def launched_workers(nproc_per_node: int | None, nnodes: int, node_rank: int, ma
     """Check the job shape the launch flags ask for; when it needs workers started here, run this same
     command line as those workers (calling `before_launch()` first) and return True once they finished.
     False: this process is the job (alone, or already a worker of torchrun/srun/a launch)."""
-    from centerpoint.launch import LaunchPlan, check_plan, launch_workers, needs_launch
+    from centerpoint.runtime.launch import LaunchPlan, check_plan, launch_workers, needs_launch
 
     plan = LaunchPlan(nproc_per_node or 1, nnodes, node_rank, master_addr, master_port, max_restarts,
                       requested=nproc_per_node is not None)

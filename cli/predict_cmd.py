@@ -22,8 +22,8 @@ def predict(
     --out must not be a folder of the inputs; a file there is replaced only if predict wrote it."""
     from centerpoint.checkpoint import load_checkpoint
     from centerpoint.classes import classes_of
-    from centerpoint.inference import collect_images, predict_files
-    from centerpoint.predict_out import check_outputs, drawing_names
+    from centerpoint.evaluation.predict import collect_images, predict_files
+    from centerpoint.evaluation.predict_out import check_outputs, drawing_names
     from centerpoint.spec import with_updates
 
     ckpt = load_checkpoint(checkpoint)

@@ -142,7 +142,7 @@ def train(
 
     def check_run_dir() -> None:  # before the workers all fail on it
         if node_rank == 0:
-            from centerpoint.rundir import check_start
+            from centerpoint.io.run_dir import check_start
 
             check_start(Path(spec.logging.workdir), bool(resume or resume_from))
 
@@ -150,8 +150,8 @@ def train(
         return
     from rich.console import Console
 
-    from centerpoint.distributed import context
     from centerpoint.run import build_run
+    from centerpoint.runtime.distributed import context
     from centerpoint.train import train as run_train
 
     try:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from centerpoint.checkpoint import save_checkpoint
 from centerpoint.model import init
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.optim.plan import build_optimizer
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
 

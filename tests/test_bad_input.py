@@ -51,9 +51,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
     import torch
 
     from centerpoint.checkpoint import save_checkpoint
-    from centerpoint.data_paths import data_root
+    from centerpoint.data.paths import data_root
     from centerpoint.model import init
-    from centerpoint.optim_plan import build_optimizer
+    from centerpoint.optim.plan import build_optimizer
     from centerpoint.state import init_state
 
     base = tmp_path_factory.mktemp("shared")
@@ -391,7 +391,7 @@ def _broken_dataset(shared: Shared, root: Path) -> Path:
 
 
 def test_check_finds_every_planted_fault(shared: Shared, tmp_path: Path) -> None:
-    from centerpoint.doctor import blocking_problems, check_split
+    from centerpoint.data.check import blocking_problems, check_split
 
     data = _broken_dataset(shared, tmp_path)
     spec = load_spec(None, ["data.dataset=coco", f"data.root={data}"])

@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 from centerpoint.checkpoint import latest_checkpoint, load_checkpoint, restore_state, save_checkpoint
 from centerpoint.errors import CenterpointError
 from centerpoint.model import init
-from centerpoint.optim import apply_updates
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.optim.plan import build_optimizer
+from centerpoint.optim.transforms import apply_updates
 from centerpoint.spec import load_spec
 from centerpoint.state import flatten_state, init_state
 from tests.conftest import TINY

@@ -1,4 +1,4 @@
-"""Tests for centerpoint.coco_metrics: exact values on hand-checkable cases, backend parity, input errors."""
+"""Tests for centerpoint.evaluation.coco_metrics: exact values on hand-checkable cases, backend parity, input errors."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from centerpoint.coco_metrics import (
+from centerpoint.data.coco_json import load_coco
+from centerpoint.errors import CenterpointError
+from centerpoint.evaluation.coco_metrics import (
     METRIC_KEYS,
     coco_bbox_metrics,
     format_metrics_table,
     results_to_json,
 )
-from centerpoint.data.coco_json import load_coco
-from centerpoint.errors import CenterpointError
 
 BACKENDS = ["pycocotools", "faster-coco-eval"]
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 9, "name": "bird"}]

@@ -19,17 +19,17 @@ from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoi
 from centerpoint.data.coco import load_index
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, collate_source, collate_train
-from centerpoint.decode import boxes_to_original, decode_heatmap
-from centerpoint.devices import make_backend, resolve_precision, step_mode
-from centerpoint.evaluate import compute_metrics, predict_split
-from centerpoint.layout import channels_last
-from centerpoint.loss_scale import init_loss_scale
+from centerpoint.data.targets import make_targets
+from centerpoint.evaluation.decode import boxes_to_original, decode_heatmap
+from centerpoint.evaluation.evaluate import compute_metrics, predict_split
 from centerpoint.model import build_network, init, make_apply
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.optim.loss_scale import init_loss_scale
+from centerpoint.optim.plan import build_optimizer
+from centerpoint.runtime.devices import make_backend, resolve_precision, step_mode
+from centerpoint.runtime.memory_format import channels_last
 from centerpoint.spec import load_spec
 from centerpoint.state import TrainState, init_state
 from centerpoint.step import make_predict_step, make_train_step
-from centerpoint.targets import make_targets
 from tests.helpers import write_box_coco
 
 pytestmark = pytest.mark.cuda

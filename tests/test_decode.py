@@ -1,11 +1,11 @@
-"""Tests for centerpoint.decode: hand-built peaks and a targets -> decode round trip."""
+"""Tests for centerpoint.evaluation.decode: hand-built peaks and a targets -> decode round trip."""
 
 import pytest
 import torch
 
-from centerpoint.decode import boxes_to_original, decode_heatmap, local_max
+from centerpoint.data.targets import make_targets
 from centerpoint.errors import CenterpointError
-from centerpoint.targets import make_targets
+from centerpoint.evaluation.decode import boxes_to_original, decode_heatmap, local_max
 
 
 def test_hand_built_peaks() -> None:

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from centerpoint import devices
 from centerpoint.data.coco import load_index
 from centerpoint.data.device_augment import augment_batch, distort_batch, warp_batch, window_mask
 from centerpoint.data.loader import (
@@ -23,10 +22,11 @@ from centerpoint.data.loader import (
     distortion_vector,
 )
 from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion
+from centerpoint.data.targets import make_targets
 from centerpoint.data.transforms import inside_mask, inside_window, invert, scale_translate, warp
 from centerpoint.errors import CenterpointError
+from centerpoint.runtime import devices
 from centerpoint.spec import CenterCropSpec, DataSpec
-from centerpoint.targets import make_targets
 from tests.helpers import write_box_coco
 
 CLASSES, STRIDE = 3, 4

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from centerpoint import devices
 from centerpoint.errors import CenterpointError
+from centerpoint.runtime import devices
 
 
 def test_auto_prefers_cuda_then_sdaa_then_cpu():

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from centerpoint import devices, distributed, launch
 from centerpoint.errors import CenterpointError
+from centerpoint.runtime import devices, distributed, launch
 from tests.helpers import write_coco
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +72,9 @@ def _train_float64(spec, ctx: distributed.Context, batches: list, spe: int) -> d
     amplify to ~1e-3 even between two batch orders of one process, then stays far below the tolerance).
     Built from the pieces `run.build_run` wires: sync BN, broadcast, identity check, gradient mean."""
     from centerpoint.checkpoint import state_tensors
-    from centerpoint.devices import StepMode
     from centerpoint.model import build_network, init, make_apply
-    from centerpoint.optim_plan import build_optimizer
+    from centerpoint.optim.plan import build_optimizer
+    from centerpoint.runtime.devices import StepMode
     from centerpoint.state import flatten_state, init_state
     from centerpoint.step import make_train_step
 
@@ -107,7 +107,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint, state_tensors
     from centerpoint.data.loader import DetectionDataset, epoch_batches, make_loader
     from centerpoint.data.train_batches import train_collate
-    from centerpoint.evaluate import evaluate, predict_split
+    from centerpoint.evaluation.evaluate import evaluate, predict_split
     from centerpoint.run import build_run
 
     out_dir = Path(out)
@@ -482,7 +482,7 @@ def test_sdaa_backend_registered_like_torch_sdaa_does(tmp_path: Path, vendor_amp
     """))
     code = textwrap.dedent("""
         import sys
-        from centerpoint import devices
+        from centerpoint.runtime import devices
         devices.select_backend("cpu")
         assert "torch_sdaa" not in sys.modules
         backend = devices.select_backend("sdaa", 1)

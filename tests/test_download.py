@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from centerpoint import fetch as fetcher
-from centerpoint.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from centerpoint.data import download as dl
 from centerpoint.data.download import COCO2017, RemoteFile, download_coco, file_url
 from centerpoint.errors import CenterpointError
+from centerpoint.io import http as fetcher
+from centerpoint.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from tests.helpers import run_cli, serve
 
 # --------------------------------------------------------------------------------------------- fixtures

@@ -19,9 +19,9 @@ from PIL import Image
 from torch import Tensor
 
 from centerpoint.data.coco import load_index
-from centerpoint.devices import make_backend
-from centerpoint.evaluate import compute_metrics, detections_to_rows, predict_split
+from centerpoint.evaluation.evaluate import compute_metrics, detections_to_rows, predict_split
 from centerpoint.model import build_network, init, make_apply
+from centerpoint.runtime.devices import make_backend
 from centerpoint.spec import ExperimentSpec, load_spec
 from centerpoint.step import make_predict_step
 from tests.helpers import write_coco

@@ -18,7 +18,7 @@ NET = ["model.width=8", "model.neck_channels=[16,16,8]", "model.head_channels=8"
 def _save(path: Path, sets: list[str], seed: int = 1) -> Path:
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.model import init
-    from centerpoint.optim_plan import build_optimizer
+    from centerpoint.optim.plan import build_optimizer
     from centerpoint.state import init_state
 
     spec = load_spec(None, [*NET, *sets])
@@ -28,8 +28,8 @@ def _save(path: Path, sets: list[str], seed: int = 1) -> Path:
 
 
 def test_other_class_count_reinitialises_only_the_heatmap_output(tmp_path: Path) -> None:
-    from centerpoint.finetune import init_from
     from centerpoint.model import init
+    from centerpoint.weights.finetune import init_from
 
     ckpt = _save(tmp_path / "five.safetensors", ["model.num_classes=5"])
     spec3 = load_spec(None, [*NET, "model.num_classes=3"]).model
@@ -88,8 +88,8 @@ def test_init_from_wins_over_pretrained_and_both_apply(tmp_path: Path, cache_dir
     ("wide.safetensors", "fits under half of this model's parameters"),
 ])
 def test_init_from_errors(tmp_path: Path, what: str, message: str) -> None:
-    from centerpoint.finetune import init_from
     from centerpoint.model import init
+    from centerpoint.weights.finetune import init_from
 
     _save(tmp_path / "wide.safetensors", ["model.width=16", "model.neck_channels=[32,32,16]",
                                           "model.head_channels=16"])

@@ -87,9 +87,9 @@ def test_coco_json_rejects(name: str, tmp_path: Path) -> None:
 def shared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Shared:
     """A small COCO-format dataset (a copy of the tiny synthetic one) and a checkpoint of its model."""
     from centerpoint.checkpoint import save_checkpoint
-    from centerpoint.data_paths import data_root
+    from centerpoint.data.paths import data_root
     from centerpoint.model import init
-    from centerpoint.optim_plan import build_optimizer
+    from centerpoint.optim.plan import build_optimizer
     from centerpoint.state import init_state
 
     base = tmp_path_factory.mktemp("foreign")

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from centerpoint import weights
 from centerpoint.checkpoint import load_checkpoint
-from centerpoint.devices import select_backend
 from centerpoint.errors import CenterpointError
-from centerpoint.imports import import_mmdet, load_torchvision_backbone
-from centerpoint.inference import load_model
+from centerpoint.evaluation.predict import load_model
 from centerpoint.model import build_network, init, make_apply, normalize
+from centerpoint.runtime.devices import select_backend
 from centerpoint.spec import MMDET_R18, ModelSpec
+from centerpoint.weights import published as weights
+from centerpoint.weights.foreign import import_mmdet, load_torchvision_backbone
 from tests.helpers import call_cli, run_cli, serve_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -376,7 +376,7 @@ def test_a_cached_weights_file_that_fails_its_hash_is_refused_not_replaced(tmp_p
 
 def test_weights_come_through_the_resumable_fetcher_and_a_foreign_part_file_is_refused(tmp_path, http_dir,
                                                                                       monkeypatch):
-    from centerpoint import fetch as fetcher
+    from centerpoint.io import http as fetcher
 
     url, served, hits = http_dir
     name = save_pth(torchvision_resnet18(seed=7), served, "resnet18", mmdet=False).name

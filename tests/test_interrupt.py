@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from centerpoint.errors import one_line_warnings
-from centerpoint.interrupt import Interrupted, stop_requests
+from centerpoint.runtime.interrupt import Interrupted, stop_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 

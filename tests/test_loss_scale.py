@@ -4,10 +4,10 @@ import numpy as np
 import torch
 
 from centerpoint.checkpoint import load_checkpoint, restore_state, save_checkpoint
-from centerpoint.devices import StepMode
-from centerpoint.loss_scale import init_loss_scale, update_loss_scale
 from centerpoint.model import build_network, init, make_apply
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.optim.loss_scale import init_loss_scale, update_loss_scale
+from centerpoint.optim.plan import build_optimizer
+from centerpoint.runtime.devices import StepMode
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
 from centerpoint.step import make_train_step

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from centerpoint import optim
-from centerpoint import schedules as sch
-from centerpoint.schedules import Schedule
+from centerpoint.optim import schedules as sch
+from centerpoint.optim import transforms as optim
+from centerpoint.optim.schedules import Schedule
 from centerpoint.state import Tree
 
 TorchOptFactory = Callable[[list[dict]], torch.optim.Optimizer]
@@ -449,7 +449,7 @@ def test_schedule_sees_zero_based_step_count() -> None:
 
 
 def test_chain_never_writes_into_a_foreign_transforms_tensors() -> None:
-    # A user transform (not from centerpoint.optim) that keeps its input updates in its state: the
+    # A user transform (not from centerpoint.optim.transforms) that keeps its input updates in its state: the
     # elements after it in the chain must not scale those tensors in place.
     def remember_init(params: Tree) -> Tree:
         return {f"last.{k}": torch.zeros_like(p) for k, p in params.items()}

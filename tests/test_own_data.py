@@ -85,7 +85,7 @@ def _checkpoint(path: Path, classes: tuple[str, ...] | None, ids: tuple[int, ...
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.classes import Classes
     from centerpoint.model import init
-    from centerpoint.optim_plan import build_optimizer
+    from centerpoint.optim.plan import build_optimizer
     from centerpoint.spec import load_spec
     from centerpoint.state import init_state
 
@@ -159,7 +159,7 @@ def test_data_check_names_the_field_of_a_missing_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("n", [2, 5])
 def test_tags_never_overprint(n: int) -> None:
-    from centerpoint.visualize import draw_boxes, place_tags
+    from centerpoint.evaluation.visualize import draw_boxes, place_tags
 
     boxes = np.array([[10, 10, 60, 40]] * n, dtype=np.float64)  # the same box n times: tags must move
     tags = place_tags(boxes, [(50, 16)] * n, (200, 150))
@@ -174,7 +174,7 @@ def test_tags_never_overprint(n: int) -> None:
 
 
 def test_drawing_survives_a_diverged_model() -> None:
-    from centerpoint.visualize import draw_boxes
+    from centerpoint.evaluation.visualize import draw_boxes
 
     boxes = np.array([[50, 40, 10, 10], [np.nan, 0, 5, 5], [0, 0, np.inf, 3], [5, 5, 30, 30]], dtype=np.float64)
     picture = draw_boxes(np.zeros((60, 80, 3), np.uint8), boxes, [0, 1, 2, 3], ["a", "b", "c", "d"],

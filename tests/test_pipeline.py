@@ -14,6 +14,7 @@ from PIL import Image
 from centerpoint.data.coco import load_index
 from centerpoint.data.loader import DetectionDataset, collate_train, read_image, shared_empty
 from centerpoint.data.photometric import Distortion, apply_distortion, draw_distortion, photometric_distort
+from centerpoint.data.targets import gaussian_radius, make_targets
 from centerpoint.data.train_image import warp_bgr
 from centerpoint.data.transforms import (
     center_crop_affine,
@@ -23,9 +24,8 @@ from centerpoint.data.transforms import (
     transform_boxes,
     warp,
 )
-from centerpoint.decode import boxes_to_original
+from centerpoint.evaluation.decode import boxes_to_original
 from centerpoint.spec import CenterCropSpec, DataSpec
-from centerpoint.targets import gaussian_radius, make_targets
 from tests.helpers import write_box_coco
 
 # ---- the previous formulations, kept verbatim as references ----------------------------------------

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from centerpoint.checkpoint import save_checkpoint
+from centerpoint.evaluation.predict_out import MANIFEST, drawing_names
 from centerpoint.model import init
-from centerpoint.optim_plan import build_optimizer
-from centerpoint.predict_out import MANIFEST, drawing_names
+from centerpoint.optim.plan import build_optimizer
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
 from tests.conftest import TINY

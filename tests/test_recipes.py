@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from centerpoint.data_paths import load_split
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.data.paths import load_split
+from centerpoint.optim.plan import build_optimizer
 from centerpoint.spec import load_spec
 from tests.helpers import write_coco
 

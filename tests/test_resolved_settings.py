@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from centerpoint import devices
+from centerpoint.runtime import devices
 from centerpoint.spec import ResolvedSpec, load_spec, spec_from_json, with_updates
 from tests.helpers import run_cli
 

@@ -253,7 +253,7 @@ def _poisoned_train(spec, resume: bool, poison: set[int], crash_at: int | None) 
 def _batch_keys(spec) -> list[int]:  # noqa: ANN001
     """The image sums of the run's batches, in training order, straight from the data pipeline."""
     from centerpoint.data.loader import DetectionDataset, epoch_batches
-    from centerpoint.data_paths import data_root, load_split
+    from centerpoint.data.paths import data_root, load_split
 
     index = load_split(spec, data_root(spec), True)
     data = DetectionDataset(index, spec.data, spec.train.seed, train=True)
@@ -397,7 +397,7 @@ def test_restore_keeps_the_template_memory_format(tmp_path: Path) -> None:
     """A channels-last run resumes with channels-last weights (the loaded file is plain contiguous)."""
     from centerpoint.checkpoint import restore_state
     from centerpoint.model import init
-    from centerpoint.optim_plan import build_optimizer
+    from centerpoint.optim.plan import build_optimizer
     from centerpoint.state import init_state
 
     spec = load_spec(None)

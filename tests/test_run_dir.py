@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from centerpoint import rundir
 from centerpoint.checkpoint import Checkpointer, load_checkpoint, read_header, remove_partial_writes, save_checkpoint
 from centerpoint.errors import CenterpointError
+from centerpoint.io import run_dir as rundir
 from centerpoint.model import init
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.optim.plan import build_optimizer
 from centerpoint.spec import load_spec
 from centerpoint.state import TrainState, init_state
 from tests.conftest import TINY
@@ -72,7 +72,7 @@ def test_the_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(
         tmp_path: Path, cache_dir: Path) -> None:
     work = tmp_path / "run"
     _finished_checkpoint(work)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from centerpoint.rundir import lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from centerpoint.io.run_dir import lock; "
                                "lock(sys.argv[1]); print('locked', flush=True); sys.stdin.read()", str(work)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})

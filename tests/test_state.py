@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from centerpoint import optim
-from centerpoint.layout import is_channels_last
-from centerpoint.loss_scale import init_loss_scale
+from centerpoint.optim import transforms as optim
+from centerpoint.optim.loss_scale import init_loss_scale
+from centerpoint.runtime.memory_format import is_channels_last
 from centerpoint.state import flatten_state, init_state, map_state, to_device, unflatten_state
 
 

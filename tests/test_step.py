@@ -1,15 +1,16 @@
 import pytest
 import torch
 
-from centerpoint import layout, optim
-from centerpoint.devices import StepMode, make_backend, step_mode
+from centerpoint.data.targets import make_targets
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, init, make_apply, normalize
-from centerpoint.optim_plan import build_optimizer
+from centerpoint.optim import transforms as optim
+from centerpoint.optim.plan import build_optimizer
+from centerpoint.runtime import memory_format as layout
+from centerpoint.runtime.devices import StepMode, make_backend, step_mode
 from centerpoint.spec import load_spec
 from centerpoint.state import init_state
 from centerpoint.step import make_predict_step, make_train_step
-from centerpoint.targets import make_targets
 
 
 def _batch(b=2, size=64, seed=0):

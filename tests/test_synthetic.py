@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from centerpoint.cache import default_cache_dir
 from centerpoint.data.shapes_cache import ensure_shapes_dataset
 from centerpoint.data.synthetic import (
     CLASSES,
@@ -21,6 +20,7 @@ from centerpoint.data.synthetic import (
     render_sample,
 )
 from centerpoint.errors import CenterpointError
+from centerpoint.io.cache import default_cache_dir
 
 NUM_TRAIN, NUM_VAL = 20, 5
 

@@ -1,12 +1,12 @@
-"""Tests for centerpoint.targets against hand-computed values and a slow mmdet-style reference."""
+"""Tests for centerpoint.data.targets against hand-computed values and a slow mmdet-style reference."""
 
 import math
 
 import pytest
 import torch
 
+from centerpoint.data.targets import gaussian_radius, make_targets
 from centerpoint.errors import CenterpointError
-from centerpoint.targets import gaussian_radius, make_targets
 
 EPS32 = torch.finfo(torch.float32).eps
 

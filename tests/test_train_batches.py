@@ -26,8 +26,8 @@ def test_step_batches_continue_the_epoch_order_from_any_step() -> None:
 
 
 def test_train_batches_from_a_later_step_equal_the_uninterrupted_ones(cache_dir: Path) -> None:
-    from centerpoint.data_paths import data_root, load_split
-    from centerpoint.devices import resolve_settings
+    from centerpoint.data.paths import data_root, load_split
+    from centerpoint.runtime.devices import resolve_settings
 
     spec = load_spec(None, [*TINY, "runtime.device=cpu", "data.photometric=true"])
     backend, resolved, _ = resolve_settings(spec, 0)

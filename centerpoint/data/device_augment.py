@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from centerpoint.targets import make_targets
+from centerpoint.data.targets import make_targets
 
 # Columns of the per-image distortion vector `collate_source` ships ("distortion", (B, 9) float32).
 BRIGHTNESS, CONTRAST_FIRST, SATURATION, HUE, CONTRAST_LAST, HSV, ORDER = 0, 1, 2, 3, 4, 5, slice(6, 9)

@@ -1,7 +1,7 @@
 """Download (and optionally unpack) COCO 2017 with resume, retries and checksum verification.
 
 Layout under `root` for a file NAME:
-  NAME.part, .NAME.part.owner, NAME   the download in progress and its result (`centerpoint.fetch`)
+  NAME.part, .NAME.part.owner, NAME   the download in progress and its result (`centerpoint.io.http`)
   NAME.verified      sidecar (size, md5, mtime) so a 19 GB archive is not re-hashed on every run
   .NAME.unpacked     marker written after the archive's top-level entries were moved into place
   .NAME.*.unpacking  temporary extraction directory, marked inside as ours (removed on failure, cleaned
@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from centerpoint.atomic import atomic_write_text
 from centerpoint.data.unpack import unpack, unpacked_entries
 from centerpoint.errors import CenterpointError
-from centerpoint.fetch import Bar, Expected, fetch, hash_file
-from centerpoint.monitor import make_progress
+from centerpoint.io.atomic import atomic_write_text
+from centerpoint.io.http import Bar, Expected, fetch, hash_file
+from centerpoint.io.monitor import make_progress
 
 __all__ = ["COCO2017", "DEFAULT_BASE_URL", "ENV_BASE_URL", "RemoteFile", "download_coco", "file_url"]
 

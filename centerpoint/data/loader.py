@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.images import decode, open_image
 from centerpoint.data.photometric import Distortion, draw_distortion
+from centerpoint.data.targets import make_targets, max_radius
 from centerpoint.data.train_image import decode_bgr, to_planes, warp_bgr, zero_outside_
 from centerpoint.data.transforms import (
     center_crop_affine,
@@ -33,7 +34,6 @@ from centerpoint.data.transforms import (
 )
 from centerpoint.errors import CenterpointError
 from centerpoint.spec import PILLOW_MAX_PIXELS, DataSpec
-from centerpoint.targets import make_targets, max_radius
 
 Key = tuple[int, int]  # (epoch, sample index)
 
@@ -333,8 +333,8 @@ def init_worker(worker_id: int) -> None:
     0.15 ms for `(x + b) * c` on a 512 px image)."""
     import cv2
 
-    from centerpoint.devices import keep_freed_host_memory
-    from centerpoint.interrupt import loader_worker_init
+    from centerpoint.runtime.devices import keep_freed_host_memory
+    from centerpoint.runtime.interrupt import loader_worker_init
 
     loader_worker_init(worker_id)
     cv2.setNumThreads(1)

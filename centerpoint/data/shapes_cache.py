@@ -18,9 +18,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from centerpoint.cache import TMP_MARKER, remove_stale_staging, staging_dir
 from centerpoint.data.synthetic import CLASSES, VERSION, render_sample
 from centerpoint.errors import CenterpointError
+from centerpoint.io.cache import TMP_MARKER, remove_stale_staging, staging_dir
 
 _JPEG_QUALITY = 90
 _MANIFEST = "DONE"

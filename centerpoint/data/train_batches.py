@@ -19,7 +19,7 @@ from torch import Tensor
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.device_augment import augment_batch
 from centerpoint.data.loader import DetectionDataset, Key, collate_source, collate_train, epoch_batches, make_loader
-from centerpoint.devices import Backend
+from centerpoint.runtime.devices import Backend
 from centerpoint.spec import ExperimentSpec
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from centerpoint.atomic import atomic_write_text, fsync_dir
-from centerpoint.cache import remove_stale_staging, staging_dir
 from centerpoint.errors import CenterpointError
+from centerpoint.io.atomic import atomic_write_text, fsync_dir
+from centerpoint.io.cache import remove_stale_staging, staging_dir
 
 
 def _marker(root: Path, name: str) -> Path:

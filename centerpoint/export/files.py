@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from centerpoint.atomic import atomic_write_bytes, atomic_write_text
 from centerpoint.errors import CenterpointError
+from centerpoint.io.atomic import atomic_write_bytes, atomic_write_text
 
 WRITTEN_BY = "centerpoint export"
 

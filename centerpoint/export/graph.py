@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from centerpoint.checkpoint import Checkpoint
-from centerpoint.decode import decode_heatmap
-from centerpoint.devices import select_backend
-from centerpoint.inference import load_model
+from centerpoint.evaluation.decode import decode_heatmap
+from centerpoint.evaluation.predict import load_model
 from centerpoint.model import build_network
+from centerpoint.runtime.devices import select_backend
 from centerpoint.spec import ExperimentSpec, with_updates
 from centerpoint.step import make_heads_step
 

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from centerpoint.build import build_optimizer
+
 from centerpoint.checkpoint import FORMAT_VERSION, save_checkpoint
 from centerpoint.optim import apply_updates
 from centerpoint.spec import load_spec

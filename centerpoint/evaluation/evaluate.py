@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from centerpoint import distributed
-from centerpoint.coco_metrics import coco_bbox_metrics
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import DetectionDataset, collate_eval, eval_batches, make_loader
 from centerpoint.data.transforms import eval_affine
-from centerpoint.decode import boxes_to_original
-from centerpoint.devices import Backend, loader_workers
+from centerpoint.evaluation.coco_metrics import coco_bbox_metrics
+from centerpoint.evaluation.decode import boxes_to_original
+from centerpoint.runtime import distributed
+from centerpoint.runtime.devices import Backend, loader_workers
 from centerpoint.spec import ExperimentSpec
 
 Predict = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], tuple[Tensor, ...]]
@@ -116,6 +116,6 @@ def write_results(path: Path, rows: np.ndarray) -> None:
     """Save detections as a COCO results json (atomically)."""
     import json
 
-    from centerpoint.atomic import atomic_write_text
+    from centerpoint.io.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(rows_to_results(rows)))

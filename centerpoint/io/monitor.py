@@ -20,7 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from centerpoint.atomic import atomic_write_text
+from centerpoint.io.atomic import atomic_write_text
 
 
 def make_progress(console: Console | None = None, enabled: bool = True, *, transfer: bool = False,
@@ -78,7 +78,7 @@ class TensorBoard:
     def evaluation(self, index: Any, rows: np.ndarray, metrics: dict, curves: dict, step: int, spec: Any) -> None:
         """An evaluation's pictures, per-class AP, time and PR curves (`visualize.log_evaluation`)."""
         if self.writer is not None:
-            from centerpoint.visualize import log_evaluation
+            from centerpoint.evaluation.visualize import log_evaluation
 
             log_evaluation(self.writer, index, rows, metrics, curves, step, spec.eval.num_visualize,
                            spec.data.max_image_pixels)

@@ -63,7 +63,7 @@ def check_plan(plan: LaunchPlan) -> None:
 def needs_launch(plan: LaunchPlan, env: dict[str, str] | None = None) -> bool:
     """Whether to start workers here: more than one process (or --nproc-per-node) asked for, and this
     process is not already a worker (torchrun, SLURM srun or a previous launch set the job up)."""
-    from centerpoint.distributed import launched
+    from centerpoint.runtime.distributed import launched
 
     return (plan.world_size > 1 or plan.requested) and not launched(os.environ if env is None else env)
 
@@ -130,14 +130,14 @@ def launch_workers(plan: LaunchPlan, command: Sequence[str]) -> None:
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         if failure.exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # workers stopped by a signal
-            from centerpoint.interrupt import Interrupted
+            from centerpoint.runtime.interrupt import Interrupted
 
             raise Interrupted(failure.exitcode - 128, quiet=True) from None  # rank 0 said where it stopped
         restarts = f" after {plan.max_restarts} restart(s)" if plan.max_restarts else ""
         raise CenterpointError(f"{describe_failure(rank, failure.exitcode, failure.pid)}{restarts}; all workers "
                                "were stopped (the worker's own error, if any, is printed above)") from None
     except SignalException as err:
-        from centerpoint.interrupt import Interrupted
+        from centerpoint.runtime.interrupt import Interrupted
 
         raise Interrupted(err.sigval) from None
     except (ValueError, RuntimeError) as err:  # rendezvous: port in use, node 0 unreachable, timeout

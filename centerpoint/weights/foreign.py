@@ -21,7 +21,7 @@ from centerpoint.classes import Classes
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.spec import ExperimentSpec, load_spec
 from centerpoint.state import Tree
-from centerpoint.weights import resolve_weights, verify_name_hash
+from centerpoint.weights.published import resolve_weights, verify_name_hash
 
 __all__ = ["ImportResult", "default_recipe", "import_mmdet", "load_torchvision_backbone", "read_state_dict"]
 
@@ -132,7 +132,7 @@ def import_mmdet(src: Path | str, dst: Path, spec_path: Path | None = None) -> I
     spec and a fresh optimizer state, so `eval` and `predict` use it directly.
     """
     from centerpoint.model import init
-    from centerpoint.optim_plan import build_optimizer
+    from centerpoint.optim.plan import build_optimizer
     from centerpoint.state import init_state
 
     file = resolve_weights(src, "checkpoint import")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from centerpoint import optim, schedules
+from centerpoint.optim import schedules
+from centerpoint.optim import transforms as optim
 from centerpoint.spec import ExperimentSpec
 
 

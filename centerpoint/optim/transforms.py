@@ -22,7 +22,7 @@ Design rules, because ``update`` runs inside ``torch.compile``:
   tensors, and there is no Python branching on tensor values.
 
 Memory reuse is not the transforms' business: a compiled step leaves it to the compiler, and the eager
-steps run the same updates as the in-place kernels of :mod:`centerpoint.optim_inplace`
+steps run the same updates as the in-place kernels of :mod:`centerpoint.optim.inplace`
 (``Transform.inplace`` of :func:`sgd`, :func:`adam` and :func:`adamw`).
 """
 
@@ -34,10 +34,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from centerpoint import optim_inplace
-from centerpoint.layout import is_channels_last
-from centerpoint.optim_inplace import DecayMask, InplaceUpdate, scalar_operands
-from centerpoint.schedules import SCALAR_DTYPE, Schedule, as_schedule
+from centerpoint.optim import inplace as optim_inplace
+from centerpoint.optim.inplace import DecayMask, InplaceUpdate, scalar_operands
+from centerpoint.optim.schedules import SCALAR_DTYPE, Schedule, as_schedule
+from centerpoint.runtime.memory_format import is_channels_last
 from centerpoint.state import Tree
 
 
@@ -45,7 +45,7 @@ class Transform(NamedTuple):
     """A pure gradient transformation: ``init(params) -> state``, ``update(grads, state, params)``.
 
     ``inplace``: the same update as an eager kernel that writes into the memory its caller gives up
-    (:mod:`centerpoint.optim_inplace`), or None; the eager train steps use it when present."""
+    (:mod:`centerpoint.optim.inplace`), or None; the eager train steps use it when present."""
 
     init: Callable[[Tree], Tree]
     update: Callable[[Tree, Tree, Tree], tuple[Tree, Tree]]

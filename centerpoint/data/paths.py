@@ -14,8 +14,8 @@ from centerpoint.spec import ExperimentSpec
 def shapes_root(spec: ExperimentSpec) -> Path:
     """Where dataset=shapes lives: `data.root`, or by default a folder of the cache directory named for its
     seed and counts."""
-    from centerpoint.cache import default_cache_dir
     from centerpoint.data.synthetic import VERSION
+    from centerpoint.io.cache import default_cache_dir
 
     data = spec.data
     return Path(data.root) if data.root else default_cache_dir() / (

@@ -33,8 +33,8 @@ from urllib.error import HTTPError, URLError
 
 from rich.progress import Progress, TaskID
 
-from centerpoint.atomic import atomic_write_text, fsync_dir
 from centerpoint.errors import CenterpointError
+from centerpoint.io.atomic import atomic_write_text, fsync_dir
 
 __all__ = ["Bar", "Expected", "fetch", "hash_file"]
 

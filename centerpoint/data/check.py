@@ -24,8 +24,8 @@ from centerpoint.data.coco_json import load_coco
 from centerpoint.data.images import decode as decode_image
 from centerpoint.data.images import open_image
 from centerpoint.data.images import verify as verify_image
+from centerpoint.data.size_stats import SplitSizes
 from centerpoint.errors import CenterpointError
-from centerpoint.size_stats import SplitSizes
 from centerpoint.spec import ExperimentSpec
 
 Progress = Callable[[int], None]

@@ -15,8 +15,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from centerpoint.atomic import atomic_write_text
 from centerpoint.errors import CenterpointError
+from centerpoint.io.atomic import atomic_write_text
 
 RESULTS = "detections.json"
 MANIFEST = ".centerpoint-predict.json"

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from centerpoint.devices import Backend, register_dist_backend
 from centerpoint.errors import CenterpointError
+from centerpoint.runtime.devices import Backend, register_dist_backend
 from centerpoint.state import TrainState, Tree, flatten_state
 
 _STORE_TIMEOUT_S = 900  # how long a worker waits for the others to join, s

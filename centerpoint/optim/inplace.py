@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from centerpoint.schedules import SCALAR_DTYPE, Schedule
+from centerpoint.optim.schedules import SCALAR_DTYPE, Schedule
 from centerpoint.state import Tree
 
 DecayMask = Callable[[str, Tensor], bool]

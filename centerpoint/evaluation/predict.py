@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from centerpoint import distributed
 from centerpoint.checkpoint import Checkpoint, check_compatible
 from centerpoint.classes import align
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import read_image
+from centerpoint.data.paths import data_root, load_split
 from centerpoint.data.transforms import eval_affine, invert, warp
-from centerpoint.data_paths import data_root, load_split
-from centerpoint.decode import boxes_to_original
-from centerpoint.devices import Backend, resolve_precision, select_backend
 from centerpoint.errors import CenterpointError, warn
-from centerpoint.evaluate import detections_to_rows, evaluate
-from centerpoint.layout import channels_last
+from centerpoint.evaluation.decode import boxes_to_original
+from centerpoint.evaluation.evaluate import detections_to_rows, evaluate
 from centerpoint.model import build_model
+from centerpoint.runtime import distributed
+from centerpoint.runtime.devices import Backend, resolve_precision, select_backend
+from centerpoint.runtime.memory_format import channels_last
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import make_predict_step
 
@@ -108,9 +108,9 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
 
     from PIL import Image
 
-    from centerpoint.atomic import atomic_write_bytes
-    from centerpoint.predict_out import RESULTS, record, sha256
-    from centerpoint.visualize import draw_boxes, rows_to_boxes
+    from centerpoint.evaluation.predict_out import RESULTS, record, sha256
+    from centerpoint.evaluation.visualize import draw_boxes, rows_to_boxes
+    from centerpoint.io.atomic import atomic_write_bytes
 
     names = names or {f: f.stem + ".jpg" for f in files}
     backend = select_backend(spec.runtime.device)

@@ -3,7 +3,7 @@
 Published checkpoints carry the start of their sha256 in their name (torchvision's
 `resnet18-f37072fd.pth`, mmdetection's `...-bb5b3bf7.pth`), so a file is verified from its name alone.
 Downloads go to `$CENTERPOINT_CACHE/weights/` (default `~/.cache/centerpoint/weights/`) through the
-project's one fetcher (`centerpoint.fetch`: resumed, retried, never over a file it did not write).
+project's one fetcher (`centerpoint.io.http`: resumed, retried, never over a file it did not write).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 from centerpoint.errors import CenterpointError
-from centerpoint.fetch import Bar, Expected, fetch, hash_file
+from centerpoint.io.http import Bar, Expected, fetch, hash_file
 
 __all__ = ["KNOWN_WEIGHTS", "fetch_weights", "name_hash", "resolve_weights", "sha256_of", "verify_name_hash",
            "weights_cache_dir"]
@@ -41,7 +41,7 @@ _HINT = "download it yourself and pass the local path"
 
 def weights_cache_dir() -> Path:
     """`$CENTERPOINT_CACHE/weights`, default `~/.cache/centerpoint/weights`."""
-    from centerpoint.cache import default_cache_dir
+    from centerpoint.io.cache import default_cache_dir
 
     return default_cache_dir() / "weights"
 
@@ -94,7 +94,7 @@ def fetch_weights(url: str, dest_dir: Path | None = None) -> Path:
                                    "another file); it is left as it is: delete it and rerun to download it "
                                    "again") from None
         return dest
-    from centerpoint.monitor import make_progress
+    from centerpoint.io.monitor import make_progress
 
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
