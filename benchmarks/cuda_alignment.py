@@ -17,7 +17,8 @@ import torch
 from common import initial_state, make_batches, make_step, print_result
 
 from centerpoint.runtime.devices import Backend, make_backend, resolve_precision
-from centerpoint.spec import ExperimentSpec, load_spec
+from centerpoint.spec import ExperimentSpec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import TrainState
 
 

@@ -423,7 +423,8 @@ def step_throughput(size: int, batch: int, device: str, precision: str) -> dict[
     """Images/s of the project's eager train step on the COCO recipes' network (CenterNet-R18, 80 classes)
     at `size` x `size`, batch `batch`, on random batches of the pipeline's shapes."""
     from centerpoint.runtime.devices import resolve_precision, select_backend
-    from centerpoint.spec import MMDET_R18, load_spec
+    from centerpoint.spec import MMDET_R18
+    from centerpoint.spec_io import load_spec
 
     backend = select_backend(device)
     prec = resolve_precision(backend, precision)

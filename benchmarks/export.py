@@ -29,7 +29,7 @@ from centerpoint.export.formats import ExportOptions, export_bytes
 from centerpoint.export.graph import ExportedDetector
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.runtime.memory_format import channels_last
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.step import make_predict_step
 
 RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "centernet_r18_coco.yaml"

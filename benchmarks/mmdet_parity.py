@@ -78,7 +78,8 @@ from centerpoint.evaluation.decode import decode_heatmap  # noqa: E402
 from centerpoint.evaluation.predict import evaluate_checkpoint  # noqa: E402
 from centerpoint.loss import centernet_loss  # noqa: E402
 from centerpoint.model import build_model, init  # noqa: E402
-from centerpoint.spec import ModelSpec, load_spec, spec_to_yaml  # noqa: E402
+from centerpoint.spec import ModelSpec  # noqa: E402
+from centerpoint.spec_io import load_spec, spec_to_yaml  # noqa: E402
 from centerpoint.weights.foreign import import_mmdet  # noqa: E402
 
 RECIPE = ROOT / "experiments" / "centernet_r18_coco.yaml"

@@ -22,7 +22,7 @@ from common import initial_state, make_batches, make_step, median_seconds, print
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, normalize
 from centerpoint.runtime.devices import select_backend
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync) -> float:  # noqa: ANN001

@@ -25,7 +25,8 @@ from centerpoint.classes import classes_of
 from centerpoint.errors import CenterpointError
 from centerpoint.export.prepost import letterbox_size, postprocess, preprocess
 from centerpoint.runtime.devices import select_backend
-from centerpoint.spec import ExperimentSpec, with_updates
+from centerpoint.spec import ExperimentSpec
+from centerpoint.spec_io import with_updates
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 

@@ -33,7 +33,8 @@ from centerpoint.cadence import epoch_of, itstime
 from centerpoint.classes import Classes, from_meta
 from centerpoint.errors import CenterpointError, first_line
 from centerpoint.io.atomic import atomic_path
-from centerpoint.spec import ExperimentSpec, spec_from_json, spec_to_json
+from centerpoint.spec import ExperimentSpec
+from centerpoint.spec_io import spec_from_json, spec_to_json
 from centerpoint.state import TrainState, flatten_state, unflatten, unflatten_state
 
 FORMAT_VERSION = "2"

@@ -104,7 +104,7 @@ def classes_of(ckpt: Checkpoint | Path | str) -> list[str]:
         return list(checkpoint_classes(ckpt).names)
     from safetensors import safe_open
 
-    from centerpoint.spec import spec_from_json
+    from centerpoint.spec_io import spec_from_json
 
     path = Path(ckpt)
     if not path.is_file():

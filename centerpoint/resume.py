@@ -54,7 +54,7 @@ def resume_step(ckpt: Checkpoint, spec: ExperimentSpec, steps_per_epoch: int, to
     Raises a CenterpointError when resuming cannot continue that run exactly: the spec changed a field
     that decides which batch comes next, or the run is set to stop before the checkpoint's step.
     """
-    from centerpoint.spec import spec_to_dict
+    from centerpoint.spec_io import spec_to_dict
 
     def get(data: dict, key: str) -> object:
         for part in key.split("."):

@@ -27,7 +27,7 @@ from centerpoint.io.monitor import TensorBoard, Throughput, append_metrics, make
 from centerpoint.run import Run
 from centerpoint.runtime import distributed
 from centerpoint.runtime.interrupt import Interrupted, StopRequest, stop_requests
-from centerpoint.spec import spec_to_yaml
+from centerpoint.spec_io import spec_to_yaml
 from centerpoint.state import TrainState
 from centerpoint.step import Divergence
 

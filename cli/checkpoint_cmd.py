@@ -21,7 +21,7 @@ FORMATS = ("mmdet",)
 def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors checkpoint.")) -> None:
     """Print a checkpoint's spec, step, metrics and a parameter summary."""
     from centerpoint.checkpoint import load_checkpoint
-    from centerpoint.spec import spec_to_yaml
+    from centerpoint.spec_io import spec_to_yaml
 
     ckpt = load_checkpoint(path)
     params = ckpt.group("params")

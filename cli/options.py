@@ -54,7 +54,7 @@ def data_dir_updates(data_dir: object, spec_file: Path | None, sets: list[str],
     model.num_classes becomes null (the data's count) too, unless the spec file or a --set names it."""
     if data_dir is None:
         return {}
-    from centerpoint.spec import parse_override, read_spec_dict
+    from centerpoint.spec_io import parse_override, read_spec_dict
 
     spec = read_spec_dict(spec_file) if spec_file is not None else {}
 
@@ -74,7 +74,14 @@ def resolve_spec(spec_file: Path | None, sets: list[str], base: ExperimentSpec |
     """The spec a command runs: `spec_file` (else `base`, e.g. a checkpoint's spec, else the built-in
     default), then the `--set` overrides in order, then the flags (`data_dir` as `data_dir_updates` says;
     the class count comes from that data unless a model is given as `base`)."""
-    from centerpoint.spec import apply_override, load_spec, parse_override, spec_from_dict, spec_to_dict, with_updates
+    from centerpoint.spec_io import (
+        apply_override,
+        load_spec,
+        parse_override,
+        spec_from_dict,
+        spec_to_dict,
+        with_updates,
+    )
 
     if spec_file is None and base is not None:
         data = spec_to_dict(base)

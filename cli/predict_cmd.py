@@ -24,7 +24,7 @@ def predict(
     from centerpoint.classes import classes_of
     from centerpoint.evaluation.predict import collect_images, predict_files
     from centerpoint.evaluation.predict_out import check_outputs, drawing_names
-    from centerpoint.spec import with_updates
+    from centerpoint.spec_io import with_updates
 
     ckpt = load_checkpoint(checkpoint)
     spec = with_updates(ckpt.spec, flag_updates(device=device)) if device else ckpt.spec

@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True, help="Show or validate experiment specs.
 @app.command("show")
 def spec_show(spec_file: Path | None = SpecArg, sets: list[str] = SetOpt) -> None:
     """Print the resolved spec as YAML."""
-    from centerpoint.spec import spec_to_yaml
+    from centerpoint.spec_io import spec_to_yaml
 
     sys.stdout.write(spec_to_yaml(resolve_spec(spec_file, sets)))
 
@@ -25,6 +25,6 @@ def spec_schema() -> None:
     """Print the JSON schema of spec files."""
     import json
 
-    from centerpoint.spec import json_schema
+    from centerpoint.spec_io import json_schema
 
     print(json.dumps(json_schema(), indent=2))

@@ -85,7 +85,7 @@ def _max_steps_from_spec(spec_file: Path | None, sets: list[str], epochs: int | 
         given = f"--max-steps {max_steps}" if max_steps is not None else "--set train.max_steps"
         raise CenterpointError(f"--epochs {epochs} and {given} contradict each other (train.max_steps would "
                                "silently override --epochs); give one of them")
-    from centerpoint.spec import load_spec
+    from centerpoint.spec_io import load_spec
 
     from_spec = load_spec(spec_file).train.max_steps
     if from_spec is None:
@@ -136,7 +136,7 @@ def train(
                         batch_size=batch_size, lr=lr, data_dir=data_dir, compile=compile, precision=precision,
                         workers=workers, seed=seed)
     if cleared:
-        from centerpoint.spec import with_updates
+        from centerpoint.spec_io import with_updates
 
         spec = with_updates(spec, cleared)
 

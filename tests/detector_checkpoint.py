@@ -11,7 +11,7 @@ from PIL import Image
 from centerpoint.checkpoint import save_checkpoint
 from centerpoint.model import init
 from centerpoint.optim.plan import build_optimizer
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import init_state
 
 # The built-in network at 64 px, fp32 (the precision an exported graph computes in).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from tests.conftest import TINY
 from tests.helpers import call_cli, run_cli
 

@@ -19,7 +19,8 @@ from centerpoint.data.transforms import (
     warp,
 )
 from centerpoint.errors import CenterpointError
-from centerpoint.spec import CenterCropSpec, DataSpec, ExperimentSpec, load_spec
+from centerpoint.spec import CenterCropSpec, DataSpec, ExperimentSpec
+from centerpoint.spec_io import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)

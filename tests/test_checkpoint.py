@@ -9,7 +9,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.model import init
 from centerpoint.optim.plan import build_optimizer
 from centerpoint.optim.transforms import apply_updates
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import flatten_state, init_state
 from tests.conftest import TINY
 from tests.helpers import call_cli

@@ -2,7 +2,7 @@
 from PIL import Image
 
 from centerpoint.data.coco import load_index
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from tests.helpers import write_coco
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 
 
 def test_compiled_run_uses_a_persistent_cache_and_reports_the_first_step(

@@ -27,7 +27,7 @@ from centerpoint.optim.loss_scale import init_loss_scale
 from centerpoint.optim.plan import build_optimizer
 from centerpoint.runtime.devices import make_backend, resolve_precision, step_mode
 from centerpoint.runtime.memory_format import channels_last
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import TrainState, init_state
 from centerpoint.step import make_predict_step, make_train_step
 from tests.helpers import write_box_coco

@@ -162,7 +162,7 @@ def test_train_loop_batches_agree_between_the_two_paths(tiny_overrides: list[str
     targets are identical, its images and the first step's loss agree to the images' rounding."""
     from centerpoint.data.train_batches import train_batches
     from centerpoint.run import build_run
-    from centerpoint.spec import load_spec
+    from centerpoint.spec_io import load_spec
 
     losses, batches = {}, {}
     for where in ("workers", "device"):

@@ -57,7 +57,7 @@ def _one_box_dataset(root: Path) -> Path:
 
 
 def _spec(root: Path, workdir: Path, batch: int):  # noqa: ANN202
-    from centerpoint.spec import load_spec
+    from centerpoint.spec_io import load_spec
 
     sets = ["data.dataset=coco", f"data.root={root}", "model.num_classes=1", "data.input_size=64", "data.test_size=64",
             "data.scale_range=[1.0,1.0]", "data.workers=0", f"train.batch_size={batch}", "eval.batch_size=8",

@@ -22,7 +22,8 @@ from centerpoint.data.coco import load_index
 from centerpoint.evaluation.evaluate import compute_metrics, detections_to_rows, predict_split
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.runtime.devices import make_backend
-from centerpoint.spec import ExperimentSpec, load_spec
+from centerpoint.spec import ExperimentSpec
+from centerpoint.spec_io import load_spec
 from centerpoint.step import make_predict_step
 from tests.helpers import write_coco
 

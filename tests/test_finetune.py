@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from centerpoint.errors import CenterpointError
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 
 NET = ["model.width=8", "model.neck_channels=[16,16,8]", "model.head_channels=8"]
 

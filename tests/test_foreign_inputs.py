@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from tests.conftest import TINY
 from tests.helpers import call_cli, run_cli
 from tests.test_bad_input import COCO, SETS, Shared, snapshot

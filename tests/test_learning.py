@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from tests.helpers import write_user_coco
 
 # A small network at 64x64 on 16 images: 60 steps, about 30 s of cpu time on 2 cores.

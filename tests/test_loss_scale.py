@@ -8,7 +8,7 @@ from centerpoint.model import build_network, init, make_apply
 from centerpoint.optim.loss_scale import init_loss_scale, update_loss_scale
 from centerpoint.optim.plan import build_optimizer
 from centerpoint.runtime.devices import StepMode
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import init_state
 from centerpoint.step import make_train_step
 from tests.test_step import _batch

@@ -5,7 +5,8 @@ import torch
 
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.nn.neck import CTResNetNeck
-from centerpoint.spec import MMDET_R18, ModelSpec, load_spec
+from centerpoint.spec import MMDET_R18, ModelSpec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import num_elements
 
 

@@ -86,7 +86,7 @@ def _checkpoint(path: Path, classes: tuple[str, ...] | None, ids: tuple[int, ...
     from centerpoint.classes import Classes
     from centerpoint.model import init
     from centerpoint.optim.plan import build_optimizer
-    from centerpoint.spec import load_spec
+    from centerpoint.spec_io import load_spec
     from centerpoint.state import init_state
 
     spec = load_spec(None, ["data.dataset=coco", "model.num_classes=4", "model.width=8",

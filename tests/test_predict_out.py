@@ -15,7 +15,7 @@ from centerpoint.checkpoint import save_checkpoint
 from centerpoint.evaluation.predict_out import MANIFEST, drawing_names
 from centerpoint.model import init
 from centerpoint.optim.plan import build_optimizer
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import init_state
 from tests.conftest import TINY
 from tests.helpers import call_cli

@@ -9,7 +9,7 @@ import torch
 
 from centerpoint.data.paths import load_split
 from centerpoint.optim.plan import build_optimizer
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from tests.helpers import write_coco
 
 ROOT = Path(__file__).resolve().parents[1]

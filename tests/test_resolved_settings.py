@@ -10,7 +10,8 @@ import yaml
 from safetensors import safe_open
 
 from centerpoint.runtime import devices
-from centerpoint.spec import ResolvedSpec, load_spec, spec_from_json, with_updates
+from centerpoint.spec import ResolvedSpec
+from centerpoint.spec_io import load_spec, spec_from_json, with_updates
 from tests.helpers import run_cli
 
 RECORD = "resolved={device: cpu, precision: fp32, compile: on, workers: 2, augment_on: device}"

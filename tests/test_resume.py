@@ -27,7 +27,7 @@ from centerpoint.checkpoint import (
     remove_partial_writes,
     save_checkpoint,
 )
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import TrainState
 from tests.conftest import TINY
 from tests.helpers import ROOT, cli_env
@@ -313,7 +313,7 @@ _HARNESS = """
 import os, random, signal, sys, time, torch
 from pathlib import Path
 from centerpoint.checkpoint import save_checkpoint
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import TrainState
 spec, path = load_spec(None), Path(sys.argv[1]) / "checkpoints" / "latest.safetensors"
 rng = random.Random(int(sys.argv[2]))

@@ -20,7 +20,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.io import run_dir as rundir
 from centerpoint.model import init
 from centerpoint.optim.plan import build_optimizer
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import TrainState, init_state
 from tests.conftest import TINY
 from tests.helpers import call_cli

@@ -5,15 +5,8 @@ import yaml
 from pydantic import ValidationError
 
 from centerpoint.errors import CenterpointError
-from centerpoint.spec import (
-    ExperimentSpec,
-    json_schema,
-    load_spec,
-    spec_from_json,
-    spec_to_json,
-    spec_to_yaml,
-    with_updates,
-)
+from centerpoint.spec import ExperimentSpec
+from centerpoint.spec_io import json_schema, load_spec, spec_from_json, spec_to_json, spec_to_yaml, with_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 

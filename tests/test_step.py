@@ -8,7 +8,7 @@ from centerpoint.optim import transforms as optim
 from centerpoint.optim.plan import build_optimizer
 from centerpoint.runtime import memory_format as layout
 from centerpoint.runtime.devices import StepMode, make_backend, step_mode
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import init_state
 from centerpoint.step import make_predict_step, make_train_step
 

@@ -11,7 +11,7 @@ from centerpoint.cadence import epoch_of, itstime
 from centerpoint.checkpoint import Checkpointer, load_checkpoint
 from centerpoint.data.loader import epoch_batches
 from centerpoint.data.train_batches import StepBatches, train_batches
-from centerpoint.spec import load_spec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import TrainState
 from tests.conftest import TINY
 

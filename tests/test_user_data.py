@@ -29,7 +29,7 @@ def shapes_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pa
     from centerpoint.checkpoint import save_checkpoint
     from centerpoint.model import init
     from centerpoint.optim.plan import build_optimizer
-    from centerpoint.spec import load_spec
+    from centerpoint.spec_io import load_spec
     from centerpoint.state import init_state
 
     spec = load_spec(None, TINY)
@@ -91,7 +91,7 @@ def test_data_check_of_the_synthetic_spec_writes_nothing(tmp_path: Path) -> None
 
 def test_data_check_reads_a_generated_synthetic_set_without_writing(cache_dir: Path) -> None:
     from centerpoint.data.paths import data_root
-    from centerpoint.spec import load_spec
+    from centerpoint.spec_io import load_spec
 
     root = data_root(load_spec(None, TINY))  # generated (or reused) in the session's cache
     before = hashes(root)

@@ -15,7 +15,8 @@ from centerpoint.evaluation.decode import decode_heatmap
 from centerpoint.evaluation.predict import load_model
 from centerpoint.model import build_network
 from centerpoint.runtime.devices import select_backend
-from centerpoint.spec import ExperimentSpec, with_updates
+from centerpoint.spec import ExperimentSpec
+from centerpoint.spec_io import with_updates
 from centerpoint.step import make_heads_step
 
 DECODED = ("boxes", "scores", "labels")

@@ -19,7 +19,8 @@ from torch import Tensor
 from centerpoint.checkpoint import check_compatible, save_checkpoint
 from centerpoint.classes import Classes
 from centerpoint.errors import CenterpointError, first_line
-from centerpoint.spec import ExperimentSpec, load_spec
+from centerpoint.spec import ExperimentSpec
+from centerpoint.spec_io import load_spec
 from centerpoint.state import Tree
 from centerpoint.weights.published import resolve_weights, verify_name_hash
 
