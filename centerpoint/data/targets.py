@@ -200,8 +200,30 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
     heatmap = zeros(shape) if zeros is not None else empty(shape).zero_()
     _render_heatmap(cx_int, cy_int, radius, labels, num_classes, feat_hw, heatmap, max_radius)
 
-    # Regression maps: scatter into one extra dump slot that absorbs padding objects, so no
-    # data-dependent boolean indexing (and no host sync) is needed.
+    wh, offset, reg_weight = _regression_maps(cx, cy, bw, bh, cx_int, cy_int, valid, feat_hw)
+
+    def _to_map(t: Tensor) -> Tensor:
+        """(K, B*H*W + 1) -> (B, K, H, W), dropping the dump slot."""
+        return empty((b, t.shape[0], h_map, w_map)).copy_(t[:, : b * hw].reshape(-1, b, h_map, w_map).transpose(0, 1))
+
+    return {
+        "heatmap": heatmap,
+        "wh": _to_map(wh),
+        "offset": _to_map(offset),
+        "reg_weight": _to_map(reg_weight[None]),
+    }
+
+
+def _regression_maps(cx: Tensor, cy: Tensor, bw: Tensor, bh: Tensor, cx_int: Tensor, cy_int: Tensor, valid: Tensor,
+                     feat_hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """wh (2, B*H*W + 1), offset (2, B*H*W + 1) and reg_weight (B*H*W + 1,) float32, flat over the batch's
+    cells plus one dump slot. Inputs are (B, N): centres and sizes in cells, the clamped centre cells,
+    the valid-object mask."""
+    b, dev = valid.shape[0], valid.device
+    h_map, w_map = feat_hw
+    hw = h_map * w_map
+    # Scatter into one extra dump slot that absorbs padding objects, so no data-dependent boolean indexing
+    # (and no host sync) is needed.
     flat = torch.arange(b, device=dev)[:, None] * hw + cy_int * w_map + cx_int  # (B, N)
     dump = torch.full_like(flat, b * hw)
     flat = torch.where(valid, flat, dump)
@@ -215,17 +237,7 @@ def make_targets(boxes: Tensor, labels: Tensor, num_classes: int, feat_hw: tuple
     wh = torch.zeros(2, b * hw + 1, dtype=torch.float32, device=dev)
     wh[:, flat] = torch.stack([bw, bh]).reshape(2, -1).to(torch.float32)
     offset = torch.zeros(2, b * hw + 1, dtype=torch.float32, device=dev)
-    offset[:, flat] = torch.stack([cx - cx_floor, cy - cy_floor]).reshape(2, -1).to(torch.float32)
+    offset[:, flat] = torch.stack([cx - torch.floor(cx), cy - torch.floor(cy)]).reshape(2, -1).to(torch.float32)
     reg_weight = torch.zeros(b * hw + 1, dtype=torch.float32, device=dev)
     reg_weight[flat] = 1.0
-
-    def _to_map(t: Tensor) -> Tensor:
-        """(K, B*H*W + 1) -> (B, K, H, W), dropping the dump slot."""
-        return empty((b, t.shape[0], h_map, w_map)).copy_(t[:, : b * hw].reshape(-1, b, h_map, w_map).transpose(0, 1))
-
-    return {
-        "heatmap": heatmap,
-        "wh": _to_map(wh),
-        "offset": _to_map(offset),
-        "reg_weight": _to_map(reg_weight[None]),
-    }
+    return wh, offset, reg_weight
