@@ -103,6 +103,7 @@ def test_fine_tuning_beats_training_from_scratch_for_the_same_steps(tmp_path: Pa
     3-class dataset of other shapes; after the same few steps it detects them, from scratch nothing does."""
     from rich.console import Console
 
+    from centerpoint.run import build_run
     from centerpoint.train import train
     from tests.own_coco import OTHER_CATEGORIES, write_own_coco
 
@@ -117,7 +118,8 @@ def test_fine_tuning_beats_training_from_scratch_for_the_same_steps(tmp_path: Pa
     def run(name: str, data: Path, steps: int, *more: str) -> dict:
         spec = load_spec(None, [*common, f"data.root={data}", f"logging.workdir={tmp_path / name}",
                                 f"train.max_steps={steps}", *more])
-        return train(spec, console=Console(quiet=True))
+        console = Console(quiet=True)
+        return train(build_run(spec, False, console), console)
 
     run("pretrained", pre_data, 200)
     steps = 25

@@ -31,12 +31,14 @@ def _train_losses(tensorboard: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_a_short_run_lowers_the_loss_and_finds_the_objects(tmp_path: Path, cache_dir: Path) -> None:
+    from centerpoint.run import build_run
     from centerpoint.train import train
 
     data = write_user_coco(tmp_path / "data", classes=1, train=16, val=8)
     run = tmp_path / "run"
     spec = load_spec(None, [*SMALL_RUN, f"data.root={data}", f"logging.workdir={run}"])
-    metrics = train(spec, console=Console(quiet=True))
+    console = Console(quiet=True)
+    metrics = train(build_run(spec, False, console), console)
     losses = _train_losses(run / "tensorboard")
     assert len(losses) == 60
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4

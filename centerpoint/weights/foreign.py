@@ -109,7 +109,7 @@ class ImportResult:
 
 def default_recipe(dcn: bool) -> Path:
     """The project's COCO recipe for the plain or DCN model (`experiments/centernet_r18[_dcn]_coco.yaml`)."""
-    path = Path(__file__).resolve().parents[1] / "experiments" / RECIPES[dcn]
+    path = Path(__file__).resolve().parents[2] / "experiments" / RECIPES[dcn]
     if not path.is_file():
         raise CenterpointError(f"recipe {RECIPES[dcn]} not found next to the package ({path}); pass --spec")
     return path
