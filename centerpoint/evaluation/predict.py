@@ -17,10 +17,10 @@ from centerpoint.data.paths import data_root, load_split
 from centerpoint.data.transforms import eval_affine, invert, warp
 from centerpoint.errors import CenterpointError, warn
 from centerpoint.evaluation.decode import boxes_to_original
-from centerpoint.evaluation.evaluate import detections_to_rows, evaluate
+from centerpoint.evaluation.evaluate import Progress, detections_to_rows, evaluate
 from centerpoint.model import build_model
 from centerpoint.runtime import distributed
-from centerpoint.runtime.devices import Backend, resolve_precision, select_backend
+from centerpoint.runtime.devices import Backend, resolve_precision, resolve_workers, select_backend
 from centerpoint.runtime.memory_format import channels_last
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import make_predict_step
@@ -45,13 +45,15 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
     return make_predict_step(model.apply, spec, lambda: backend.autocast(precision)), params, buffers
 
 
-def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None
+def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Progress | None = None
                         ) -> tuple[dict, np.ndarray]:
     """COCO metrics of the checkpoint on the spec's val split, and the detection rows (`evaluate`).
 
     In a launched job (`centerpoint eval --nproc-per-node N`, torchrun, srun) each rank predicts its shard
     of the images on its own device and rank 0 runs COCOeval on everyone's detections; other ranks return
-    ({}, no rows). The metrics equal a single-process evaluation's."""
+    ({}, no rows). The metrics equal a single-process evaluation's. progress: `evaluate.predict_split`'s.
+    The loader workers are this machine's (`devices.resolve_workers`), not those the checkpoint's run
+    recorded; rank 0 says so when it caps them."""
     ctx = distributed.context()
     backend = select_backend(spec.runtime.device, ctx.local_rank)
     distributed.init_process_group(ctx, backend)
@@ -60,7 +62,10 @@ def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callab
         root = data_root(spec) if ctx.rank == 0 else None  # rank 0 makes a synthetic set first, alone
         distributed.barrier(ctx)
         index = split_for(ckpt, spec, root or data_root(spec))
-        metrics, rows = evaluate(predict, params, buffers, index, spec, backend, ctx, progress)
+        workers, capped = resolve_workers(backend, spec.data.workers)
+        if capped and ctx.rank == 0:
+            warn(capped)
+        metrics, rows = evaluate(predict, params, buffers, index, spec, backend, ctx, progress, workers=workers)
     finally:
         distributed.destroy(ctx)
     if ctx.rank == 0:
