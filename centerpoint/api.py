@@ -5,9 +5,9 @@
     results = det([a, b, c])             # or a list of them: one result each, in order
     det.draw("photo.jpg", result).save("boxes.jpg")
 
-The images go through the spec's test transform (`export.prepost.preprocess`), the predict step of
-`centerpoint predict` (same device and precision choice) in batches of one input size, and
-`export.prepost.postprocess`: the same detections as `centerpoint predict`.
+The images go through `evaluation.detect.detect_images`, as in `centerpoint predict`: the spec's test
+transform (`export.prepost.preprocess`), the predict step (same device and precision choice) in batches
+of one input size, and `export.prepost.postprocess`: the same detections as `centerpoint predict`.
 """
 
 from __future__ import annotations
