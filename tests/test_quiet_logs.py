@@ -64,6 +64,8 @@ def test_evaluation_counter_shows_images_per_second() -> None:
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     with make_progress(console, transient=True) as progress:
         counter = ImageCounter(progress, "eval")
+        counter(0, 10)
+        assert progress.tasks[0].fields["info"] == ""  # no rate before the first batch
         counter(4, 10)
         counter(4, 10)
         (task,) = progress.tasks

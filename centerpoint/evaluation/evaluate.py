@@ -22,7 +22,8 @@ from centerpoint.runtime.devices import Backend, resolve_workers
 from centerpoint.spec import ExperimentSpec
 
 Predict = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], tuple[Tensor, ...]]
-# Called after each batch with (images just predicted, images this rank predicts in all).
+# Called with (0, images this rank predicts in all) before the first batch, then after each batch with
+# (images just predicted, the same total).
 Progress = Callable[[int, int], None]
 
 
@@ -67,6 +68,8 @@ def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str
                          pin_memory=backend.pin_memory, pin_device=backend.pin_memory_device)
     size_of = {img_id: index.sizes[i] for i, img_id in enumerate(index.image_ids)}
     rows, bad = [], 0
+    if progress is not None:
+        progress(0, total)
     with torch.no_grad():
         for batch in loader:
             images = batch["images"].to(backend.device, non_blocking=True)

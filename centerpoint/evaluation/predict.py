@@ -91,7 +91,7 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
     directory's manifest; returns the detections.
 
     Images are read `_WINDOW` batches at a time, so memory does not grow with the number of files.
-    progress(images done now, images in all) after each window."""
+    progress(images done now, images in all): (0, all) once the model is ready, then after each window."""
     from centerpoint.classes import checkpoint_classes
     from centerpoint.evaluation.detect import detect_images
     from centerpoint.evaluation.predict_out import detection_entry, lists_json, record, sha256
@@ -107,6 +107,8 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
     images: list[dict] = []
     written: dict[str, str] = {}
     window = batch_size * _WINDOW
+    if progress is not None:
+        progress(0, len(files))
     try:
         for start in range(0, len(files), window):
             chunk = files[start:start + window]

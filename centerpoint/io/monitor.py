@@ -52,10 +52,11 @@ def make_progress(console: Console | None = None, enabled: bool = True, *, trans
 
 
 class ImageCounter:
-    """An evaluation's progress callback (`evaluate.predict_split` calls it with the images just predicted
-    and the images in all): a `description` task on `progress`, added at the first batch, showing the
-    images/s since the counter was made. `remove()` takes the task off the display (a training run's
-    evaluation leaves only the train bar standing)."""
+    """An evaluation's or predict's progress callback, called with (images just done, images in all): first
+    with (0, total) once the model is ready (`evaluate.predict_split`, `predict.predict_files`), then after
+    each batch. A `description` task on `progress`, added at the first call, shows the images/s since
+    then (loading the model is not counted; starting the loader's workers is). `remove()` takes the task
+    off the display (a training run's evaluation leaves only the train bar standing)."""
 
     def __init__(self, progress: Progress, description: str) -> None:
         self.progress, self.description = progress, description
@@ -65,9 +66,10 @@ class ImageCounter:
     def __call__(self, images: int, total: int) -> None:
         if self.task is None:
             self.task = self.progress.add_task(self.description, total=total, info="")
+            self.t0 = time.perf_counter()
         self.done += images
         rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.progress.update(self.task, advance=images, info=f"{rate:.1f} img/s")
+        self.progress.update(self.task, advance=images, info=f"{rate:.1f} img/s" if self.done else "")
 
     def remove(self) -> None:
         if self.task is not None:
