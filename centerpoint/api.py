@@ -5,9 +5,9 @@
     results = det([a, b, c])             # or a list of them: one result each, in order
     det.draw("photo.jpg", result).save("boxes.jpg")
 
-The images go through the spec's test transform (`export.prepost.preprocess`), the predict step of
-`centerpoint predict` (same device and precision choice) in batches of one input size, and
-`export.prepost.postprocess`: the same detections as `centerpoint predict`.
+The images go through `evaluation.detect.detect_images`, as in `centerpoint predict`: the spec's test
+transform (`export.prepost.preprocess`), the predict step (same device and precision choice) in batches
+of one input size, and `export.prepost.postprocess`: the same detections as `centerpoint predict`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from PIL import Image
 from centerpoint.checkpoint import Checkpoint, load_checkpoint
 from centerpoint.classes import classes_of
 from centerpoint.errors import CenterpointError
-from centerpoint.export.prepost import letterbox_size, postprocess, preprocess
 from centerpoint.runtime.devices import select_backend
 from centerpoint.spec import ExperimentSpec
 from centerpoint.spec_io import with_updates
@@ -100,24 +99,11 @@ class Detector:
 
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
         """Detections of RGB PIL images, batched by input size (`batch_size` at a time)."""
-        size = letterbox_size(self.spec.data)
-        inputs = [preprocess(img, size) for img in images]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (pixels, _) in enumerate(inputs):
-            groups.setdefault(pixels.shape, []).append(i)
-        out: list[Detections | None] = [None] * len(images)
-        for members in groups.values():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                batch = torch.from_numpy(np.stack([inputs[i][0] for i in chunk])).to(self.backend.device)
-                with torch.no_grad():
-                    boxes, scores, labels = (t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
-                                             for t in self.predict(self.params, self.buffers, batch))
-                for j, i in enumerate(chunk):
-                    w, h = images[i].size
-                    b, s, lab = postprocess(boxes[j], scores[j], labels[j], inputs[i][1], w, h, self.score_thr)
-                    out[i] = Detections(b, s, lab, [self.names[int(c)] for c in lab])
-        return out  # type: ignore[return-value]
+        from centerpoint.evaluation.detect import detect_images
+
+        found = detect_images(self.predict, self.params, self.buffers, self.backend.device, images,
+                              self.spec.data, self.batch_size, self.score_thr)
+        return [Detections(b, s, lab, [self.names[int(c)] for c in lab]) for b, s, lab in found]
 
     def draw(self, image: ImageLike, result: Detections) -> Image.Image:
         """The image with the result's boxes, class names and scores drawn (as `centerpoint predict` draws)."""

@@ -3,6 +3,7 @@ warnings printed the same way, one `warning: ...` line on stderr."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import TextIO
@@ -33,11 +34,22 @@ def warn(message: str, file: TextIO | None = None) -> None:
     print(format_warning(message), file=file or sys.stderr, flush=True)
 
 
+_SHOWN: set[tuple[type[Warning], str]] = set()
+
+
 def _show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
           file: TextIO | None = None, line: str | None = None) -> None:
+    """Print a Python warning once per process, and only on rank 0 of a launched job: every rank runs the
+    same code, and Python's own once-per-place rule forgets what it showed whenever any library changes
+    the warning filters (torch does, so a DataLoader's warning came back at every loader start)."""
+    key = (category, " ".join(str(message).split()))
+    if key in _SHOWN or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        return
+    _SHOWN.add(key)
     warn(str(message), file)
 
 
 def one_line_warnings() -> None:
-    """Print every Python `warnings.warn` (from any library) as one `warning: ...` line (the CLI installs it)."""
+    """Print every Python `warnings.warn` (from any library) as one `warning: ...` line, once per process, on
+    rank 0 only (`_show`; the CLI installs it)."""
     warnings.showwarning = _show

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import TaskID
 
 from centerpoint.checkpoint import Checkpointer, remove_partial_writes, restore_state
 from centerpoint.classes import Classes, align, of_index, with_num_classes
@@ -218,18 +219,24 @@ def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
 
 
 def _prepare_data(spec: ExperimentSpec, console: Console, dist: distributed.Context) -> Path:
-    """Generate/locate the dataset; with several processes rank 0 goes first, the others wait."""
+    """Generate/locate the dataset; with several processes rank 0 goes first, the others wait. A `dataset`
+    bar appears only while synthetic images are being written (not for a COCO root, nor a cached set)."""
     if dist.rank != 0:
         distributed.barrier(dist)
         return data_root(spec)
     progress = make_progress(console, spec.logging.progress)
-    with progress:
-        task = progress.add_task("dataset", total=None, info="")
+    task: list[TaskID] = []
 
-        def report(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, info="writing synthetic images")
+    def report(done: int, total: int) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task("dataset", total=total, info="writing synthetic images"))
+        progress.update(task[0], completed=done, total=total)
 
+    try:
         root = data_root(spec, report)
+    finally:
+        progress.stop()
     distributed.barrier(dist)
     return root
 

@@ -21,9 +21,9 @@ from centerpoint.cadence import epoch_of, itstime
 from centerpoint.data.train_batches import train_batches
 from centerpoint.errors import CenterpointError
 from centerpoint.evaluation.coco_metrics import format_metrics_table
-from centerpoint.evaluation.evaluate import evaluate
+from centerpoint.evaluation.evaluate import evaluate, evaluated_image_ids
 from centerpoint.io.atomic import atomic_write_text
-from centerpoint.io.monitor import TensorBoard, Throughput, append_metrics, make_progress
+from centerpoint.io.monitor import ImageCounter, TensorBoard, Throughput, append_metrics, make_progress
 from centerpoint.run import Run
 from centerpoint.runtime import distributed
 from centerpoint.runtime.interrupt import Interrupted, StopRequest, stop_requests
@@ -94,7 +94,8 @@ def _train(run: Run, console: Console) -> dict:
                 diverged.check()  # on every rank, so that all stop together
             record = {}
             if evaluating:
-                record = _evaluate(run, state, step, console, tb, bad_images=bad_images, first_step_s=first_step_s)
+                record = _evaluate(run, state, step, console, tb, ImageCounter(progress, "eval"),
+                                   bad_images=bad_images, first_step_s=first_step_s)
                 last_metrics = record or last_metrics
             if is_main:
                 run.checkpointer.save(state, step, record)
@@ -120,13 +121,17 @@ def _log(run: Run, console: Console, tb: TensorBoard, progress: Progress, task: 
         console.file.flush()
 
 
-def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: TensorBoard, *, bad_images: int,
-              first_step_s: float | None) -> dict:
-    """Evaluate after `step`; rank 0 appends the record to metrics.jsonl, TensorBoard and the console and
-    returns it ({} on other ranks)."""
+def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: TensorBoard, counter: ImageCounter,
+              *, bad_images: int, first_step_s: float | None) -> dict:
+    """Evaluate after `step` (an `eval` bar with images/s on the progress display while it runs); rank 0
+    appends the record to metrics.jsonl, TensorBoard and the console and returns it ({} on other ranks)."""
     t_eval = time.perf_counter()
-    record, rows = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
-                            run.dist, pr_curves=True)
+    workers = run.spec.resolved.workers if run.spec.resolved else None  # the run's loader decision
+    try:
+        record, rows = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
+                                run.dist, counter, pr_curves=True, workers=workers)
+    finally:
+        counter.remove()
     if run.dist.rank != 0:
         return {}
     curves = record.pop("pr_curves")
@@ -136,7 +141,8 @@ def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: Tens
     append_metrics(run.workdir / "metrics.jsonl", _jsonable(record))
     tb.scalars({k: v for k, v in record.items() if k.startswith("bbox_")}, step, "val")
     tb.evaluation(run.val_index, rows, record, curves, step, run.spec)  # pictures, per-class AP, PR curves
-    console.print(f"epoch {epoch}: bbox_mAP {record['bbox_mAP']:.3f} mAP_50 {record['bbox_mAP_50']:.3f}")
+    console.print(f"epoch {epoch}: bbox_mAP {record['bbox_mAP']:.3f} mAP_50 {record['bbox_mAP_50']:.3f} "
+                  f"({len(evaluated_image_ids(run.val_index, run.spec))} images in {record['eval_s']:.1f} s)")
     return record
 
 

@@ -45,7 +45,7 @@ def evaluate(
     from centerpoint.evaluation.evaluate import write_results
     from centerpoint.evaluation.predict import evaluate_checkpoint
     from centerpoint.io.atomic import atomic_write_text
-    from centerpoint.io.monitor import make_progress
+    from centerpoint.io.monitor import ImageCounter, make_progress
     from centerpoint.runtime.distributed import context
 
     ckpt = load_checkpoint(checkpoint)
@@ -56,8 +56,7 @@ def evaluate(
         return
     main_rank = context().rank == 0
     with make_progress(enabled=main_rank, transient=True) as progress:
-        task = progress.add_task("evaluating", total=None, info="")
-        metrics, rows = evaluate_checkpoint(spec, ckpt, lambda n: progress.advance(task, n))
+        metrics, rows = evaluate_checkpoint(spec, ckpt, ImageCounter(progress, "evaluating"))
     if not main_rank:
         return
     print(format_metrics_table(metrics))

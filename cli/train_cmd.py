@@ -155,7 +155,7 @@ def train(
     from centerpoint.train import train as run_train
 
     try:
-        console = Console()
+        console = Console(soft_wrap=True)  # a long log line stays whole in a piped log (no 80-column wrap)
         run_train(build_run(spec, resume, console, resume_from), console)
     except CenterpointError as err:
         ctx = context()

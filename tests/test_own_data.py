@@ -59,7 +59,9 @@ def test_readme_own_data_section_runs_verbatim(tmp_path: Path, cache_dir: Path) 
     assert "num_classes: 4" in inspect
     assert all(name in out["eval --checkpoint"] for name in NAMES)
     assert (tmp_path / "predictions" / "val_000.jpg").is_file()
-    assert {d["label"] for d in json.loads((tmp_path / "predictions" / "detections.json").read_text())} <= set(NAMES)
+    predicted = json.loads((tmp_path / "predictions" / "detections.json").read_text())
+    assert {d["label"] for d in predicted} <= set(NAMES)
+    assert {d["category_id"] for d in predicted} <= {c["id"] for c in CATEGORIES}  # COCO results, the data's ids
     ft = " ".join(out["train --data-dir"].split())
     assert "model.init_from runs/mydata/checkpoints/best.safetensors: loaded" in ft
     assert "re-initialised none, ignored none" in ft  # same classes: every tensor fits

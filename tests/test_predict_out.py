@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from centerpoint.checkpoint import save_checkpoint
-from centerpoint.evaluation.predict_out import MANIFEST, drawing_names
+from centerpoint.evaluation.predict_out import LISTS, MANIFEST, drawing_names
 from centerpoint.model import init
 from centerpoint.optim.plan import build_optimizer
 from centerpoint.spec_io import load_spec
@@ -65,7 +65,7 @@ def test_same_file_names_in_two_folders_get_unique_stable_drawings(checkpoint: P
     assert code == 0, err
     names = drawing_names([a, b, c])
     assert names[c] == "y.jpg" and len({names[a], names[b]}) == 2 and names[a].startswith("x-")
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names.values(), "detections.json", MANIFEST])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names.values(), *LISTS, MANIFEST])
     dets = json.loads((out / "detections.json").read_text())
     assert {d["file"]: d["drawing"] for d in dets} == {str(p): names[p] for p in (a, b, c)}
     # Stable: the same inputs in another order give the same names; predict replaces its own files.
@@ -73,7 +73,7 @@ def test_same_file_names_in_two_folders_get_unique_stable_drawings(checkpoint: P
                             "--score-thr", "1")  # no boxes drawn: each drawing is its input
     assert code == 0, err
     assert drawing_names([b, a]) == {a: names[a], b: names[b]}
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names.values(), "detections.json", MANIFEST])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names.values(), *LISTS, MANIFEST])
     for photo in (a, b):
         drawn = np.asarray(Image.open(out / names[photo]), dtype=float)
         assert np.abs(drawn - np.asarray(Image.open(photo), dtype=float)).max() <= 3, photo

@@ -17,6 +17,12 @@ from tests.helpers import run_cli
 RECORD = "resolved={device: cpu, precision: fp32, compile: on, workers: 2, augment_on: device}"
 
 
+@pytest.fixture(autouse=True)
+def many_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about records, not this machine's cores (`test_loader_workers` caps workers)."""
+    monkeypatch.setattr(devices, "usable_cores", lambda: 16)
+
+
 def test_recorded_settings_fill_in_auto_and_explicit_ones_win() -> None:
     spec = load_spec(None, [RECORD])
     backend, resolved, notes = devices.resolve_settings(spec)

@@ -18,10 +18,13 @@ from centerpoint.data.transforms import eval_affine
 from centerpoint.evaluation.coco_metrics import coco_bbox_metrics
 from centerpoint.evaluation.decode import boxes_to_original
 from centerpoint.runtime import distributed
-from centerpoint.runtime.devices import Backend, loader_workers
+from centerpoint.runtime.devices import Backend, resolve_workers
 from centerpoint.spec import ExperimentSpec
 
 Predict = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], tuple[Tensor, ...]]
+# Called with (0, images this rank predicts in all) before the first batch, then after each batch with
+# (images just predicted, the same total).
+Progress = Callable[[int, int], None]
 
 
 def detections_to_rows(boxes: Tensor, scores: Tensor, labels: Tensor, image_ids: Tensor,
@@ -52,15 +55,21 @@ def detections_to_rows(boxes: Tensor, scores: Tensor, labels: Tensor, image_ids:
 
 def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str, Tensor], index: CocoIndex,
                   spec: ExperimentSpec, backend: Backend, rank: int = 0, world_size: int = 1,
-                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
-    """Run the model on this rank's share of `index`; returns (detection rows (n, 7), bad image count)."""
+                  progress: Progress | None = None, workers: int | None = None) -> tuple[np.ndarray, int]:
+    """Run the model on this rank's share of `index`; returns (detection rows (n, 7), bad image count).
+
+    workers: loader processes (a training run's `spec.resolved.workers`); None: `devices.resolve_workers`."""
     dataset = DetectionDataset(index, spec.data, spec.train.seed, train=False)
     input_sizes = [eval_affine(int(w), int(h), spec.data)[1] for h, w in index.sizes]
     batches = eval_batches(input_sizes, spec.eval.batch_size, rank, world_size, spec.eval.max_images)
-    loader = make_loader(dataset, batches, collate=collate_eval, workers=loader_workers(backend, spec.data.workers),
+    workers = resolve_workers(backend, spec.data.workers)[0] if workers is None else workers
+    total = sum(len(b) for b in batches)
+    loader = make_loader(dataset, batches, collate=collate_eval, workers=workers,
                          pin_memory=backend.pin_memory, pin_device=backend.pin_memory_device)
     size_of = {img_id: index.sizes[i] for i, img_id in enumerate(index.image_ids)}
     rows, bad = [], 0
+    if progress is not None:
+        progress(0, total)
     with torch.no_grad():
         for batch in loader:
             images = batch["images"].to(backend.device, non_blocking=True)
@@ -71,20 +80,21 @@ def predict_split(predict: Predict, params: dict[str, Tensor], buffers: dict[str
                                            spec.eval.score_threshold, spec.eval.clip_boxes))
             bad += int(batch["bad_images"])
             if progress is not None:
-                progress(len(batch["image_ids"]))
+                progress(len(batch["image_ids"]), total)
     return (np.concatenate(rows) if rows else np.zeros((0, 7))), bad
 
 
 def evaluate(predict: Predict, params: dict[str, Tensor], buffers: dict[str, Tensor], index: CocoIndex,
              spec: ExperimentSpec, backend: Backend, dist: distributed.Context,
-             progress: Callable[[int], None] | None = None, pr_curves: bool = False) -> tuple[dict, np.ndarray]:
+             progress: Progress | None = None, pr_curves: bool = False, workers: int | None = None
+             ) -> tuple[dict, np.ndarray]:
     """COCO metrics of a model on `index`, over every rank of the job: each rank predicts its shard of the
     images, rank 0 gathers all detections and runs COCOeval. Returns, on rank 0, the metrics (with
     `bad_images`, the unreadable images skipped) and every rank's detection rows (n, 7); elsewhere
     ({}, no rows). The metrics equal a single-process evaluation's. `pr_curves`: the metrics also hold
-    COCOeval's precision-recall curve per class under "pr_curves"."""
+    COCOeval's precision-recall curve per class under "pr_curves". progress, workers: `predict_split`'s."""
     rows, bad = predict_split(predict, params, buffers, index, spec, backend, dist.rank, dist.world_size,
-                              progress=progress)
+                              progress=progress, workers=workers)
     parts = distributed.gather_objects((rows, bad), dist)
     if dist.rank != 0:
         return {}, np.zeros((0, 7))

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
+from PIL import Image
 
 from centerpoint.checkpoint import Checkpoint, check_compatible
 from centerpoint.classes import align
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import read_image
 from centerpoint.data.paths import data_root, load_split
-from centerpoint.data.transforms import eval_affine, invert, warp
-from centerpoint.errors import CenterpointError, warn
-from centerpoint.evaluation.decode import boxes_to_original
-from centerpoint.evaluation.evaluate import detections_to_rows, evaluate
+from centerpoint.errors import warn
+from centerpoint.evaluation.evaluate import Progress, evaluate
 from centerpoint.model import build_model
 from centerpoint.runtime import distributed
-from centerpoint.runtime.devices import Backend, resolve_precision, select_backend
+from centerpoint.runtime.devices import Backend, resolve_precision, resolve_workers, select_backend
 from centerpoint.runtime.memory_format import channels_last
 from centerpoint.spec import ExperimentSpec
 from centerpoint.step import make_predict_step
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tuple[Callable, dict, dict]:
@@ -45,13 +40,15 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
     return make_predict_step(model.apply, spec, lambda: backend.autocast(precision)), params, buffers
 
 
-def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None
+def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Progress | None = None
                         ) -> tuple[dict, np.ndarray]:
     """COCO metrics of the checkpoint on the spec's val split, and the detection rows (`evaluate`).
 
     In a launched job (`centerpoint eval --nproc-per-node N`, torchrun, srun) each rank predicts its shard
     of the images on its own device and rank 0 runs COCOeval on everyone's detections; other ranks return
-    ({}, no rows). The metrics equal a single-process evaluation's."""
+    ({}, no rows). The metrics equal a single-process evaluation's. progress: `evaluate.predict_split`'s.
+    The loader workers are this machine's (`devices.resolve_workers`), not those the checkpoint's run
+    recorded; rank 0 says so when it caps them."""
     ctx = distributed.context()
     backend = select_backend(spec.runtime.device, ctx.local_rank)
     distributed.init_process_group(ctx, backend)
@@ -60,7 +57,10 @@ def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callab
         root = data_root(spec) if ctx.rank == 0 else None  # rank 0 makes a synthetic set first, alone
         distributed.barrier(ctx)
         index = split_for(ckpt, spec, root or data_root(spec))
-        metrics, rows = evaluate(predict, params, buffers, index, spec, backend, ctx, progress)
+        workers, capped = resolve_workers(backend, spec.data.workers)
+        if capped and ctx.rank == 0:
+            warn(capped)
+        metrics, rows = evaluate(predict, params, buffers, index, spec, backend, ctx, progress, workers=workers)
     finally:
         distributed.destroy(ctx)
     if ctx.rank == 0:
@@ -82,66 +82,70 @@ def split_for(ckpt: Checkpoint, spec: ExperimentSpec, root: Path) -> CocoIndex:
     return index
 
 
-def collect_images(inputs: Sequence[Path]) -> list[Path]:
-    """Image files named directly or found (non-recursively) in the given directories, sorted."""
-    files: list[Path] = []
-    for p in inputs:
-        p = Path(p)
-        if p.is_dir():
-            files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise CenterpointError(f"no such image or directory: {p}")
-    if not files:
-        kinds = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise CenterpointError(f"no images ({kinds}) found in {', '.join(map(str, inputs))}")
-    return files
-
-
 def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path], out_dir: Path,
-                  score_thr: float, class_names: Sequence[str], names: dict[Path, str] | None = None) -> list[dict]:
-    """Detect objects in each image, write `out_dir/<names[file]>` with boxes drawn (default `<stem>.jpg`)
-    and `out_dir/detections.json`, recording what it wrote in the directory's manifest (`predict_out`);
-    returns the detections (original pixels, xywh)."""
-    import io
+                  score_thr: float, names: dict[Path, str] | None = None, batch_size: int | None = None,
+                  progress: Progress | None = None) -> list[dict]:
+    """Detect objects in each image (`detect.detect_images`: `batch_size` images of one input size per
+    forward, default the spec's eval.batch_size), write `out_dir/<names[file]>` with boxes drawn (default
+    `<stem>.jpg`), detections.json and images.json (`predict_out`), recording what it wrote in the
+    directory's manifest; returns the detections.
 
-    from PIL import Image
-
-    from centerpoint.evaluation.predict_out import RESULTS, record, sha256
-    from centerpoint.evaluation.visualize import draw_boxes, rows_to_boxes
+    Images are read `_WINDOW` batches at a time, so memory does not grow with the number of files.
+    progress(images done now, images in all): (0, all) once the model is ready, then after each window."""
+    from centerpoint.classes import checkpoint_classes
+    from centerpoint.evaluation.detect import detect_images
+    from centerpoint.evaluation.predict_out import detection_entry, lists_json, record, sha256
     from centerpoint.io.atomic import atomic_write_bytes
 
     names = names or {f: f.stem + ".jpg" for f in files}
+    classes = checkpoint_classes(ckpt)
+    batch_size = batch_size or spec.eval.batch_size
     backend = select_backend(spec.runtime.device)
     predict, params, buffers = load_model(spec, ckpt, backend)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    labels_of = dict(enumerate(class_names))
+    results: list[dict] = []
+    images: list[dict] = []
     written: dict[str, str] = {}
+    window = batch_size * _WINDOW
+    if progress is not None:
+        progress(0, len(files))
     try:
-        for i, path in enumerate(files):
-            img = read_image(str(path), max_pixels=spec.data.max_image_pixels)
-            w, h = img.size
-            a, size = eval_affine(w, h, spec.data)
-            pixels = torch.from_numpy(np.ascontiguousarray(warp(img, a, size).transpose(2, 0, 1)))[None]
-            with torch.no_grad():
-                boxes, scores, labels = predict(params, buffers, pixels.to(backend.device))
-            boxes = boxes_to_original(boxes.float(), torch.from_numpy(invert(a))[None].float().to(boxes.device))
-            rows = detections_to_rows(boxes, scores, labels, torch.tensor([i]), np.array([[h, w]]),
-                                      tuple(range(len(class_names))), score_thr, clip=True)
-            drawn = io.BytesIO()
-            drawing = draw_boxes(np.asarray(img), rows_to_boxes(rows), rows[:, 6].astype(int), class_names, rows[:, 5],
-                                 min_side=0)
-            Image.fromarray(drawing).save(drawn, format="JPEG", quality=92)
-            atomic_write_bytes(out_dir / names[path], drawn.getvalue())
-            written[names[path]] = sha256(drawn.getvalue())
-            for r in rows:
-                results.append({"file": str(path), "drawing": names[path], "label": labels_of[int(r[6])],
-                                "score": round(float(r[5]), 5), "bbox": [round(float(v), 2) for v in r[1:5]]})
-        text = json.dumps(results, indent=1).encode()
-        atomic_write_bytes(out_dir / RESULTS, text)
-        written[RESULTS] = sha256(text)
+        for start in range(0, len(files), window):
+            chunk = files[start:start + window]
+            pictures = [read_image(str(path), max_pixels=spec.data.max_image_pixels) for path in chunk]
+            found = detect_images(predict, params, buffers, backend.device, pictures, spec.data, batch_size,
+                                  score_thr)
+            for k, (path, picture, (boxes, scores, labels)) in enumerate(zip(chunk, pictures, found, strict=True)):
+                image_id = start + k + 1
+                drawn = _drawing(picture, boxes, scores, labels, classes.names)
+                atomic_write_bytes(out_dir / names[path], drawn)
+                written[names[path]] = sha256(drawn)
+                images.append({"id": image_id, "file_name": str(path), "width": picture.size[0],
+                               "height": picture.size[1]})
+                results += [detection_entry(image_id, path, names[path], box, float(score), int(label),
+                                            classes.names, classes.ids)
+                            for box, score, label in zip(boxes, scores, labels, strict=True)]
+            if progress is not None:
+                progress(len(chunk), len(files))
+        for name, text in lists_json(results, images, classes.names, classes.ids).items():
+            atomic_write_bytes(out_dir / name, text)
+            written[name] = sha256(text)
     finally:
         record(out_dir, written)
     return results
+
+
+_WINDOW = 8  # batches of images read, detected and drawn at a time
+
+
+def _drawing(picture: Image.Image, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+             names: Sequence[str]) -> bytes:
+    """The image with its detections drawn (per-class colours, labelled scores), as JPEG bytes."""
+    import io
+
+    from centerpoint.evaluation.visualize import draw_boxes
+
+    drawn = io.BytesIO()
+    pixels = draw_boxes(np.asarray(picture), boxes, labels.astype(int), list(names), scores, min_side=0)
+    Image.fromarray(pixels).save(drawn, format="JPEG", quality=92)
+    return drawn.getvalue()

@@ -14,6 +14,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,7 +29,9 @@ def make_progress(console: Console | None = None, enabled: bool = True, *, trans
     """A rich progress display.
 
     By default one for counted steps, with a free-text `info` field (give each task `info=`) for loss and
-    speed, shown on `console` while `enabled` and left standing when it ends (`transient`: removed).
+    speed, shown on `console` (default: stdout) while `enabled` and left standing when it ends
+    (`transient`: removed). Only on a terminal: in a piped log rich would print each bar's last state, so
+    the callers write plain lines there instead.
 
     transfer=True: one for bytes (size, speed, time left), on stderr so stdout keeps the command's own
     output, shown only on an interactive terminal (elsewhere rich would end it with an empty line) and
@@ -40,20 +43,44 @@ def make_progress(console: Console | None = None, enabled: bool = True, *, trans
         return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         TimeRemainingColumn(), console=console, disable=not (enabled and console.is_interactive),
                         transient=True)
+    console = console or Console()
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=transient,
+        console=console, disable=not (enabled and console.is_terminal), transient=transient,
     )
+
+
+class ImageCounter:
+    """An evaluation's or predict's progress callback, called with (images just done, images in all): first
+    with (0, total) once the model is ready (`evaluate.predict_split`, `predict.predict_files`), then after
+    each batch. A `description` task on `progress`, added at the first call, shows the images/s since
+    then (loading the model is not counted; starting the loader's workers is). `remove()` takes the task
+    off the display (a training run's evaluation leaves only the train bar standing)."""
+
+    def __init__(self, progress: Progress, description: str) -> None:
+        self.progress, self.description = progress, description
+        self.task: TaskID | None = None
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def __call__(self, images: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.description, total=total, info="")
+            self.t0 = time.perf_counter()
+        self.done += images
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.task, advance=images, info=f"{rate:.1f} img/s" if self.done else "")
+
+    def remove(self) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON object to metrics.jsonl, rewriting the file atomically (it stays small)."""
     old = path.read_text() if path.exists() else ""
     atomic_write_text(path, old + json.dumps(record) + "\n")
-
-
-
 
 class TensorBoard:
     """A SummaryWriter that is a no-op when disabled (so callers need no branches)."""

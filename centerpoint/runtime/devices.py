@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import importlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -281,6 +282,40 @@ def loader_workers(backend: Backend, setting: int | None) -> int:
     return backend.default_workers if setting is None else setting
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS has one (a container's or
+    `taskset`'s limit, which the machine's core count ignores), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def local_processes(env: Mapping[str, str] | None = None) -> int:
+    """The job's processes on this machine (torchrun's and our launcher's LOCAL_WORLD_SIZE; 1 outside a
+    launched job). Under srun each task has its own affinity mask already, so it counts as one."""
+    env = os.environ if env is None else env
+    return max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cap_workers(asked: int, cores: int, processes: int) -> tuple[int, str | None]:
+    """Loader workers per process: `asked`, at most this process's share of the cores (at least one).
+    More only queue for the same cores (and torch warns at every loader start). Returns (workers, the
+    note to print when capped, else None)."""
+    share = max(1, cores // processes)
+    if asked <= share:
+        return asked, None
+    per = f" shared by {processes} processes on this machine" if processes > 1 else ""
+    return share, (f"data.workers={asked} but each process has {share} of {cores} usable CPU cores{per}: "
+                   f"using {share} loader worker{'s' if share != 1 else ''} per process")
+
+
+def resolve_workers(backend: Backend, setting: int | None) -> tuple[int, str | None]:
+    """data.workers -> loader processes per device for this process: the backend's default when None,
+    capped to its share of the cores (`cap_workers`). Returns (workers, a note when capped, else None)."""
+    return cap_workers(loader_workers(backend, setting), usable_cores(), local_processes())
+
+
 def augments_on_device(backend: Backend, setting: str) -> bool:
     """data.augment_on -> whether the train batches are augmented on the device (auto: on cuda only)."""
     return backend.augment_by_default if setting == "auto" else setting == "device"
@@ -343,7 +378,8 @@ def resolve_settings(spec: ExperimentSpec, local_rank: int = 0) -> tuple[Backend
     precision = resolve_precision(backend, recorded("precision", rt.precision,
                                                     lambda v: resolve_precision(backend, v)))
     compiled = should_compile(backend, recorded("compile", rt.compile, lambda v: should_compile(backend, v)))
-    workers = loader_workers(backend, recorded("workers", data.workers, lambda v: None))
+    workers, capped = resolve_workers(backend, recorded("workers", data.workers, lambda v: None))
+    notes += [capped] if capped else []
     on_device = augments_on_device(backend, recorded("augment_on", data.augment_on, lambda v: None))
     resolved = ResolvedSpec(device=backend.name, precision=precision, compile="on" if compiled else "off",
                             workers=workers, augment_on="device" if on_device else "workers")
