@@ -68,7 +68,7 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", *, seed: in
     traced: apply will run under torch.compile or torch.func transforms (see `make_apply`).
     channels_last: the structure's own templates in channels-last memory format.
     convert: applied to the network on the device before anything else (e.g. SyncBatchNorm layers).
-    (model.pretrained weights are the training run's to load: `imports.load_torchvision_backbone`.)
+    (model.pretrained weights are the training run's to load: `weights.foreign.load_torchvision_backbone`.)
     """
     net = build_network(spec).to(device)
     if convert is not None:

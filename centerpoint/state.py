@@ -71,7 +71,7 @@ def unflatten_state(flat: Tree) -> TrainState:
 
 def to_device(state: TrainState, device: torch.device, channels_last: bool = False) -> TrainState:
     """The state on `device`; with `channels_last` its 4-dim tensors get canonical channels-last strides
-    (`layout.channels_last`: conv weights and their moments, the layout a channels-last step computes)."""
+    (`memory_format.channels_last`: conv weights and their moments, the layout a channels-last step computes)."""
     def move(t: Tensor) -> Tensor:
         t = t.to(device)
         return to_channels_last(t) if channels_last else t

@@ -92,7 +92,7 @@ def test_non_finite_step_keeps_old_state():
 def test_compiled_step_compiles_once_and_matches_eager(optimizer: str, channels_last: bool):
     """One graph over 3 steps: no graph break anywhere in the step (optimizer included), and the state a
     step returns has the strides it was traced with, also for channels-last state with 1x1 conv weights
-    (canonical strides, `layout.channels_last`)."""
+    (canonical strides, `memory_format.channels_last`)."""
     torch._dynamo.reset()
     spec, plan, params, buffers, step = _setup(f"runtime.channels_last={channels_last}", f"optim.name={optimizer}")
     net = build_network(spec.model)

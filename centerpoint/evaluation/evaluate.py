@@ -1,6 +1,6 @@
 """Inference over a COCO-format split -> detections in COCO results format -> COCOeval metrics.
 
-`evaluate` is the one evaluation path: the training loop and `centerpoint eval` (`inference.py`) both call it.
+`evaluate` is the one evaluation path: the training loop and `centerpoint eval` (`evaluation/predict.py`) both call it.
 """
 
 from __future__ import annotations

@@ -53,8 +53,9 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     seen: set[Path] = set()
     unique = []
     for f in files:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
             unique.append(f)
     return unique
 
