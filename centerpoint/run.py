@@ -33,6 +33,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.io import run_dir as rundir
 from centerpoint.io.monitor import make_progress
 from centerpoint.model import Apply, Model, build_model
+from centerpoint.optim.ema import init_ema
 from centerpoint.optim.loss_scale import init_loss_scale
 from centerpoint.optim.plan import OptimizerPlan, build_optimizer
 from centerpoint.optim.schedules import Schedule
@@ -149,7 +150,7 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
                 console: Console) -> tuple[Model, TrainState]:
     """The model (traced apply when the step will be compiled) and a fresh train state on the device:
     initialised, pretrained or fine-tuned (`model.init_from`) weights, the optimizer's state, the fp16 loss
-    scaler."""
+    scaler, the EMA of the weights (train.ema_decay; it starts as a copy of them)."""
     model = build_model(spec.model, backend.device, seed=spec.train.seed, traced=spec.resolved.compile == "on",
                         channels_last=spec.runtime.channels_last,
                         convert=(lambda net: distributed.sync_batchnorm(net, dist)) if spec.runtime.sync_bn else None)
@@ -165,6 +166,8 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
         params, buffers = init_from(spec.model.init_from, params, buffers, say)
     scaler = init_loss_scale(spec.runtime.loss_scale) if spec.resolved.precision == "fp16" else None
     state = init_state(params, buffers, plan.transform, scaler)
+    if spec.train.ema_decay is not None:
+        state = state._replace(ema=init_ema(params, buffers))
     return model, to_device(state, backend.device, spec.runtime.channels_last)
 
 

@@ -24,6 +24,7 @@ from centerpoint.evaluation.coco_metrics import format_metrics_table
 from centerpoint.evaluation.evaluate import evaluate
 from centerpoint.io.atomic import atomic_write_text
 from centerpoint.io.monitor import TensorBoard, Throughput, append_metrics, make_progress
+from centerpoint.optim.ema import with_ema
 from centerpoint.run import Run
 from centerpoint.runtime import distributed
 from centerpoint.runtime.interrupt import Interrupted, StopRequest, stop_requests
@@ -123,20 +124,29 @@ def _log(run: Run, console: Console, tb: TensorBoard, progress: Progress, task: 
 def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: TensorBoard, *, bad_images: int,
               first_step_s: float | None) -> dict:
     """Evaluate after `step`; rank 0 appends the record to metrics.jsonl, TensorBoard and the console and
-    returns it ({} on other ranks)."""
+    returns it ({} on other ranks).
+
+    With train.ema_decay the record's metrics (`bbox_*`, the ones `best` ranks by) are the EMA weights', the
+    model eval and predict use; the trained weights' follow as `raw_bbox_*`, and `weights` says which."""
     t_eval = time.perf_counter()
-    record, rows = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
-                            run.dist, pr_curves=True)
+    record, rows = evaluate(run.predict_fn, *with_ema(state.params, state.buffers, state.ema), run.val_index,
+                            run.spec, run.backend, run.dist, pr_curves=True)
+    raw = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
+                   run.dist)[0] if state.ema else {}
     if run.dist.rank != 0:
         return {}
     curves = record.pop("pr_curves")
     epoch = epoch_of(step, run.steps_per_epoch)
+    record.update({"weights": "ema" if state.ema else "raw",
+                   **{"raw_" + k: v for k, v in raw.items() if k.startswith("bbox_")}})
     record.update(step=step, epoch=epoch, bad_train_images=bad_images, eval_s=time.perf_counter() - t_eval,
                   elapsed_s=time.perf_counter() - run.started, first_step_s=first_step_s)
     append_metrics(run.workdir / "metrics.jsonl", _jsonable(record))
     tb.scalars({k: v for k, v in record.items() if k.startswith("bbox_")}, step, "val")
+    tb.scalars({k[len("raw_"):]: v for k, v in record.items() if k.startswith("raw_bbox_")}, step, "val_raw")
     tb.evaluation(run.val_index, rows, record, curves, step, run.spec)  # pictures, per-class AP, PR curves
-    console.print(f"epoch {epoch}: bbox_mAP {record['bbox_mAP']:.3f} mAP_50 {record['bbox_mAP_50']:.3f}")
+    also = f" (EMA; trained weights: mAP {raw['bbox_mAP']:.3f})" if raw else ""
+    console.print(f"epoch {epoch}: bbox_mAP {record['bbox_mAP']:.3f} mAP_50 {record['bbox_mAP_50']:.3f}{also}")
     return record
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cli.options import CheckpointOpt, DeviceOpt, check_output_dir, flag_updates
+from cli.options import CheckpointOpt, DeviceOpt, RawWeightsOpt, check_output_dir, flag_updates
 
 
 def predict(
@@ -16,10 +16,12 @@ def predict(
     score_thr: float = typer.Option(0.3, "--score-thr", "--score_thr", min=0.0, max=1.0,
                                     help="Minimum score to keep."),
     device: str | None = DeviceOpt,
+    raw_weights: bool = RawWeightsOpt,
 ) -> None:
     """Detect objects in images: writes images with boxes drawn and detections.json.
 
-    --out must not be a folder of the inputs; a file there is replaced only if predict wrote it."""
+    --out must not be a folder of the inputs; a file there is replaced only if predict wrote it. A checkpoint
+    of a run with train.ema_decay predicts with its EMA weights unless --raw-weights."""
     from centerpoint.checkpoint import load_checkpoint
     from centerpoint.classes import classes_of
     from centerpoint.evaluation.predict import collect_images, predict_files
@@ -32,5 +34,5 @@ def predict(
     names = drawing_names(files)
     check_outputs(inputs, files, out, names)
     check_output_dir(out, out)
-    results = predict_files(spec, ckpt, files, out, score_thr, classes_of(ckpt), names)
+    results = predict_files(spec, ckpt, files, out, score_thr, classes_of(ckpt), names, raw_weights)
     print(f"{len(results)} detections in {len(files)} image(s) -> {out}")

@@ -19,6 +19,7 @@ from centerpoint.errors import CenterpointError, warn
 from centerpoint.evaluation.decode import boxes_to_original
 from centerpoint.evaluation.evaluate import detections_to_rows, evaluate
 from centerpoint.model import build_model
+from centerpoint.optim.ema import with_ema
 from centerpoint.runtime import distributed
 from centerpoint.runtime.devices import Backend, resolve_precision, select_backend
 from centerpoint.runtime.memory_format import channels_last
@@ -28,8 +29,11 @@ from centerpoint.step import make_predict_step
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tuple[Callable, dict, dict]:
-    """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture."""
+def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend, raw: bool = False
+               ) -> tuple[Callable, dict, dict]:
+    """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture: the
+    EMA of the weights where the checkpoint holds one (train.ema_decay), unless `raw` asks for the trained
+    weights themselves."""
     model = build_model(spec.model, backend.device)
     got = {"params." + k: v for k, v in ckpt.group("params").items()}
     got.update({"buffers." + k: v for k, v in ckpt.group("buffers").items()})
@@ -37,17 +41,18 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
     want.update({"buffers." + k: v for k, v in model.buffers.items()})
     check_compatible(str(ckpt.path), got, want)
     dev = backend.device
-    params = {k: v.to(dev) for k, v in ckpt.group("params").items()}
-    buffers = {k: v.to(dev) for k, v in ckpt.group("buffers").items()}
+    params, buffers = with_ema(ckpt.group("params"), ckpt.group("buffers"), {} if raw else ckpt.group("ema"))
+    params, buffers = {k: v.to(dev) for k, v in params.items()}, {k: v.to(dev) for k, v in buffers.items()}
     if spec.runtime.channels_last:
         params = {k: channels_last(v) for k, v in params.items()}
     precision = resolve_precision(backend, spec.runtime.precision)
     return make_predict_step(model.apply, spec, lambda: backend.autocast(precision)), params, buffers
 
 
-def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None
-                        ) -> tuple[dict, np.ndarray]:
-    """COCO metrics of the checkpoint on the spec's val split, and the detection rows (`evaluate`).
+def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callable[[int], None] | None = None,
+                        raw: bool = False) -> tuple[dict, np.ndarray]:
+    """COCO metrics of the checkpoint on the spec's val split, and the detection rows (`evaluate`); of its
+    EMA weights where it holds them, unless `raw` (`load_model`).
 
     In a launched job (`centerpoint eval --nproc-per-node N`, torchrun, srun) each rank predicts its shard
     of the images on its own device and rank 0 runs COCOeval on everyone's detections; other ranks return
@@ -56,7 +61,7 @@ def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Callab
     backend = select_backend(spec.runtime.device, ctx.local_rank)
     distributed.init_process_group(ctx, backend)
     try:
-        predict, params, buffers = load_model(spec, ckpt, backend)
+        predict, params, buffers = load_model(spec, ckpt, backend, raw)
         root = data_root(spec) if ctx.rank == 0 else None  # rank 0 makes a synthetic set first, alone
         distributed.barrier(ctx)
         index = split_for(ckpt, spec, root or data_root(spec))
@@ -100,10 +105,12 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path], out_dir: Path,
-                  score_thr: float, class_names: Sequence[str], names: dict[Path, str] | None = None) -> list[dict]:
+                  score_thr: float, class_names: Sequence[str], names: dict[Path, str] | None = None,
+                  raw: bool = False) -> list[dict]:
     """Detect objects in each image, write `out_dir/<names[file]>` with boxes drawn (default `<stem>.jpg`)
     and `out_dir/detections.json`, recording what it wrote in the directory's manifest (`predict_out`);
-    returns the detections (original pixels, xywh)."""
+    returns the detections (original pixels, xywh). The EMA weights where the checkpoint holds them, unless
+    `raw` (`load_model`)."""
     import io
 
     from PIL import Image
@@ -114,7 +121,7 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
 
     names = names or {f: f.stem + ".jpg" for f in files}
     backend = select_backend(spec.runtime.device)
-    predict, params, buffers = load_model(spec, ckpt, backend)
+    predict, params, buffers = load_model(spec, ckpt, backend, raw)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     labels_of = dict(enumerate(class_names))
