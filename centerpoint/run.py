@@ -252,7 +252,8 @@ def _print_banner(console: Console, spec: ExperimentSpec, backend: Backend, dist
                   f"{len(train_index)} train / {len(val_index)} val images | {data.steps_per_epoch} steps/epoch | "
                   f"compile {compile_with or 'off'} | {resolved.precision} | "
                   f"{resolved.workers} loader workers | augment on "
-                  f"{'device' if resolved.augment_on == 'device' else 'workers'}")
+                  f"{'device' if resolved.augment_on == 'device' else 'workers'}"
+                  + (f" | EMA of weights, decay {spec.train.ema_decay:g}" if spec.train.ema_decay is not None else ""))
     dropped = train_index.dropped_boxes + val_index.dropped_boxes
     if dropped or train_index.dropped_images:
         console.print(f"dropped {dropped} boxes of zero, negative or non-finite size or below "
