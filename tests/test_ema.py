@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from centerpoint.checkpoint import load_checkpoint, read_header, restore_state, save_checkpoint
+from centerpoint.data.paths import data_root
 from centerpoint.model import build_network, init, make_apply
 from centerpoint.optim.ema import ema_momentum, init_ema, make_ema_update, with_ema
 from centerpoint.optim.plan import build_optimizer
@@ -205,6 +206,15 @@ def test_training_evaluates_the_ema_and_eval_uses_it(tmp_path: Path, cache_dir: 
         detections[name] = json.loads((tmp_path / f"{name}.detections.json").read_text())
     assert detections["ema"] == detections["swapped"]
     assert detections["ema"] != detections["raw"]
+    # predict: the EMA's scores (about 0.5) pass --score-thr 0.3, the trained weights' (about 0.1) do not.
+    image = next((data_root(load_checkpoint(last).spec) / "val").glob("*.jpg"))
+    found = {}
+    for name, extra in (("ema", ()), ("raw", ("--raw-weights",))):
+        code, _, err = call_cli("predict", "-c", str(tmp_path / "edited.safetensors"), str(image), "--out",
+                                str(tmp_path / f"predict_{name}"), *extra)
+        assert code == 0, err
+        found[name] = json.loads((tmp_path / f"predict_{name}" / "detections.json").read_text())
+    assert len(found["ema"]) > 0 and found["raw"] == []
     code, out, _ = call_cli("checkpoint", "inspect", str(last))
     assert code == 0 and f"EMA of the weights: {sum(k.startswith('ema.') for k in tensors)} tensors" in out
 
