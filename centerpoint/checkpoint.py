@@ -1,9 +1,10 @@
 """Checkpoints: one self-describing .safetensors file per save, written atomically.
 
 Tensors: the flat train state (`state.flatten_state`): `params.<name>`, `buffers.<name>`, `opt.<key>`,
-`scaler.<key>` (fp16 runs) and `step`. Format 2 names optimizer state by role (`opt.adam.mu.<name>`,
-`opt.sgd.momentum.<name>`, `opt.lr.count`, ...); format 1 by chain position (`opt.1.adam.mu.<name>`,
-`opt.2.trace.<name>`, `opt.3.count`), which loading renames (`upgrade_tensors`).
+`scaler.<key>` (fp16 runs), `ema.<name>` (train.ema_decay: the weights eval and predict use) and `step`.
+Format 2 names optimizer state by role (`opt.adam.mu.<name>`, `opt.sgd.momentum.<name>`, `opt.lr.count`,
+...); format 1 by chain position (`opt.1.adam.mu.<name>`, `opt.2.trace.<name>`, `opt.3.count`), which
+loading renames (`upgrade_tensors`).
 Metadata (strings): `format_version`, `spec` (resolved spec JSON), `step`, `epoch` (epochs completed),
 `batch_in_epoch` (batches of the current epoch already trained, for exact resume), `metrics` (JSON of the
 latest evaluation), `data` (JSON of the data's identity, `data.coco.data_identity`; empty when unknown),
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from centerpoint.cadence import epoch_of, itstime
 from centerpoint.classes import Classes, from_meta
-from centerpoint.errors import CenterpointError, first_line
+from centerpoint.errors import CenterpointError, first_line, warn
 from centerpoint.io.atomic import atomic_path
 from centerpoint.spec import ExperimentSpec
 from centerpoint.spec_io import spec_from_json, spec_to_json
@@ -222,16 +223,23 @@ def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Te
 
 
 def restore_state(ckpt: Checkpoint, template: TrainState) -> TrainState:
-    """A TrainState with the checkpoint's tensors, on the template's devices and dtypes."""
-    expected = state_tensors(template)
-    # The loss scaler exists only in fp16 runs: a run may switch precision at resume, and then starts a
-    # fresh scaler (or drops the old one) instead of refusing the checkpoint.
-    rest = {k: v for k, v in ckpt.tensors.items() if not k.startswith("scaler.")}
-    check_compatible(str(ckpt.path), rest, {k: v for k, v in expected.items() if not k.startswith("scaler.")})
-    scaler = {k: v for k, v in ckpt.tensors.items() if k.startswith("scaler.")}
-    if sorted(scaler) != sorted(k for k in expected if k.startswith("scaler.")):
-        scaler = {k: v for k, v in expected.items() if k.startswith("scaler.")}  # the template's own
-    loaded = {**rest, **scaler}
+    """A TrainState with the checkpoint's tensors, on the template's devices and dtypes.
+
+    A run may switch the fp16 loss scaler (precision) or the EMA (train.ema_decay) on or off at resume: a
+    group the checkpoint lacks starts afresh (the template's new scaler; an EMA copied from the checkpoint's
+    weights, with a warning, as mmengine's EMAHook does), one the run does not keep is dropped."""
+    expected, optional = state_tensors(template), ("scaler.", "ema.")
+    loaded = {k: v for k, v in ckpt.tensors.items() if not k.startswith(optional)}
+    check_compatible(str(ckpt.path), loaded, {k: v for k, v in expected.items() if not k.startswith(optional)})
+    for prefix in optional:
+        got = {k: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+        want = [k for k in expected if k.startswith(prefix)]
+        if sorted(got) != sorted(want) and prefix == "ema." and want:
+            warn(f"{ckpt.path} holds no EMA of these weights: train.ema_decay starts its average from them")
+            got = {k: loaded.get("params" + k[3:], loaded.get("buffers" + k[3:])) for k in want}
+        elif sorted(got) != sorted(want):
+            got = {k: expected[k] for k in want}  # the template's new scaler, or none
+        loaded.update(got)
     # empty_like keeps the template's memory format (channels-last weights stay channels-last, so a resumed
     # run computes exactly what the uninterrupted one did). The template's key order, not the file's
     # (sorted): ranks that did not read the file broadcast and compare in that order.
@@ -273,8 +281,6 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     (truncated, not safetensors) are skipped with a warning. A CenterpointError names every file and why
     when none is usable, and when the newest one is readable but unusable (e.g. written by a newer version):
     silently going back to an older state would then overwrite the newer one."""
-    from centerpoint.errors import warn
-
     ckpt_dir = Path(run_dir) / "checkpoints"
     files = sorted(ckpt_dir.glob("*.safetensors")) if ckpt_dir.is_dir() else []
     if not files:

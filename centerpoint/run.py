@@ -34,6 +34,7 @@ from centerpoint.errors import CenterpointError
 from centerpoint.io import run_dir as rundir
 from centerpoint.io.monitor import make_progress
 from centerpoint.model import Apply, Model, build_model
+from centerpoint.optim.ema import init_ema
 from centerpoint.optim.loss_scale import init_loss_scale
 from centerpoint.optim.plan import OptimizerPlan, build_optimizer
 from centerpoint.optim.schedules import Schedule
@@ -150,7 +151,7 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
                 console: Console) -> tuple[Model, TrainState]:
     """The model (traced apply when the step will be compiled) and a fresh train state on the device:
     initialised, pretrained or fine-tuned (`model.init_from`) weights, the optimizer's state, the fp16 loss
-    scaler."""
+    scaler, the EMA of the weights (train.ema_decay; it starts as a copy of them)."""
     model = build_model(spec.model, backend.device, seed=spec.train.seed, traced=spec.resolved.compile == "on",
                         channels_last=spec.runtime.channels_last,
                         convert=(lambda net: distributed.sync_batchnorm(net, dist)) if spec.runtime.sync_bn else None)
@@ -166,6 +167,8 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
         params, buffers = init_from(spec.model.init_from, params, buffers, say)
     scaler = init_loss_scale(spec.runtime.loss_scale) if spec.resolved.precision == "fp16" else None
     state = init_state(params, buffers, plan.transform, scaler)
+    if spec.train.ema_decay is not None:
+        state = state._replace(ema=init_ema(params, buffers))
     return model, to_device(state, backend.device, spec.runtime.channels_last)
 
 
@@ -256,7 +259,8 @@ def _print_banner(console: Console, spec: ExperimentSpec, backend: Backend, dist
                   f"{len(train_index)} train / {len(val_index)} val images | {data.steps_per_epoch} steps/epoch | "
                   f"compile {compile_with or 'off'} | {resolved.precision} | "
                   f"{resolved.workers} loader workers | augment on "
-                  f"{'device' if resolved.augment_on == 'device' else 'workers'}")
+                  f"{'device' if resolved.augment_on == 'device' else 'workers'}"
+                  + (f" | EMA of weights, decay {spec.train.ema_decay:g}" if spec.train.ema_decay is not None else ""))
     dropped = train_index.dropped_boxes + val_index.dropped_boxes
     if dropped or train_index.dropped_images:
         console.print(f"dropped {dropped} boxes of zero, negative or non-finite size or below "

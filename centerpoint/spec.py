@@ -212,6 +212,12 @@ class TrainSpec(_Spec):
     keep_last: int = Field(3, ge=1, description="Periodic checkpoints kept besides `latest` and `best`.")
     nonfinite: Literal["skip", "stop"] = Field("skip", description="A NaN/inf loss or gradient: skip the "
                                                "update and count it, or stop the run.")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an exponential moving average of "
+                                    "the weights with this decay (1 - mmdetection's EMA `momentum`; YOLOX: "
+                                    "0.9999), evaluated, checkpointed and used by eval/predict. null: off.")
+    ema_warmup: float = Field(2000.0, gt=0.0, description="With ema_decay: the EMA's warm-up in updates "
+                              "(mmdetection's ExpMomentumEMA `gamma`): update k weighs the new weights by "
+                              "(1 - decay) + decay * exp(-k / ema_warmup).")
 
 
 class EvalSpec(_Spec):

@@ -2,9 +2,9 @@
 
 A tree is a flat dict of tensors keyed by dotted names ("backbone.conv1.weight", "adam.mu.head.bias").
 `TrainState` holds everything that changes during training, in groups: parameters, BatchNorm buffers,
-optimizer state, the update count and the fp16 loss scaler's state. The functions here see the state
-whole, so moving it, checkpointing it, broadcasting it or comparing it across ranks never spells out its
-groups again; the flat form (`flatten_state`) is what checkpoints store.
+optimizer state, the update count, the fp16 loss scaler's state and the EMA of the weights. The functions
+here see the state whole, so moving it, checkpointing it, broadcasting it or comparing it across ranks never
+spells out its groups again; the flat form (`flatten_state`) is what checkpoints store.
 """
 
 from __future__ import annotations
@@ -19,20 +19,23 @@ from centerpoint.runtime.memory_format import channels_last as to_channels_last
 
 Tree = dict[str, Tensor]
 
-# Group of each TrainState field in the flat form: "params.<name>", ..., "opt.<key>", "scaler.<key>", "step".
-_GROUPS = (("params", "params"), ("buffers", "buffers"), ("opt_state", "opt"), ("scaler", "scaler"))
+# Group of each TrainState field in the flat form: "params.<name>", ..., "opt.<key>", "scaler.<key>",
+# "ema.<name>", "step".
+_GROUPS = (("params", "params"), ("buffers", "buffers"), ("opt_state", "opt"), ("scaler", "scaler"), ("ema", "ema"))
 STEP_KEY = "step"
 
 
 class TrainState(NamedTuple):
     """Everything that changes during training. `step` is a 0-dim int64 tensor (updates applied);
-    `scaler` the fp16 loss scaler's state (`loss_scale.init_loss_scale`), empty without loss scaling."""
+    `scaler` the fp16 loss scaler's state (`loss_scale.init_loss_scale`), empty without loss scaling; `ema`
+    the moving average of the params and floating-point buffers (`optim.ema`), empty without train.ema_decay."""
 
     params: Tree
     buffers: Tree
     opt_state: Tree
     step: Tensor
     scaler: Tree = {}  # noqa: RUF012 (never mutated: every step builds a new dict)
+    ema: Tree = {}  # noqa: RUF012 (as scaler)
 
 
 class Initializer(Protocol):
@@ -57,7 +60,8 @@ def map_state(fn: Callable[[Tensor], Tensor], state: TrainState) -> TrainState:
 
 
 def flatten_state(state: TrainState) -> Tree:
-    """The state as one flat tree: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>`, `step`."""
+    """The state as one flat tree: `params.<name>`, `buffers.<name>`, `opt.<key>`, `scaler.<key>`,
+    `ema.<name>`, `step`."""
     flat = flatten({group: getattr(state, field) for field, group in _GROUPS})
     flat[STEP_KEY] = state.step
     return flat
@@ -66,7 +70,7 @@ def flatten_state(state: TrainState) -> Tree:
 def unflatten_state(flat: Tree) -> TrainState:
     """Inverse of `flatten_state`; a key of no group raises KeyError."""
     groups = unflatten({k: v for k, v in flat.items() if k != STEP_KEY}, tuple(group for _, group in _GROUPS))
-    return TrainState(*(groups[group] for _, group in _GROUPS[:3]), flat[STEP_KEY], groups["scaler"])
+    return TrainState(*(groups[group] for _, group in _GROUPS[:3]), flat[STEP_KEY], groups["scaler"], groups["ema"])
 
 
 def to_device(state: TrainState, device: torch.device, channels_last: bool = False) -> TrainState:

@@ -21,6 +21,7 @@ from centerpoint.evaluation.decode import decode_heatmap
 from centerpoint.loss import centernet_loss
 from centerpoint.model import Apply, normalize
 from centerpoint.optim import transforms as optim
+from centerpoint.optim.ema import make_ema_update
 from centerpoint.optim.inplace import scale_tree_
 from centerpoint.optim.loss_scale import update_loss_scale
 from centerpoint.runtime.devices import StepMode
@@ -59,11 +60,15 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
     the scale, runtime.loss_scale_growth_interval applied updates in a row double it. Metrics then add
     `loss_scale` (the scale this step used) and `overflow`, and `finite` only reports the loss: overflows are
     the scaler's business, not a diverging run.
+
+    With train.ema_decay the EMA of the weights (`state.ema`, `optim.ema`) follows each applied update: from
+    the new params and buffers, in place in the eager-donating mode, and kept as it was by a skipped step.
     """
     mean, std, lw = spec.data.mean, spec.data.std, spec.loss
     max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
     guard_by_sync = donate = mode is StepMode.EAGER_DONATING
     kernel = tx.inplace if mode is not StepMode.TRACED else None
+    ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=donate)  # None: off
 
     def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
                 ) -> tuple[Tensor, tuple[Tree, Tree]]:
@@ -119,14 +124,16 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
         if max_grad_norm is not None:
             grads = scale_tree_(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
         params, opt_state = update(grads, state)
+        ema = state.ema if ema_update is None else ema_update(state.ema, {**params, **new_buffers}, state.step + 1)
         if guard_by_sync:
-            return TrainState(params, new_buffers, opt_state, state.step + 1, scaler), metrics
+            return TrainState(params, new_buffers, opt_state, state.step + 1, scaler, ema), metrics
         new_state = TrainState(
             _select(finite, params, state.params),
             _select(finite, new_buffers, state.buffers),
             _select(finite, opt_state, state.opt_state),
             state.step + finite.to(state.step.dtype),
             scaler,
+            _select(finite, ema, state.ema),
         )
         return new_state, metrics
 

@@ -24,6 +24,7 @@ from centerpoint.evaluation.coco_metrics import format_metrics_table
 from centerpoint.evaluation.evaluate import evaluate, evaluated_image_ids
 from centerpoint.io.atomic import atomic_write_text
 from centerpoint.io.monitor import ImageCounter, TensorBoard, Throughput, append_metrics, make_progress
+from centerpoint.optim.ema import with_ema
 from centerpoint.run import Run
 from centerpoint.runtime import distributed
 from centerpoint.runtime.interrupt import Interrupted, StopRequest, stop_requests
@@ -124,24 +125,39 @@ def _log(run: Run, console: Console, tb: TensorBoard, progress: Progress, task: 
 def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: TensorBoard, counter: ImageCounter,
               *, bad_images: int, first_step_s: float | None) -> dict:
     """Evaluate after `step` (an `eval` bar with images/s on the progress display while it runs); rank 0
-    appends the record to metrics.jsonl, TensorBoard and the console and returns it ({} on other ranks)."""
+    appends the record to metrics.jsonl, TensorBoard and the console and returns it ({} on other ranks).
+
+    With train.ema_decay the record's metrics (`bbox_*`, the ones `best` ranks by) are the EMA weights', the
+    model eval and predict use; the trained weights' follow as `raw_bbox_*`."""
     t_eval = time.perf_counter()
     workers = run.spec.resolved.workers if run.spec.resolved else None  # the run's loader decision
     try:
-        record, rows = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
-                                run.dist, counter, pr_curves=True, workers=workers)
+        record, rows = evaluate(run.predict_fn, *with_ema(state.params, state.buffers, state.ema), run.val_index,
+                                run.spec, run.backend, run.dist, counter, pr_curves=True, workers=workers)
     finally:
         counter.remove()
+    raw = {}
+    if state.ema:
+        raw_counter = ImageCounter(counter.progress, "eval (trained weights)")
+        try:
+            raw = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
+                           run.dist, raw_counter, workers=workers)[0]
+        finally:
+            raw_counter.remove()
     if run.dist.rank != 0:
         return {}
     curves = record.pop("pr_curves")
     epoch = epoch_of(step, run.steps_per_epoch)
+    record.update({"weights": "ema" if state.ema else "raw",
+                   **{"raw_" + k: v for k, v in raw.items() if k.startswith("bbox_")}})
     record.update(step=step, epoch=epoch, bad_train_images=bad_images, eval_s=time.perf_counter() - t_eval,
                   elapsed_s=time.perf_counter() - run.started, first_step_s=first_step_s)
     append_metrics(run.workdir / "metrics.jsonl", _jsonable(record))
     tb.scalars({k: v for k, v in record.items() if k.startswith("bbox_")}, step, "val")
+    tb.scalars({k[len("raw_"):]: v for k, v in record.items() if k.startswith("raw_bbox_")}, step, "val_raw")
     tb.evaluation(run.val_index, rows, record, curves, step, run.spec)  # pictures, per-class AP, PR curves
-    console.print(f"epoch {epoch}: bbox_mAP {record['bbox_mAP']:.3f} mAP_50 {record['bbox_mAP_50']:.3f} "
+    also = f" (EMA; trained weights: mAP {raw['bbox_mAP']:.3f})" if raw else ""
+    console.print(f"epoch {epoch}: bbox_mAP {record['bbox_mAP']:.3f} mAP_50 {record['bbox_mAP_50']:.3f}{also} "
                   f"({len(evaluated_image_ids(run.val_index, run.spec))} images in {record['eval_s']:.1f} s)")
     return record
 

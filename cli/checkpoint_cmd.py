@@ -41,6 +41,9 @@ def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors che
         groups[top] = groups.get(top, 0) + v.numel()
     total = sum(groups.values())
     print(f"parameters {total:,} in {len(params)} tensors: " + ", ".join(f"{k} {n:,}" for k, n in groups.items()))
+    ema = ckpt.group("ema")
+    print(f"EMA of the weights: {len(ema)} tensors (eval and predict use them; --raw-weights: the trained ones)"
+          if ema else "EMA of the weights: none")
     print("spec:")
     sys.stdout.write(spec_to_yaml(ckpt.spec))
 

@@ -15,6 +15,7 @@ from cli.options import (
     NnodesOpt,
     NodeRankOpt,
     NprocOpt,
+    RawWeightsOpt,
     SetOpt,
     check_output_dir,
     launched_workers,
@@ -29,6 +30,7 @@ def evaluate(
     data_dir: Path | None = DataDirOpt,
     device: str | None = DeviceOpt,
     out: Path | None = typer.Option(None, "--out", help="Write metrics JSON here (and detections beside it)."),
+    raw_weights: bool = RawWeightsOpt,
     nproc_per_node: int | None = NprocOpt,
     nnodes: int = NnodesOpt,
     node_rank: int = NodeRankOpt,
@@ -37,7 +39,8 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint on the validation split with COCOeval (bbox).
 
-    --nproc-per-node N: N workers (one per device) each predict a shard; rank 0 computes the metrics."""
+    --nproc-per-node N: N workers (one per device) each predict a shard; rank 0 computes the metrics. A
+    checkpoint of a run with train.ema_decay is evaluated with its EMA weights unless --raw-weights."""
     import json
 
     from centerpoint.checkpoint import load_checkpoint
@@ -56,7 +59,7 @@ def evaluate(
         return
     main_rank = context().rank == 0
     with make_progress(enabled=main_rank, transient=True) as progress:
-        metrics, rows = evaluate_checkpoint(spec, ckpt, ImageCounter(progress, "evaluating"))
+        metrics, rows = evaluate_checkpoint(spec, ckpt, ImageCounter(progress, "evaluating"), raw_weights)
     if not main_rank:
         return
     print(format_metrics_table(metrics))

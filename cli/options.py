@@ -22,6 +22,8 @@ SpecArg = typer.Argument(None, help="Spec YAML file (default: the built-in shape
 SetOpt = typer.Option([], "--set", "-s", help="Override a spec field: --set optim.lr=0.001 (repeatable).")
 CheckpointOpt = typer.Option(..., "--checkpoint", "-c", help="A .safetensors checkpoint.")
 DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda | sdaa.")
+RawWeightsOpt = typer.Option(False, "--raw-weights", help="Use the trained weights, not their moving average, of "
+                             "a checkpoint that holds one (train.ema_decay); without EMA the same weights.")
 DataDirOpt = typer.Option(None, "--data-dir", "--data_dir", "--data-root",
                           help="Your COCO-format dataset root (sets data.dataset=coco).")
 NprocOpt = typer.Option(None, "--nproc-per-node", "--nproc_per_node",

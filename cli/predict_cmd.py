@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from centerpoint.errors import CenterpointError
-from cli.options import CheckpointOpt, DeviceOpt, SetOpt, check_output_dir, resolve_spec
+from cli.options import CheckpointOpt, DeviceOpt, RawWeightsOpt, SetOpt, check_output_dir, resolve_spec
 
 DEFAULT_SCORE_THR = 0.3
 
@@ -38,12 +38,14 @@ def predict(
     batch_size: int | None = typer.Option(None, "--batch-size", "--batch_size", min=1,
                                           help="Images per forward (default: the spec's eval.batch_size)."),
     device: str | None = DeviceOpt,
+    raw_weights: bool = RawWeightsOpt,
 ) -> None:
     """Detect objects in images: writes images with boxes drawn, detections.json and images.json.
 
     --set changes the checkpoint's spec for this prediction: eval.flip_test=true, eval.topk=N,
     data.test_size=N, data.test_mode=resize|pad, eval.score_threshold=X (as --score-thr).
-    --out must not be a folder of the inputs; a file there is replaced only if predict wrote it."""
+    --out must not be a folder of the inputs; a file there is replaced only if predict wrote it. A checkpoint
+    of a run with train.ema_decay predicts with its EMA weights unless --raw-weights."""
     from centerpoint.checkpoint import load_checkpoint
     from centerpoint.evaluation.predict import predict_files
     from centerpoint.evaluation.predict_in import collect_images
@@ -59,5 +61,5 @@ def predict(
     check_output_dir(out, out)
     with make_progress(transient=True) as progress:
         results = predict_files(spec, ckpt, files, out, threshold, names, batch_size,
-                                ImageCounter(progress, "predicting"))
+                                ImageCounter(progress, "predicting"), raw_weights)
     print(f"{len(results)} detections in {len(files)} image(s) -> {out}")

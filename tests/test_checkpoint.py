@@ -105,7 +105,7 @@ def as_newer_version(path):
 
     meta = read_header(path)
     spec = json.loads(meta["spec"])
-    spec["train"]["ema_decay"] = 0.999
+    spec["train"]["a_later_field"] = 1
     save_file(load_file(str(path)), str(path), metadata={**meta, "spec": json.dumps(spec)})
 
 
@@ -118,7 +118,7 @@ def test_latest_refuses_unusable_checkpoints_naming_each(tmp_path):
     # The newest cannot be read by this version: going back to the older one would overwrite it.
     with pytest.raises(CenterpointError, match="newest checkpoint cannot be used") as err:
         latest_checkpoint(tmp_path)
-    assert "latest.safetensors: unknown key 'train.ema_decay'" in str(err.value)
+    assert "latest.safetensors: unknown key 'train.a_later_field'" in str(err.value)
     assert f"--resume {older}" in str(err.value)
     as_newer_version(older)
     (ckpt_dir / "best.safetensors").write_bytes(b"garbage")

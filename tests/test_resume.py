@@ -286,6 +286,27 @@ def test_resume_after_skipped_non_finite_step_is_exact(tmp_path: Path, cache_dir
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_with_ema_resumed_mid_way_is_exact(tmp_path: Path, cache_dir: Path) -> None:
+    """train.ema_decay: the EMA is part of the checkpointed state; a run that dies after a skipped step and
+    resumes ends bit-identical (EMA included) to an uninterrupted one."""
+    def spec_for(work: Path):  # noqa: ANN202
+        return load_spec(None, [*TINY, *DETERMINISTIC, "train.max_steps=5", "runtime.device=cpu", "eval.max_images=2",
+                                "train.ema_decay=0.9", "train.ema_warmup=2", f"logging.workdir={work}"])
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    keys = _batch_keys(spec_for(ref))
+    poison = {keys[1]}  # skipped: the EMA's update count is the updates applied, not the steps taken
+    _poisoned_train(spec_for(ref), False, poison, None)
+    _poisoned_train(spec_for(cut), False, poison, crash_at=4)
+    assert load_checkpoint(cut / "checkpoints" / "latest.safetensors").step == 2
+    assert _poisoned_train(spec_for(cut), True, poison, None) == keys[3:]
+    a = load_file(str(cut / "checkpoints" / "latest.safetensors"))
+    b = load_file(str(ref / "checkpoints" / "latest.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ema = [k for k in a if k.startswith("ema.")]
+    assert ema and any(not torch.equal(a[k], a["params." + k[4:]]) for k in ema if "params." + k[4:] in a)
+
+
 def test_a_crash_mid_epoch_resumes_at_the_next_batch_bit_exactly(tmp_path: Path, cache_dir: Path) -> None:
     """A run that dies inside an epoch (at a chosen step, not a moment chosen by a timer) resumes with exactly
     the batches it had not trained on and ends bit-identical to an uninterrupted run."""

@@ -123,7 +123,7 @@ def test_resume_with_no_usable_checkpoint_is_an_error(tmp_path: Path,
     code, _, err = call_cli("train", *SETS, "--max-steps", "6", "--workdir", str(work), "--resume")
     assert code == 2
     assert err.startswith(f"error: --resume: no usable checkpoint in {work / 'checkpoints'}: {latest}: unknown "
-                          "key 'train.ema_decay'") and len(err.strip().splitlines()) == 1, err
+                          "key 'train.a_later_field'") and len(err.strip().splitlines()) == 1, err
     assert _listing(work) == before  # no spec.yaml, metrics or checkpoint written over the run
 
 

@@ -5,6 +5,7 @@ from centerpoint.data.targets import make_targets
 from centerpoint.loss import centernet_loss
 from centerpoint.model import build_network, init, make_apply, normalize
 from centerpoint.optim import transforms as optim
+from centerpoint.optim.ema import init_ema
 from centerpoint.optim.plan import build_optimizer
 from centerpoint.runtime import memory_format as layout
 from centerpoint.runtime.devices import StepMode, make_backend, step_mode
@@ -88,13 +89,15 @@ def test_non_finite_step_keeps_old_state():
     assert all(bool(torch.isfinite(v).all()) for v in new.params.values())
 
 
-@pytest.mark.parametrize(("optimizer", "channels_last"), [("sgd", False), ("sgd", True), ("adamw", True)])
-def test_compiled_step_compiles_once_and_matches_eager(optimizer: str, channels_last: bool):
-    """One graph over 3 steps: no graph break anywhere in the step (optimizer included), and the state a
-    step returns has the strides it was traced with, also for channels-last state with 1x1 conv weights
-    (canonical strides, `memory_format.channels_last`)."""
+@pytest.mark.parametrize(("optimizer", "channels_last", "ema"), [("sgd", False, "null"), ("sgd", True, "null"),
+                                                                 ("adamw", True, "0.9")])
+def test_compiled_step_compiles_once_and_matches_eager(optimizer: str, channels_last: bool, ema: str):
+    """One graph over 3 steps: no graph break anywhere in the step (optimizer and EMA included), and the
+    state a step returns has the strides it was traced with, also for channels-last state with 1x1 conv
+    weights (canonical strides, `memory_format.channels_last`)."""
     torch._dynamo.reset()
-    spec, plan, params, buffers, step = _setup(f"runtime.channels_last={channels_last}", f"optim.name={optimizer}")
+    spec, plan, params, buffers, step = _setup(f"runtime.channels_last={channels_last}", f"optim.name={optimizer}",
+                                               f"train.ema_decay={ema}", "train.ema_warmup=2")
     net = build_network(spec.model)
     if channels_last:
         params, buffers = ({k: layout.channels_last(v) for k, v in t.items()} for t in (params, buffers))
@@ -109,6 +112,8 @@ def test_compiled_step_compiles_once_and_matches_eager(optimizer: str, channels_
 
     compiled = torch.compile(traceable, backend=counting_backend)
     state_c = state_e = init_state(params, buffers, plan.transform)
+    if spec.train.ema_decay is not None:
+        state_c = state_e = state_c._replace(ema=init_ema(params, buffers))
     for i in range(3):
         batch = _batch(seed=i)
         state_c, m_c = compiled(state_c, batch)
@@ -117,6 +122,9 @@ def test_compiled_step_compiles_once_and_matches_eager(optimizer: str, channels_
     torch.testing.assert_close(m_c["loss"], m_e["loss"], rtol=1e-4, atol=1e-5)
     for k in ("backbone.conv1.weight", "bbox_head.heatmap_head.2.bias"):
         torch.testing.assert_close(state_c.params[k], state_e.params[k], rtol=1e-4, atol=1e-5)
+        if state_e.ema:
+            torch.testing.assert_close(state_c.ema[k], state_e.ema[k], rtol=1e-4, atol=1e-5)
+            assert not torch.equal(state_e.ema[k], state_e.params[k])
 
 
 def test_predict_step_shapes_and_flip():

@@ -16,6 +16,7 @@ from centerpoint.data.paths import data_root, load_split
 from centerpoint.errors import warn
 from centerpoint.evaluation.evaluate import Progress, evaluate
 from centerpoint.model import build_model
+from centerpoint.optim.ema import with_ema
 from centerpoint.runtime import distributed
 from centerpoint.runtime.devices import Backend, resolve_precision, resolve_workers, select_backend
 from centerpoint.runtime.memory_format import channels_last
@@ -23,8 +24,11 @@ from centerpoint.spec import ExperimentSpec
 from centerpoint.step import make_predict_step
 
 
-def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tuple[Callable, dict, dict]:
-    """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture."""
+def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend, raw: bool = False
+               ) -> tuple[Callable, dict, dict]:
+    """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture: the
+    EMA of the weights where the checkpoint holds one (train.ema_decay), unless `raw` asks for the trained
+    weights themselves."""
     model = build_model(spec.model, backend.device)
     got = {"params." + k: v for k, v in ckpt.group("params").items()}
     got.update({"buffers." + k: v for k, v in ckpt.group("buffers").items()})
@@ -32,17 +36,18 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tupl
     want.update({"buffers." + k: v for k, v in model.buffers.items()})
     check_compatible(str(ckpt.path), got, want)
     dev = backend.device
-    params = {k: v.to(dev) for k, v in ckpt.group("params").items()}
-    buffers = {k: v.to(dev) for k, v in ckpt.group("buffers").items()}
+    params, buffers = with_ema(ckpt.group("params"), ckpt.group("buffers"), {} if raw else ckpt.group("ema"))
+    params, buffers = {k: v.to(dev) for k, v in params.items()}, {k: v.to(dev) for k, v in buffers.items()}
     if spec.runtime.channels_last:
         params = {k: channels_last(v) for k, v in params.items()}
     precision = resolve_precision(backend, spec.runtime.precision)
     return make_predict_step(model.apply, spec, lambda: backend.autocast(precision)), params, buffers
 
 
-def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Progress | None = None
-                        ) -> tuple[dict, np.ndarray]:
-    """COCO metrics of the checkpoint on the spec's val split, and the detection rows (`evaluate`).
+def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Progress | None = None,
+                        raw: bool = False) -> tuple[dict, np.ndarray]:
+    """COCO metrics of the checkpoint on the spec's val split, and the detection rows (`evaluate`); of its
+    EMA weights where it holds them, unless `raw` (`load_model`).
 
     In a launched job (`centerpoint eval --nproc-per-node N`, torchrun, srun) each rank predicts its shard
     of the images on its own device and rank 0 runs COCOeval on everyone's detections; other ranks return
@@ -53,7 +58,7 @@ def evaluate_checkpoint(spec: ExperimentSpec, ckpt: Checkpoint, progress: Progre
     backend = select_backend(spec.runtime.device, ctx.local_rank)
     distributed.init_process_group(ctx, backend)
     try:
-        predict, params, buffers = load_model(spec, ckpt, backend)
+        predict, params, buffers = load_model(spec, ckpt, backend, raw)
         root = data_root(spec) if ctx.rank == 0 else None  # rank 0 makes a synthetic set first, alone
         distributed.barrier(ctx)
         index = split_for(ckpt, spec, root or data_root(spec))
@@ -84,11 +89,12 @@ def split_for(ckpt: Checkpoint, spec: ExperimentSpec, root: Path) -> CocoIndex:
 
 def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path], out_dir: Path,
                   score_thr: float, names: dict[Path, str] | None = None, batch_size: int | None = None,
-                  progress: Progress | None = None) -> list[dict]:
+                  progress: Progress | None = None, raw: bool = False) -> list[dict]:
     """Detect objects in each image (`detect.detect_images`: `batch_size` images of one input size per
     forward, default the spec's eval.batch_size), write `out_dir/<names[file]>` with boxes drawn (default
     `<stem>.jpg`), detections.json and images.json (`predict_out`), recording what it wrote in the
-    directory's manifest; returns the detections.
+    directory's manifest; returns the detections. The EMA weights where the checkpoint holds them, unless
+    `raw` (`load_model`).
 
     Images are read `_WINDOW` batches at a time, so memory does not grow with the number of files.
     progress(images done now, images in all): (0, all) once the model is ready, then after each window."""
@@ -101,7 +107,7 @@ def predict_files(spec: ExperimentSpec, ckpt: Checkpoint, files: Sequence[Path],
     classes = checkpoint_classes(ckpt)
     batch_size = batch_size or spec.eval.batch_size
     backend = select_backend(spec.runtime.device)
-    predict, params, buffers = load_model(spec, ckpt, backend)
+    predict, params, buffers = load_model(spec, ckpt, backend, raw)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     images: list[dict] = []

@@ -4,6 +4,7 @@ Every tensor of the checkpoint whose name and shape match the new model's is loa
 their fresh initialisation. When the class count differs that is the heatmap head's last layer, which
 then starts as a new head does (weights at the default init, bias at the prior probability's logit), so
 the focal loss starts where it would from scratch. The optimizer state, step and schedule start afresh.
+A checkpoint with an EMA of its weights (train.ema_decay) gives those, the weights eval and predict use.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def init_from(path: Path, params: Params, buffers: Params, say: Callable[[str], 
     if not path.is_file():
         raise CenterpointError(f"model.init_from: checkpoint not found: {path}")
     ckpt = load_checkpoint(path)
-    source = {**ckpt.group("params"), **ckpt.group("buffers")}
+    source = {**ckpt.group("params"), **ckpt.group("buffers"), **ckpt.group("ema")}  # its EMA weights, if any
     params, buffers, report = merge(source, params, buffers)
     loaded = sum(params[k].numel() for k in report["loaded"] if k in params)
     if loaded * 2 < sum(v.numel() for v in params.values()):
