@@ -35,6 +35,33 @@ def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
     return {k: torch.where(keep_new, v, old[k]) for k, v in new.items()}
 
 
+LossFn = Callable[[Tree, Tree, dict[str, Tensor], "Tensor | None"], tuple[Tensor, tuple[Tree, Tree]]]
+
+
+def make_loss_fn(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None) -> LossFn:
+    """loss_fn(params, buffers, batch, scale) -> (loss, (loss terms, new buffers)): the network in train
+    mode on the batch (see `make_train_step`), its loss multiplied by the fp16 loss `scale` (None: 1)."""
+    mean, std, lw = spec.data.mean, spec.data.std, spec.loss
+
+    def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
+                ) -> tuple[Tensor, tuple[Tree, Tree]]:
+        images = normalize(batch["images"], mean, std)
+        if spec.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        ctx = autocast() if autocast is not None else None
+        if ctx is None:
+            outputs, new_buffers = apply(params, buffers, images, True)
+        else:
+            with ctx:  # type: ignore[attr-defined]
+                outputs, new_buffers = apply(params, buffers, images, True)
+        losses = centernet_loss(outputs, batch, lw.heatmap_weight, lw.wh_weight, lw.offset_weight, lw.alpha,
+                                lw.gamma)
+        loss = losses["loss"] if scale is None else losses["loss"] * scale
+        return loss, (losses, new_buffers)
+
+    return loss_fn
+
+
 def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mode: StepMode, *,
                     reduce: Reduce | None = None, autocast: Callable[[], object] | None = None,
                     ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
@@ -60,26 +87,10 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
     `loss_scale` (the scale this step used) and `overflow`, and `finite` only reports the loss: overflows are
     the scaler's business, not a diverging run.
     """
-    mean, std, lw = spec.data.mean, spec.data.std, spec.loss
     max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
     guard_by_sync = donate = mode is StepMode.EAGER_DONATING
     kernel = tx.inplace if mode is not StepMode.TRACED else None
-
-    def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
-                ) -> tuple[Tensor, tuple[Tree, Tree]]:
-        images = normalize(batch["images"], mean, std)
-        if spec.runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        ctx = autocast() if autocast is not None else None
-        if ctx is None:
-            outputs, new_buffers = apply(params, buffers, images, True)
-        else:
-            with ctx:  # type: ignore[attr-defined]
-                outputs, new_buffers = apply(params, buffers, images, True)
-        losses = centernet_loss(outputs, batch, lw.heatmap_weight, lw.wh_weight, lw.offset_weight, lw.alpha,
-                                lw.gamma)
-        loss = losses["loss"] if scale is None else losses["loss"] * scale
-        return loss, (losses, new_buffers)
+    loss_fn = make_loss_fn(apply, spec, autocast)
 
     def eager_grad(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
                    ) -> tuple[Tree, tuple[Tree, Tree]]:
