@@ -79,7 +79,7 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
     meta = {
         "format_version": FORMAT_VERSION,
         "spec": spec_to_json(spec),
-        "step": str(int(state.step)),
+        "step": str(int(state.step.max())),  # a replicated state's (K,) counts: the furthest replica's
         "epoch": str(epoch),
         "batch_in_epoch": str(batch_in_epoch),
         "metrics": json.dumps(metrics or {}),
