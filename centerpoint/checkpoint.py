@@ -204,6 +204,14 @@ def upgrade_tensors(tensors: dict[str, Tensor], version: str) -> dict[str, Tenso
     return {renamed(k): v for k, v in tensors.items()}
 
 
+def require_single_model(ckpt: Checkpoint, use: str) -> None:
+    """Refuse a replicated run's checkpoint (its tensors hold K models) where one model is expected."""
+    k = ckpt.spec.train.replicas
+    if k > 1:
+        raise CenterpointError(f"{ckpt.path}: holds the {k} replicas of a replicated run; {use} needs one model: "
+                               f"`centerpoint checkpoint extract {ckpt.path} OUT.safetensors --replica I` writes one")
+
+
 def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
     """Raise naming the missing, unexpected and mis-shaped tensors of `got` against `expected`."""
     missing = sorted(set(expected) - set(got))

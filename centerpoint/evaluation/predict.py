@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from centerpoint.checkpoint import Checkpoint, check_compatible
+from centerpoint.checkpoint import Checkpoint, check_compatible, require_single_model
 from centerpoint.classes import align
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import read_image
@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend) -> tuple[Callable, dict, dict]:
     """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture."""
+    require_single_model(ckpt, "evaluation and prediction")
     model = build_model(spec.model, backend.device)
     got = {"params." + k: v for k, v in ckpt.group("params").items()}
     got.update({"buffers." + k: v for k, v in ckpt.group("buffers").items()})
