@@ -206,8 +206,7 @@ def upgrade_tensors(tensors: dict[str, Tensor], version: str) -> dict[str, Tenso
 
 def require_single_model(ckpt: Checkpoint, use: str) -> None:
     """Refuse a replicated run's checkpoint (its tensors hold K models) where one model is expected."""
-    k = ckpt.spec.train.replicas
-    if k > 1:
+    if (k := ckpt.spec.train.replicas) > 1:
         raise CenterpointError(f"{ckpt.path}: holds the {k} replicas of a replicated run; {use} needs one model: "
                                f"`centerpoint checkpoint extract {ckpt.path} OUT.safetensors --replica I` writes one")
 

@@ -114,8 +114,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     replicas, schedule = (), plan.schedule
     if spec.train.replicas > 1:  # the lr each replica's schedule gives, (K,), for the logs
         replicas = tuple(replicas_of(spec))
-        peaks = peak_lrs(spec, spec.train.batch_size * dist.world_size, backend.device)
-        schedule = lambda count: plan.make_schedule(peaks)(count)  # noqa: E731
+        schedule = plan.make_schedule(peak_lrs(spec, spec.train.batch_size * dist.world_size, backend.device))
     start = resume_run(spec, dist, workdir, state, data, plan.total_steps, resume, resume_from, console)
     if dist.rank == 0:
         _print_banner(console, spec, backend, dist, data, plan, notes, compile_with)
@@ -286,6 +285,11 @@ def _print_banner(console: Console, spec: ExperimentSpec, backend: Backend, dist
                   f"compile {compile_with or 'off'} | {resolved.precision} | "
                   f"{resolved.workers} loader workers | augment on "
                   f"{'device' if resolved.augment_on == 'device' else 'workers'}")
+    if spec.train.replicas > 1:
+        rs = replicas_of(spec)
+        console.print(f"{len(rs)} replicas in one vmapped step: init seeds {rs[0].init_seed}..{rs[-1].init_seed}, "
+                      f"lr {', '.join(f'{r.lr:g}' for r in rs)}, weight decay "
+                      f"{', '.join(f'{r.weight_decay:g}' for r in rs)}")
     dropped = train_index.dropped_boxes + val_index.dropped_boxes
     if dropped or train_index.dropped_images:
         console.print(f"dropped {dropped} boxes of zero, negative or non-finite size or below "
