@@ -36,7 +36,7 @@ def one(args: argparse.Namespace) -> dict:
     sets = [f"data.input_size={args.size}", f"train.batch_size={args.batch}", f"train.replicas={args.k}"]
     spec = load_spec(Path(args.spec) if args.spec else None, sets)
     backend = select_backend(args.device)
-    plan = build_optimizer(spec, 100, args.batch)
+    plan = build_optimizer(spec, 100, args.batch, replicated=True)
     model = build_model(spec.model, backend.device, traced=True)
     batches = [{k: v.to(backend.device) for k, v in b.items()}
                for b in make_batches(args.steps + args.warmup, args.batch, args.size, spec.model.num_classes)]

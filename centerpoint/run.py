@@ -129,6 +129,9 @@ def build_runtime(spec: ExperimentSpec, dist: distributed.Context) -> tuple[Expe
     """Resolve the device backend and the `auto` settings (recorded as `spec.resolved`), seed the device,
     join the process group. Returns (resolved spec, backend, notes to print)."""
     backend, resolved, notes = resolve_settings(spec, dist.local_rank)
+    if spec.train.replicas > 1 and spec.runtime.sync_bn and dist.distributed:
+        raise CenterpointError(f"train.replicas={spec.train.replicas} with runtime.sync_bn: synchronised BatchNorm "
+                               "is not supported under vmap; set runtime.sync_bn=false")
     if spec.train.replicas > 1 and resolved.precision != "fp32":
         # Under vmap, BatchNorm's batching rule rejects autocast's bf16/fp16 activations with fp32 weights
         # (torch 2.13): replicated runs compute in fp32.

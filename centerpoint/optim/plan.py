@@ -30,9 +30,10 @@ def scaled_lr(spec: ExperimentSpec, global_batch: int) -> float:
     return o.lr if o.base_batch is None else o.lr * global_batch / o.base_batch
 
 
-def build_optimizer(spec: ExperimentSpec, steps_per_epoch: int, global_batch: int) -> OptimizerPlan:
-    """The optimizer transform with its schedule (milestones converted from epochs to steps). With
-    train.replicas > 1 the transform holds the peak lr and the weight decay as state tensors
+def build_optimizer(spec: ExperimentSpec, steps_per_epoch: int, global_batch: int,
+                    replicated: bool | None = None) -> OptimizerPlan:
+    """The optimizer transform with its schedule (milestones converted from epochs to steps). `replicated`
+    (default: train.replicas > 1): the transform holds the peak lr and the weight decay as state tensors
     (`optim.hyper`), which the replicas then set one by one."""
     o = spec.optim
     lr = scaled_lr(spec, global_batch)
@@ -40,7 +41,7 @@ def build_optimizer(spec: ExperimentSpec, steps_per_epoch: int, global_batch: in
     make = schedule_maker(spec, steps_per_epoch, total)
     sched = make(lr)
     mask = None if o.decay_norm_and_bias else optim.default_decay_mask
-    if spec.train.replicas > 1:
+    if replicated or (replicated is None and spec.train.replicas > 1):
         from centerpoint.optim.hyper import hyper_optimizer
 
         tx = hyper_optimizer(o.name, make, lr, o.weight_decay, mask, momentum=o.momentum, nesterov=o.nesterov,
