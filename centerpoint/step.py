@@ -38,15 +38,18 @@ def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
 LossFn = Callable[[Tree, Tree, dict[str, Tensor], "Tensor | None"], tuple[Tensor, tuple[Tree, Tree]]]
 
 
-def make_loss_fn(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None) -> LossFn:
+def make_loss_fn(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None, *,
+                 channels_last: bool | None = None) -> LossFn:
     """loss_fn(params, buffers, batch, scale) -> (loss, (loss terms, new buffers)): the network in train
-    mode on the batch (see `make_train_step`), its loss multiplied by the fp16 loss `scale` (None: 1)."""
+    mode on the batch (see `make_train_step`), its loss multiplied by the fp16 loss `scale` (None: 1).
+    `channels_last`: the images' memory format (None: runtime.channels_last)."""
     mean, std, lw = spec.data.mean, spec.data.std, spec.loss
+    to_channels_last = spec.runtime.channels_last if channels_last is None else channels_last
 
     def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
                 ) -> tuple[Tensor, tuple[Tree, Tree]]:
         images = normalize(batch["images"], mean, std)
-        if spec.runtime.channels_last:
+        if to_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         ctx = autocast() if autocast is not None else None
         if ctx is None:

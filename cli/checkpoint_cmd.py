@@ -42,6 +42,8 @@ def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors che
         groups[top] = groups.get(top, 0) + v.numel()
     total = sum(groups.values())
     print(f"parameters {total:,} in {len(params)} tensors: " + ", ".join(f"{k} {n:,}" for k, n in groups.items()))
+    if (k := ckpt.spec.train.replicas) > 1:
+        print(f"replicas {k} (parameters counted over all of them; `checkpoint extract --replica I` writes one)")
     print("spec:")
     sys.stdout.write(spec_to_yaml(ckpt.spec))
 

@@ -57,7 +57,9 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
     `tx` the optimizer of `optim.hyper` (hyperparameters in its state). `reduce` averages the stacked
     gradients and losses over data-parallel ranks: every rank holds all K replicas."""
     max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
-    grad_one = torch.func.grad(make_loss_fn(apply, spec, autocast), has_aux=True)
+    # Channels-first images: vmap turns each convolution into one grouped over the replicas, which runs
+    # slower from channels-last input on cpu (measured 6.6 against 5.3 s for 4 built-in replicas).
+    grad_one = torch.func.grad(make_loss_fn(apply, spec, autocast, channels_last=False), has_aux=True)
     grad_all = torch.func.vmap(grad_one, in_dims=(0, 0, None, None))
     grad_all_scaled = torch.func.vmap(grad_one, in_dims=(0, 0, None, 0))
 
