@@ -21,7 +21,6 @@ the format defines, and read with it.)
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
     meta = {
         "format_version": FORMAT_VERSION,
         "spec": spec_to_json(spec),
-        "step": str(int(state.step)),
+        "step": str(int(state.step.max())),  # a replicated state's (K,) counts: the furthest replica's
         "epoch": str(epoch),
         "batch_in_epoch": str(batch_in_epoch),
         "metrics": json.dumps(metrics or {}),
@@ -102,28 +101,6 @@ def save_checkpoint(path: Path, state: TrainState, spec: ExperimentSpec, epoch: 
 def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
     """The bytes of a .safetensors file."""
     return save(tensors, metadata=metadata)
-
-
-def remove_partial_writes(run_dir: Path) -> int:
-    """Delete the temp files that killed checkpoint writes left in `run_dir/checkpoints`; returns how many.
-
-    For the run's writer, holding the run directory's lock, before it starts. A temp file whose writer
-    (the pid in its name) is still alive is left alone: it is another process's write in progress.
-    """
-    from centerpoint.io.atomic import writer_pid
-    from centerpoint.io.run_dir import alive
-
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return 0
-    removed = 0
-    for path in ckpt_dir.glob(".*.safetensors.*.tmp"):
-        pid = writer_pid(path)
-        if pid is not None and pid != os.getpid() and alive(pid):
-            continue
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -203,6 +180,13 @@ def upgrade_tensors(tensors: dict[str, Tensor], version: str) -> dict[str, Tenso
         return "opt." + rest  # adam.mu.<name>, adam.nu.<name>
 
     return {renamed(k): v for k, v in tensors.items()}
+
+
+def require_single_model(ckpt: Checkpoint, use: str) -> None:
+    """Refuse a replicated run's checkpoint (its tensors hold K models) where one model is expected."""
+    if (k := ckpt.spec.train.replicas) > 1:
+        raise CenterpointError(f"{ckpt.path}: holds the {k} replicas of a replicated run; {use} needs one model: "
+                               f"`centerpoint checkpoint extract {ckpt.path} OUT.safetensors --replica I` writes one")
 
 
 def check_compatible(source: str, got: dict[str, Tensor], expected: dict[str, Tensor]) -> None:

@@ -29,8 +29,15 @@ def _gaussian_focal_sum(logits: Tensor, target: Tensor, alpha: float, gamma: flo
 
 
 def _weighted_l1_sum(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    """``sum(|pred - target| * weight)`` in float32; ``(B, 2, H, W)`` maps, ``weight`` ``(B, 1, H, W)``."""
-    return ((pred.float() - target.float()).abs() * weight).sum()
+    """``sum(|pred - target| * weight)`` in float32 (float64 for float64 predictions); ``(B, 2, H, W)`` maps,
+    ``weight`` ``(B, 1, H, W)``."""
+    pred = _at_least_float32(pred)
+    return ((pred - target.to(pred.dtype)).abs() * weight.to(pred.dtype)).sum()
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """float32, or float64 kept (float64 runs check equivalences to 1e-10, which float32 terms would hide)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def centernet_loss(pred: dict[str, Tensor], targets: dict[str, Tensor], heatmap_weight: float = 1.0,
@@ -56,13 +63,13 @@ def centernet_loss(pred: dict[str, Tensor], targets: dict[str, Tensor], heatmap_
             # Broadcasting would silently compute a wrong loss, so fail loudly on shapes (static).
             raise ValueError(f"centernet_loss: pred[{key!r}] {tuple(pred[key].shape)} != "
                              f"targets[{key!r}] {tuple(targets[key].shape)}")
-    # float32 throughout: bf16/fp16 logits would lose the focal terms' small values.
-    logits = pred["heatmap"].float()
-    heat_t = targets["heatmap"].float()
-    reg_w = targets["reg_weight"].float()
+    # float32 throughout: bf16/fp16 logits would lose the focal terms' small values (float64 stays float64).
+    logits = _at_least_float32(pred["heatmap"])
+    heat_t = targets["heatmap"].to(logits.dtype)
+    reg_w = targets["reg_weight"].to(logits.dtype)
 
     # Tensor-valued clamp instead of max(1, int(...)) keeps this sync-free.
-    avg_factor = (heat_t == 1).sum().to(torch.float32).clamp(min=1.0)
+    avg_factor = (heat_t == 1).sum().to(logits.dtype).clamp(min=1.0)
     # mmdetection divides by avg_factor + float32 eps (weight_reduce_loss), in float32 as here: it only
     # shows (one ulp) when avg_factor is 1.
     eps = torch.finfo(torch.float32).eps

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.progress import TaskID
 
-from centerpoint.checkpoint import Checkpointer, remove_partial_writes, restore_state
+from centerpoint.checkpoint import Checkpointer, restore_state
 from centerpoint.classes import Classes, align, of_index, with_num_classes
 from centerpoint.data.coco import CocoIndex, data_identity
 from centerpoint.data.loader import steps_per_epoch
@@ -33,16 +33,19 @@ from centerpoint.data.paths import data_root, load_split
 from centerpoint.errors import CenterpointError
 from centerpoint.io import run_dir as rundir
 from centerpoint.io.monitor import make_progress
-from centerpoint.model import Apply, Model, build_model
+from centerpoint.io.run_dir import remove_partial_writes
+from centerpoint.model import Apply, Model, build_model, init
 from centerpoint.optim.ema import init_ema
 from centerpoint.optim.loss_scale import init_loss_scale
 from centerpoint.optim.plan import OptimizerPlan, build_optimizer
 from centerpoint.optim.schedules import Schedule
+from centerpoint.replicas.settings import Replica, init_seed, peak_lrs, replicas_of, replicated_state
+from centerpoint.replicas.step import make_replicated_step
 from centerpoint.resume import check_same_data, resume_checkpoint, resume_step
 from centerpoint.runtime import distributed
 from centerpoint.runtime.devices import Backend, compile_step, resolve_compile_backend, resolve_settings, step_mode
 from centerpoint.spec import ExperimentSpec
-from centerpoint.state import TrainState, flatten_state, init_state, to_device
+from centerpoint.state import TrainState, Tree, flatten_state, init_state, to_device
 from centerpoint.step import make_predict_step, make_train_step
 
 
@@ -68,6 +71,7 @@ class Run:
     finished: dict | None = None  # resumed from the end of a completed run: its last evaluation
     compiled: bool = False
     lock: rundir.RunLock | None = None  # rank 0's lock on the run directory, held until the run ends
+    replicas: tuple[Replica, ...] = ()  # train.replicas > 1: the models the stacked state holds; () for one
 
 
 @dataclass(frozen=True)
@@ -110,20 +114,35 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     plan = build_optimizer(spec, data.steps_per_epoch, spec.train.batch_size * dist.world_size)
     model, state = build_state(spec, backend, dist, plan, console)
     step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, model.apply, plan)
+    replicas, schedule = (), plan.schedule
+    if spec.train.replicas > 1:  # the lr each replica's schedule gives, (K,), for the logs
+        replicas = tuple(replicas_of(spec))
+        schedule = plan.make_schedule(peak_lrs(spec, spec.train.batch_size * dist.world_size, backend.device))
     start = resume_run(spec, dist, workdir, state, data, plan.total_steps, resume, resume_from, console)
     if dist.rank == 0:
         _print_banner(console, spec, backend, dist, data, plan, notes, compile_with)
     checkpointer = Checkpointer(workdir / "checkpoints", spec, start.run_id, data.identity, data.steps_per_epoch,
                                 plan.total_steps, data.classes)
-    return Run(spec, backend, dist, workdir, data.train_index, data.val_index, start.state, step_fn, plan.schedule,
+    return Run(spec, backend, dist, workdir, data.train_index, data.val_index, start.state, step_fn, schedule,
                predict_fn, data.steps_per_epoch, plan.total_steps, start.start_step, checkpointer, started,
-               start.finished, compile_with is not None, start.lock)
+               start.finished, compile_with is not None, start.lock, replicas)
 
 
 def build_runtime(spec: ExperimentSpec, dist: distributed.Context) -> tuple[ExperimentSpec, Backend, list[str]]:
     """Resolve the device backend and the `auto` settings (recorded as `spec.resolved`), seed the device,
     join the process group. Returns (resolved spec, backend, notes to print)."""
     backend, resolved, notes = resolve_settings(spec, dist.local_rank)
+    if spec.train.replicas > 1 and spec.runtime.sync_bn and dist.distributed:
+        raise CenterpointError(f"train.replicas={spec.train.replicas} with runtime.sync_bn: synchronised BatchNorm "
+                               "is not supported under vmap; set runtime.sync_bn=false")
+    if spec.train.replicas > 1 and resolved.precision != "fp32":
+        # Under vmap, BatchNorm's batching rule rejects autocast's bf16/fp16 activations with fp32 weights
+        # (torch 2.13): replicated runs compute in fp32.
+        if spec.runtime.precision != "auto":
+            raise CenterpointError(f"train.replicas={spec.train.replicas} needs runtime.precision fp32 (or auto): "
+                                   "vmapped BatchNorm does not take autocast's mixed precision")
+        resolved = resolved.model_copy(update={"precision": "fp32"})
+        notes = [*notes, "replicated run: precision fp32 (autocast's mixed precision does not run under vmap)"]
     spec = spec.model_copy(update={"resolved": resolved})
     backend.manual_seed(spec.train.seed + dist.rank)  # device-side draws differ per rank, reproducibly
     if spec.runtime.threads:
@@ -151,11 +170,28 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
                 console: Console) -> tuple[Model, TrainState]:
     """The model (traced apply when the step will be compiled) and a fresh train state on the device:
     initialised, pretrained or fine-tuned (`model.init_from`) weights, the optimizer's state, the fp16 loss
-    scaler, the EMA of the weights (train.ema_decay; it starts as a copy of them)."""
-    model = build_model(spec.model, backend.device, seed=spec.train.seed, traced=spec.resolved.compile == "on",
-                        channels_last=spec.runtime.channels_last,
+    scaler, the EMA of the weights (train.ema_decay; it starts as a copy of them). With train.replicas > 1 one
+    such state per replica (its own init seed), stacked."""
+    replicated = spec.train.replicas > 1  # vmapped: the functional apply
+    model = build_model(spec.model, backend.device, seed=init_seed(spec),
+                        traced=spec.resolved.compile == "on" or replicated, channels_last=spec.runtime.channels_last,
                         convert=(lambda net: distributed.sync_batchnorm(net, dist)) if spec.runtime.sync_bn else None)
-    params, buffers = model.params, model.buffers
+
+    def fresh(seed: int) -> TrainState:
+        params, buffers = (model.params, model.buffers) if seed == init_seed(spec) else init(spec.model, seed)
+        return _initial_state(spec, params, buffers, plan, console if seed == init_seed(spec) else None, dist)
+
+    if replicated:
+        state = replicated_state(spec, spec.train.batch_size * dist.world_size, fresh)
+    else:
+        state = fresh(init_seed(spec))
+    return model, to_device(state, backend.device, spec.runtime.channels_last)
+
+
+def _initial_state(spec: ExperimentSpec, params: Tree, buffers: Tree, plan: OptimizerPlan, console: Console | None,
+                   dist: distributed.Context) -> TrainState:
+    """One model's state at step 0 from its fresh weights: the pretrained backbone and `model.init_from`
+    loaded over them (reported on `console`), the optimizer's state, the fp16 loss scaler, the EMA."""
     if spec.model.pretrained is not None:
         from centerpoint.weights.foreign import load_torchvision_backbone
 
@@ -163,13 +199,14 @@ def build_state(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
     if spec.model.init_from is not None:  # after `pretrained`: its tensors win where both give one
         from centerpoint.weights.finetune import init_from
 
-        say = (lambda text: console.print(text, markup=False, soft_wrap=True)) if dist.rank == 0 else None
+        say = (lambda text: console.print(text, markup=False, soft_wrap=True)) \
+            if dist.rank == 0 and console is not None else None
         params, buffers = init_from(spec.model.init_from, params, buffers, say)
     scaler = init_loss_scale(spec.runtime.loss_scale) if spec.resolved.precision == "fp16" else None
     state = init_state(params, buffers, plan.transform, scaler)
     if spec.train.ema_decay is not None:
         state = state._replace(ema=init_ema(params, buffers))
-    return model, to_device(state, backend.device, spec.runtime.channels_last)
+    return state
 
 
 def resume_run(spec: ExperimentSpec, dist: distributed.Context, workdir: Path, state: TrainState, data: Data,
@@ -212,8 +249,12 @@ def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
-    step_fn = make_train_step(apply, spec, plan.transform, step_mode(backend, compiled),
-                              reduce=distributed.make_reduce(dist), autocast=lambda: backend.autocast(precision))
+    autocast, reduce = (lambda: backend.autocast(precision)), distributed.make_reduce(dist)
+    if spec.train.replicas > 1:  # always the pure form: vmap cannot run the eager steps' in-place kernels
+        step_fn = make_replicated_step(apply, spec, plan.transform, reduce=reduce, autocast=autocast)
+    else:
+        step_fn = make_train_step(apply, spec, plan.transform, step_mode(backend, compiled), reduce=reduce,
+                                  autocast=autocast)
     predict_fn = make_predict_step(apply, spec, autocast=lambda: backend.autocast(precision))
     if compiled:
         step_fn = compile_step(step_fn, compile_with)
@@ -261,6 +302,11 @@ def _print_banner(console: Console, spec: ExperimentSpec, backend: Backend, dist
                   f"{resolved.workers} loader workers | augment on "
                   f"{'device' if resolved.augment_on == 'device' else 'workers'}"
                   + (f" | EMA of weights, decay {spec.train.ema_decay:g}" if spec.train.ema_decay is not None else ""))
+    if spec.train.replicas > 1:
+        rs = replicas_of(spec)
+        console.print(f"{len(rs)} replicas in one vmapped step: init seeds {rs[0].init_seed}..{rs[-1].init_seed}, "
+                      f"lr {', '.join(f'{r.lr:g}' for r in rs)}, weight decay "
+                      f"{', '.join(f'{r.weight_decay:g}' for r in rs)}")
     dropped = train_index.dropped_boxes + val_index.dropped_boxes
     if dropped or train_index.dropped_images:
         console.print(f"dropped {dropped} boxes of zero, negative or non-finite size or below "

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -200,6 +200,11 @@ class ScheduleSpec(_Spec):
     final_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Cosine ends at lr * final_ratio.")
 
 
+# Hyperparameters that `train.sweep` can vary over replicas: the optimizer holds them as state tensors.
+SWEEP_KEYS = ("optim.lr", "optim.weight_decay")
+SweepKey = Literal["optim.lr", "optim.weight_decay"]
+
+
 class TrainSpec(_Spec):
     epochs: int = Field(16, ge=1, le=100_000, description="Epochs (full passes over the train set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
@@ -218,6 +223,24 @@ class TrainSpec(_Spec):
     ema_warmup: float = Field(2000.0, gt=0.0, description="With ema_decay: the EMA's warm-up in updates "
                               "(mmdetection's ExpMomentumEMA `gamma`): update k weighs the new weights by "
                               "(1 - decay) + decay * exp(-k / ema_warmup).")
+    init_seed: Seed | None = Field(None, description="Seed of the model's initial weights (None: `seed`); "
+                                   "replica i of a replicated run starts from init_seed + i.")
+    replicas: int = Field(1, ge=1, le=64, description="Independent models trained together in one step "
+                          "(torch.func.vmap over their stacked state): same batches, init seeds init_seed + i, "
+                          "and the values of `sweep`. 1: one model, the ordinary run.")
+    sweep: dict[SweepKey, tuple[float, ...]] = Field(
+        {}, description="Per-replica values of hyperparameters, one per replica (e.g. {'optim.lr': [0.001, "
+        "0.002, 0.004]} with replicas=3); keys: " + ", ".join(SWEEP_KEYS) + ".")
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> TrainSpec:
+        for key, values in self.sweep.items():
+            if len(values) != self.replicas:
+                raise ValueError(f"sweep {key} has {len(values)} values but train.replicas is {self.replicas}: give "
+                                 "one value per replica")
+        if (self.init_seed if self.init_seed is not None else self.seed) + self.replicas - 1 > 2**64 - 1:
+            raise ValueError("init seed + replicas - 1 must stay below 2**64")
+        return self
 
 
 class EvalSpec(_Spec):
@@ -316,3 +339,15 @@ class ExperimentSpec(_Spec):
             model = model or {}
             given = "num_classes" in model
         return data if given else {**data, "model": {**model, "num_classes": None}}
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> ExperimentSpec:
+        # Each swept value must be one the optimizer's own field accepts (lr in (0, 10], weight decay >= 0).
+        for key, values in self.train.sweep.items():
+            field = key.split(".", 1)[1]
+            for value in values:
+                try:
+                    OptimSpec.model_validate({**self.optim.model_dump(), field: value})
+                except ValidationError as err:
+                    raise ValueError(f"sweep {key} value {value!r}: {err.errors()[0]['msg']}") from None
+        return self

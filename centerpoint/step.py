@@ -36,6 +36,36 @@ def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
     return {k: torch.where(keep_new, v, old[k]) for k, v in new.items()}
 
 
+LossFn = Callable[[Tree, Tree, dict[str, Tensor], "Tensor | None"], tuple[Tensor, tuple[Tree, Tree]]]
+
+
+def make_loss_fn(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], object] | None = None, *,
+                 channels_last: bool | None = None) -> LossFn:
+    """loss_fn(params, buffers, batch, scale) -> (loss, (loss terms, new buffers)): the network in train
+    mode on the batch (see `make_train_step`), its loss multiplied by the fp16 loss `scale` (None: 1).
+    `channels_last`: the images' memory format (None: runtime.channels_last)."""
+    mean, std, lw = spec.data.mean, spec.data.std, spec.loss
+    to_channels_last = spec.runtime.channels_last if channels_last is None else channels_last
+
+    def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
+                ) -> tuple[Tensor, tuple[Tree, Tree]]:
+        images = normalize(batch["images"], mean, std)
+        if to_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        ctx = autocast() if autocast is not None else None
+        if ctx is None:
+            outputs, new_buffers = apply(params, buffers, images, True)
+        else:
+            with ctx:  # type: ignore[attr-defined]
+                outputs, new_buffers = apply(params, buffers, images, True)
+        losses = centernet_loss(outputs, batch, lw.heatmap_weight, lw.wh_weight, lw.offset_weight, lw.alpha,
+                                lw.gamma)
+        loss = losses["loss"] if scale is None else losses["loss"] * scale
+        return loss, (losses, new_buffers)
+
+    return loss_fn
+
+
 def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mode: StepMode, *,
                     reduce: Reduce | None = None, autocast: Callable[[], object] | None = None,
                     ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
@@ -64,27 +94,11 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
     With train.ema_decay the EMA of the weights (`state.ema`, `optim.ema`) follows each applied update: from
     the new params and buffers, in place in the eager-donating mode, and kept as it was by a skipped step.
     """
-    mean, std, lw = spec.data.mean, spec.data.std, spec.loss
     max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
     guard_by_sync = donate = mode is StepMode.EAGER_DONATING
     kernel = tx.inplace if mode is not StepMode.TRACED else None
     ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=donate)  # None: off
-
-    def loss_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
-                ) -> tuple[Tensor, tuple[Tree, Tree]]:
-        images = normalize(batch["images"], mean, std)
-        if spec.runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        ctx = autocast() if autocast is not None else None
-        if ctx is None:
-            outputs, new_buffers = apply(params, buffers, images, True)
-        else:
-            with ctx:  # type: ignore[attr-defined]
-                outputs, new_buffers = apply(params, buffers, images, True)
-        losses = centernet_loss(outputs, batch, lw.heatmap_weight, lw.wh_weight, lw.offset_weight, lw.alpha,
-                                lw.gamma)
-        loss = losses["loss"] if scale is None else losses["loss"] * scale
-        return loss, (losses, new_buffers)
+    loss_fn = make_loss_fn(apply, spec, autocast)
 
     def eager_grad(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
                    ) -> tuple[Tree, tuple[Tree, Tree]]:

@@ -25,6 +25,7 @@ from centerpoint.evaluation.evaluate import evaluate, evaluated_image_ids
 from centerpoint.io.atomic import atomic_write_text
 from centerpoint.io.monitor import ImageCounter, TensorBoard, Throughput, append_metrics, make_progress
 from centerpoint.optim.ema import with_ema
+from centerpoint.replicas.report import ReplicaBoards, evaluate_replicas, mean_row, per_replica, summary_table
 from centerpoint.run import Run
 from centerpoint.runtime import distributed
 from centerpoint.runtime.interrupt import Interrupted, StopRequest, stop_requests
@@ -61,13 +62,15 @@ def _train(run: Run, console: Console) -> dict:
     state, last_metrics, step = run.state, {}, run.start_step
     # Skipped steps so far: steps taken minus updates applied; with fp16 loss scaling that difference also
     # holds the scaler's overflow steps, which are not failures, so the count restarts at resume there.
-    skipped = torch.full((), 0.0 if state.scaler else float(step - int(state.step)), device=run.backend.device)
-    skipped_before, bad_images, first_step_s = float(skipped), 0, None
+    # One count per replica in a replicated run (its state.step is (K,)).
+    skipped = torch.zeros_like(state.step, dtype=torch.float32) if state.scaler else (step - state.step).float()
+    skipped_before, bad_images, first_step_s = skipped.clone(), 0, None
+    boards = ReplicaBoards(run.workdir, run.replicas, is_main and spec.logging.tensorboard)
     diverged = Divergence(t.nonfinite == "stop", run.backend.free_sync, run.backend.device)
     meter, progress = Throughput(), make_progress(console, spec.logging.progress and is_main)
     batches = train_batches(run.train_index, spec, run.backend, rank=run.dist.rank, world_size=run.dist.world_size,
                             steps_per_epoch=spe, start_step=run.start_step, total_steps=total)
-    with progress, stop_requests(announce=is_main) as stop, closing(tb), closing(batches):
+    with progress, stop_requests(announce=is_main) as stop, closing(tb), closing(batches), closing(boards):
         task = progress.add_task("train", total=total, completed=step, info="")
         t_wait = time.perf_counter()
         for item in batches:
@@ -76,7 +79,7 @@ def _train(run: Run, console: Console) -> dict:
             state, metrics = run.step_fn(state, item.batch)
             step, bad_images = item.step, bad_images + item.bad_images
             skipped += 1 - metrics["finite"]
-            diverged.record(metrics["finite"], step)
+            diverged.record(metrics["finite"].min(), step)  # any replica's
             meter.add(t.batch_size * run.dist.world_size, wait)
             if first_step_s is None:
                 first_step_s = time.perf_counter() - run.started
@@ -85,9 +88,9 @@ def _train(run: Run, console: Console) -> dict:
                                   f"compiled graphs are cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})")
             if itstime(step, t.log_every, total):
                 diverged.check()
-                values = {**{k: float(v) for k, v in metrics.items()}, **meter.read(),
-                          "lr": float(run.schedule(applied)), "skipped_steps": float(skipped),
-                          "bad_images": float(bad_images)}
+                rows = per_replica({**metrics, "lr": run.schedule(applied), "skipped_steps": skipped})
+                boards.scalars(rows, step, "train")
+                values = {**mean_row(rows), **meter.read(), "bad_images": float(bad_images)}
                 _log(run, console, tb, progress, task, step, values)
             progress.update(task, completed=step)
             evaluating, saving = itstime(step, t.eval_every * spe, total), run.checkpointer.latest_due(step)
@@ -95,7 +98,7 @@ def _train(run: Run, console: Console) -> dict:
                 diverged.check()  # on every rank, so that all stop together
             record = {}
             if evaluating:
-                record = _evaluate(run, state, step, console, tb, ImageCounter(progress, "eval"),
+                record = _evaluate(run, state, step, console, tb, boards, ImageCounter(progress, "eval"),
                                    bad_images=bad_images, first_step_s=first_step_s)
                 last_metrics = record or last_metrics
             if is_main:
@@ -103,9 +106,10 @@ def _train(run: Run, console: Console) -> dict:
             _stop_if_asked(stop, run, state, step, diverged, saved=saving)
             t_wait = time.perf_counter()
     distributed.destroy(run.dist)
-    _check_trained(step - run.start_step, round(float(skipped) - skipped_before))
+    _check_trained(step - run.start_step, round(float((skipped - skipped_before).min())))  # every replica's
     if is_main and last_metrics:
-        console.print(format_metrics_table(last_metrics), markup=False, highlight=False)
+        table = summary_table(last_metrics) if run.replicas else format_metrics_table(last_metrics)
+        console.print(table, markup=False, highlight=False)
     return last_metrics
 
 
@@ -122,15 +126,22 @@ def _log(run: Run, console: Console, tb: TensorBoard, progress: Progress, task: 
         console.file.flush()
 
 
-def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: TensorBoard, counter: ImageCounter,
-              *, bad_images: int, first_step_s: float | None) -> dict:
+def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: TensorBoard, boards: ReplicaBoards,
+              counter: ImageCounter, *, bad_images: int, first_step_s: float | None) -> dict:
     """Evaluate after `step` (an `eval` bar with images/s on the progress display while it runs); rank 0
-    appends the record to metrics.jsonl, TensorBoard and the console and returns it ({} on other ranks).
+    appends the record to metrics.jsonl, TensorBoard and the console and returns it ({} on other ranks). A
+    replicated run evaluates each replica (`replicas.report`).
 
     With train.ema_decay the record's metrics (`bbox_*`, the ones `best` ranks by) are the EMA weights', the
-    model eval and predict use; the trained weights' follow as `raw_bbox_*`."""
+    model eval and predict use; the trained weights' follow as `raw_bbox_*` (not in a replicated run)."""
     t_eval = time.perf_counter()
     workers = run.spec.resolved.workers if run.spec.resolved else None  # the run's loader decision
+    if run.replicas:
+        record = evaluate_replicas(run, state, step, epoch_of(step, run.steps_per_epoch), boards, console.print,
+                                   {"bad_train_images": bad_images, "elapsed_s": time.perf_counter() - run.started,
+                                    "first_step_s": first_step_s}, counter.progress, workers)
+        tb.scalars({k: v for k, v in record.items() if k.startswith("bbox_")}, step, "val")
+        return record
     try:
         record, rows = evaluate(run.predict_fn, *with_ema(state.params, state.buffers, state.ema), run.val_index,
                                 run.spec, run.backend, run.dist, counter, pr_curves=True, workers=workers)

@@ -1,4 +1,5 @@
-"""`centerpoint checkpoint inspect|import`: a checkpoint's contents; foreign weights into a checkpoint.
+"""`centerpoint checkpoint inspect|import|extract`: a checkpoint's contents; foreign weights into a checkpoint;
+one replica of a replicated run's checkpoint as an ordinary one.
 
 torch is imported only when a command runs.
 """
@@ -44,6 +45,8 @@ def checkpoint_inspect(path: Path = typer.Argument(..., help="A .safetensors che
     ema = ckpt.group("ema")
     print(f"EMA of the weights: {len(ema)} tensors (eval and predict use them; --raw-weights: the trained ones)"
           if ema else "EMA of the weights: none")
+    if (k := ckpt.spec.train.replicas) > 1:
+        print(f"replicas {k} (parameters counted over all of them; `checkpoint extract --replica I` writes one)")
     print("spec:")
     sys.stdout.write(spec_to_yaml(ckpt.spec))
 
@@ -69,3 +72,21 @@ def checkpoint_import(
           f"model: {result.spec_path} (dcn={result.spec.model.dcn}, {result.spec.model.num_classes} classes)\n"
           f"wrote {result.destination}; evaluate it with:\n"
           f"  centerpoint eval --checkpoint {result.destination} --data-dir DIR")
+
+
+@app.command("extract")
+def checkpoint_extract(
+    src: Path = typer.Argument(..., help="A checkpoint of a replicated run (train.replicas > 1)."),
+    dst: Path = typer.Argument(..., help="The single-model .safetensors checkpoint to write."),
+    replica: int = typer.Option(..., "--replica", help="Which replica, 0 .. replicas - 1."),
+) -> None:
+    """Write one replica of a replicated run's checkpoint as a normal single-model checkpoint: its weights,
+    statistics and optimizer state, and a spec with its init seed and hyperparameters (eval, predict and
+    --resume take it as any other)."""
+    from centerpoint.replicas.extract import extract_replica
+
+    if dst.resolve() == src.resolve():
+        raise CenterpointError(f"checkpoint extract: {dst} is the source checkpoint; write to another file")
+    spec = extract_replica(src, dst, replica)
+    print(f"wrote {dst}: replica {replica} of {src} (init seed {spec.train.init_seed}, lr {spec.optim.lr:g}, "
+          f"weight decay {spec.optim.weight_decay:g})")

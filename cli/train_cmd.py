@@ -96,6 +96,26 @@ def _max_steps_from_spec(spec_file: Path | None, sets: list[str], epochs: int | 
     return {"train.max_steps": None}
 
 
+def sweep_updates(items: list[str], replicas: int, sets: list[str]) -> dict[str, object]:
+    """`--sweep KEY=V1,V2,...` -> spec updates: train.sweep, and train.replicas = the number of values
+    unless a --set gives train.replicas (the spec then checks that they agree)."""
+    from centerpoint.spec import SWEEP_KEYS
+
+    sweep: dict[str, list[float]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in SWEEP_KEYS:
+            raise CenterpointError(f"--sweep {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}")
+        try:
+            sweep[key] = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise CenterpointError(f"--sweep {item!r}: the values must be numbers separated by commas") from None
+    given = any(s.partition("=")[0].strip() == "train.replicas" for s in sets)
+    counts = {len(v) for v in sweep.values()}
+    return {"train.sweep": sweep, **({} if given or len(counts) != 1 else {"train.replicas": counts.pop()})}
+
+
 def train(
     spec_file: Path | None = SpecArg,
     sets: list[str] = SetOpt,
@@ -110,6 +130,9 @@ def train(
     precision: str | None = typer.Option(None, "--precision", help="fp32 | bf16 | fp16."),
     workers: int | None = typer.Option(None, "--workers", help="Data loader processes per device."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of init, shuffling and augmentation."),
+    sweeps: list[str] = typer.Option([], "--sweep", help="Train one replica per value in one process: "
+                                     "--sweep optim.lr=0.001,0.002,0.004 (or optim.weight_decay=...); sets "
+                                     "train.replicas to the number of values unless given (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run: from its directory's newest usable "
                                 "checkpoint, or `--resume FILE.safetensors` from that file (its run directory "
                                 "unless --workdir says otherwise)."),
@@ -139,6 +162,10 @@ def train(
         from centerpoint.spec_io import with_updates
 
         spec = with_updates(spec, cleared)
+    if sweeps:
+        from centerpoint.spec_io import with_updates
+
+        spec = with_updates(spec, sweep_updates(sweeps, spec.train.replicas, sets))
 
     def check_run_dir() -> None:  # before the workers all fail on it
         if node_rank == 0:

@@ -21,12 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from centerpoint.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    remove_partial_writes,
-    save_checkpoint,
-)
+from centerpoint.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from centerpoint.io.run_dir import remove_partial_writes
 from centerpoint.spec_io import load_spec
 from centerpoint.state import TrainState
 from tests.conftest import TINY

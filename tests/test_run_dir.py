@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from centerpoint.checkpoint import Checkpointer, load_checkpoint, read_header, remove_partial_writes, save_checkpoint
+from centerpoint.checkpoint import Checkpointer, load_checkpoint, read_header, save_checkpoint
 from centerpoint.errors import CenterpointError
 from centerpoint.io import run_dir as rundir
+from centerpoint.io.run_dir import remove_partial_writes
 from centerpoint.model import init
 from centerpoint.optim.plan import build_optimizer
 from centerpoint.spec_io import load_spec

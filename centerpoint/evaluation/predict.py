@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from centerpoint.checkpoint import Checkpoint, check_compatible
+from centerpoint.checkpoint import Checkpoint, check_compatible, require_single_model
 from centerpoint.classes import align
 from centerpoint.data.coco import CocoIndex
 from centerpoint.data.loader import read_image
@@ -29,6 +29,7 @@ def load_model(spec: ExperimentSpec, ckpt: Checkpoint, backend: Backend, raw: bo
     """(predict_fn, params, buffers) on the backend's device, checked against the spec's architecture: the
     EMA of the weights where the checkpoint holds one (train.ema_decay), unless `raw` asks for the trained
     weights themselves."""
+    require_single_model(ckpt, "evaluation and prediction")
     model = build_model(spec.model, backend.device)
     got = {"params." + k: v for k, v in ckpt.group("params").items()}
     got.update({"buffers." + k: v for k, v in ckpt.group("buffers").items()})

@@ -24,13 +24,14 @@ def check_options(options: ExportOptions) -> None:
 def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions) -> dict:
     """Export the checkpoint's network to `out` as `options` say (size None: the spec's); returns the
     description embedded in the file (also written into its mark). Checks everything it can before the slow part."""
-    from centerpoint.checkpoint import load_checkpoint
+    from centerpoint.checkpoint import load_checkpoint, require_single_model
     from centerpoint.classes import classes_of
     from centerpoint.export.graph import exported_detector
 
     check_options(options)
     check_target(out)
     ckpt = load_checkpoint(checkpoint)
+    require_single_model(ckpt, "export")
     spec = ckpt.spec
     if options.size is None:  # the spec's test size; the crop size for specs that test at full resolution
         options = replace(options, size=letterbox_size(spec.data) or spec.data.input_size)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from centerpoint.errors import CenterpointError
+from centerpoint.io.atomic import writer_pid
 
 LOCK_NAME = ".lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -183,3 +184,22 @@ def lock(path: Path) -> RunLock:
     except OSError as err:
         raise CenterpointError(f"run directory {path} is not writable: {err.strerror or err}") from None
     return RunLock(path, fd, created)
+
+
+def remove_partial_writes(run_dir: Path) -> int:
+    """Delete the temp files that killed checkpoint writes left in `run_dir/checkpoints`; returns how many.
+
+    For the run's writer, holding the run directory's lock, before it starts. A temp file whose writer
+    (the pid in its name) is still alive is left alone: it is another process's write in progress.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return 0
+    removed = 0
+    for path in ckpt_dir.glob(".*.safetensors.*.tmp"):
+        pid = writer_pid(path)
+        if pid is not None and pid != os.getpid() and alive(pid):
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

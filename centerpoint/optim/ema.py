@@ -40,7 +40,8 @@ def ema_momentum(count: Tensor, decay: float, warmup: float, dtype: torch.dtype)
 
 def make_ema_update(decay: float | None, warmup: float, in_place: bool) -> EmaUpdate | None:
     """`update(ema, weights, count) -> ema`: one EMA update towards `weights` (params and buffers in one
-    dict, by name), `count` the update number (0-dim int64). None when `decay` is None (EMA off).
+    dict, by name), `count` the update number (0-dim int64; or (K,) for K replicas stacked on the leading
+    axis, `centerpoint.replicas`: one update number each). None when `decay` is None (EMA off).
 
     `in_place`: write into `ema`'s tensors and return them (the eager-donating step, whose caller never
     reads the old state again); else new tensors, `ema` untouched. Both use `torch.lerp` with a tensor
@@ -55,11 +56,16 @@ def make_ema_update(decay: float | None, warmup: float, in_place: bool) -> EmaUp
         w = ema_momentum(count, decay, warmup, next(iter(ema.values())).dtype)
         if in_place:
             for k, v in ema.items():
-                v.lerp_(weights[k], w)
+                v.lerp_(weights[k], _leading(w, v))
             return ema
-        return {k: torch.lerp(v, weights[k], w) for k, v in ema.items()}
+        return {k: torch.lerp(v, weights[k], _leading(w, v)) for k, v in ema.items()}
 
     return update
+
+
+def _leading(w: Tensor, like: Tensor) -> Tensor:
+    """The weight shaped to broadcast over `like`: a 0-dim weight as it is, (K,) weights over the leading axis."""
+    return w if w.dim() == 0 else w.view(-1, *(1,) * (like.dim() - 1))
 
 
 def with_ema(params: Tree, buffers: Tree, ema: Tree) -> tuple[Tree, Tree]:

@@ -57,7 +57,7 @@ def init_from(path: Path, params: Params, buffers: Params, say: Callable[[str], 
     """`model.init_from`: (params, buffers) started from the checkpoint at `path` (see the module doc).
     A file that gives under half of the model's parameters (by count) is an error: the wrong file, or
     another network (whose biases alone may fit)."""
-    from centerpoint.checkpoint import load_checkpoint
+    from centerpoint.checkpoint import load_checkpoint, require_single_model
 
     path = Path(path)
     if path.suffix == ".pth":
@@ -66,6 +66,7 @@ def init_from(path: Path, params: Params, buffers: Params, say: Callable[[str], 
     if not path.is_file():
         raise CenterpointError(f"model.init_from: checkpoint not found: {path}")
     ckpt = load_checkpoint(path)
+    require_single_model(ckpt, "model.init_from")
     source = {**ckpt.group("params"), **ckpt.group("buffers"), **ckpt.group("ema")}  # its EMA weights, if any
     params, buffers, report = merge(source, params, buffers)
     loaded = sum(params[k].numel() for k in report["loaded"] if k in params)

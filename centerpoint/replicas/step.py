@@ -1,0 +1,96 @@
+"""The replicated train step: `step(stacked state, batch) -> (stacked state, metrics (K,))`.
+
+The forward and backward of every replica run under `torch.func.vmap` over the stacked parameters and
+BatchNorm buffers (the batch is shared: in_dims None); BatchNorm writes its running statistics into the
+clone `model.make_apply` makes, so each replica's statistics stay its own and nothing in place touches the
+input state. The rest (gradient norm, clipping, non-finite guard, fp16 loss scaling, optimizer update) is
+the single step's arithmetic on the stacked trees with one value per replica: the optimizer's
+`torch._foreach_*` kernels have no vmap rule, and need none, since they are elementwise and take the
+per-replica scalars broadcast over the leading axis (`optim.transforms._mul_scalar`). A replica whose loss
+or gradient is not finite keeps its old state; the others update. The EMA of the weights (train.ema_decay)
+follows each replica's own updates. Always the pure (traced) form of the step: the eager steps' in-place
+kernels cannot run under vmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from centerpoint.model import Apply
+from centerpoint.optim import transforms as optim
+from centerpoint.optim.ema import make_ema_update
+from centerpoint.optim.loss_scale import update_loss_scale
+from centerpoint.spec import ExperimentSpec
+from centerpoint.state import TrainState, Tree
+from centerpoint.step import Reduce, make_loss_fn
+
+
+def _per_replica(flags: Tensor, like: Tensor) -> Tensor:
+    """(K,) values shaped to broadcast over a stacked (K, ...) tensor."""
+    return flags.view(-1, *(1,) * (like.dim() - 1))
+
+
+def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
+    """Per replica: new where keep_new (K,) else old, per leaf."""
+    return {k: torch.where(_per_replica(keep_new, v), v, old[k]) for k, v in new.items()}
+
+
+def replica_norms(tree: Tree) -> Tensor:
+    """(K,) L2 norm of each replica's slice of a stacked tree viewed as one vector: per tensor, then the
+    norm of those (the single step's `optim.global_norm` order)."""
+    norms = [torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1) for v in tree.values()]
+    return torch.linalg.vector_norm(torch.stack(norms), dim=0)
+
+
+def _scaled(tree: Tree, factors: Tensor) -> Tree:
+    """Each replica's slice of `tree` multiplied by its factor (K,)."""
+    keys = list(tree)
+    return dict(zip(keys, optim._mul_scalar([tree[k] for k in keys], factors), strict=True))
+
+
+def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, *, reduce: Reduce | None = None,
+                         autocast: Callable[[], object] | None = None
+                         ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
+    """The step of `spec.train.replicas` models on one batch (see `step.make_train_step` for the batch and
+    the metrics; here each metric is (K,), one per replica). `apply` must be the functional (traced) apply;
+    `tx` the optimizer of `optim.hyper` (hyperparameters in its state). `reduce` averages the stacked
+    gradients and losses over data-parallel ranks: every rank holds all K replicas."""
+    max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
+    # Channels-first images: vmap turns each convolution into one grouped over the replicas, which runs
+    # slower from channels-last input on cpu (measured 6.6 against 5.3 s for 4 built-in replicas).
+    grad_one = torch.func.grad(make_loss_fn(apply, spec, autocast, channels_last=False), has_aux=True)
+    grad_all = torch.func.vmap(grad_one, in_dims=(0, 0, None, None))
+    grad_all_scaled = torch.func.vmap(grad_one, in_dims=(0, 0, None, 0))
+    ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=False)  # None: off
+
+    def step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
+        scale = state.scaler["scale"] if state.scaler else None
+        grad_fn = grad_all if scale is None else grad_all_scaled
+        grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch, scale)
+        if scale is not None:
+            grads = _scaled(grads, 1.0 / scale)
+        if reduce is not None:
+            grads, losses = reduce(grads), reduce(losses)
+        grad_norm = replica_norms(grads)
+        loss_ok, grads_ok = torch.isfinite(losses["loss"]), torch.isfinite(grad_norm)
+        finite = loss_ok & grads_ok
+        metrics = {**losses, "grad_norm": grad_norm, "finite": finite.float()}
+        scaler = state.scaler
+        if scale is not None:
+            overflow = loss_ok & ~grads_ok
+            scaler = update_loss_scale(state.scaler, finite, overflow, growth_interval)
+            metrics.update(finite=loss_ok.float(), loss_scale=scale, overflow=overflow.float())
+        if max_grad_norm is not None:
+            grads = _scaled(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optim.apply_updates(state.params, updates)
+        ema = state.ema if ema_update is None else ema_update(state.ema, {**params, **new_buffers}, state.step + 1)
+        new_state = TrainState(_select(finite, params, state.params), _select(finite, new_buffers, state.buffers),
+                               _select(finite, opt_state, state.opt_state), state.step + finite.to(state.step.dtype),
+                               scaler, _select(finite, ema, state.ema))
+        return new_state, metrics
+
+    return step
