@@ -34,11 +34,12 @@ from centerpoint.errors import CenterpointError
 from centerpoint.io import run_dir as rundir
 from centerpoint.io.monitor import make_progress
 from centerpoint.io.run_dir import remove_partial_writes
-from centerpoint.model import Apply, Model, build_model, init
+from centerpoint.model import Model, build_model, init
 from centerpoint.optim.ema import init_ema
 from centerpoint.optim.loss_scale import init_loss_scale
 from centerpoint.optim.plan import OptimizerPlan, build_optimizer
 from centerpoint.optim.schedules import Schedule
+from centerpoint.replicas.fold import fold_network, make_folded_apply
 from centerpoint.replicas.settings import Replica, init_seed, peak_lrs, replicas_of, replicated_state
 from centerpoint.replicas.step import make_replicated_step
 from centerpoint.resume import check_same_data, resume_checkpoint, resume_step
@@ -113,7 +114,7 @@ def build_run(spec: ExperimentSpec, resume: bool, console: Console, resume_from:
     spec, data = build_data(spec, dist, console)
     plan = build_optimizer(spec, data.steps_per_epoch, spec.train.batch_size * dist.world_size)
     model, state = build_state(spec, backend, dist, plan, console)
-    step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, model.apply, plan)
+    step_fn, predict_fn, compile_with = build_steps(spec, backend, dist, model, plan)
     replicas, schedule = (), plan.schedule
     if spec.train.replicas > 1:  # the lr each replica's schedule gives, (K,), for the logs
         replicas = tuple(replicas_of(spec))
@@ -236,7 +237,7 @@ def resume_run(spec: ExperimentSpec, dist: distributed.Context, workdir: Path, s
     return Resumed(state, start_step, run_id, finished, lock)
 
 
-def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Context, apply: Apply,
+def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Context, model: Model,
                 plan: OptimizerPlan) -> tuple[Callable, Callable, str | None]:
     """The train and predict steps; with `runtime.compile` resolved on, compiled with the backend's
     torch.compile backend. Returns (train step, predict step, compile backend or None)."""
@@ -250,8 +251,12 @@ def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     compile_with = resolve_compile_backend(backend, spec.runtime.compile_backend) if compiled else None
     autocast, reduce = (lambda: backend.autocast(precision)), distributed.make_reduce(dist)
-    if spec.train.replicas > 1:  # always the pure form: vmap cannot run the eager steps' in-place kernels
-        step_fn = make_replicated_step(apply, spec, plan.transform, reduce=reduce, autocast=autocast)
+    apply, k = model.apply, spec.train.replicas
+    if k > 1:
+        net = fold_network(model.net, k)  # None: the network has other layers; the step vmaps instead
+        folded = make_folded_apply(net, k, spec.runtime.channels_last) if net is not None else None
+        step_fn = make_replicated_step(apply, spec, plan.transform, traced=compiled, folded=folded, reduce=reduce,
+                                       autocast=autocast)
     else:
         step_fn = make_train_step(apply, spec, plan.transform, step_mode(backend, compiled), reduce=reduce,
                                   autocast=autocast)

@@ -11,6 +11,7 @@ from centerpoint.model import build_network, init, make_apply
 from centerpoint.optim.ema import init_ema
 from centerpoint.optim.hyper import HYPER_KEYS
 from centerpoint.optim.plan import build_optimizer
+from centerpoint.replicas.fold import fold_network, make_folded_apply
 from centerpoint.replicas.settings import replica_spec, replica_state, replicas_of, replicated_state, stack_states
 from centerpoint.replicas.step import make_replicated_step
 from centerpoint.runtime.devices import StepMode
@@ -41,11 +42,12 @@ def _cast(tree: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tree.items()}
 
 
-def _trained(spec, dtype: torch.dtype, batches: list, mode: StepMode | None):  # noqa: ANN001, ANN202
-    """Flat state after training `spec` on `batches` (mode None: the replicated step)."""
+def _trained(spec, dtype: torch.dtype, batches: list, mode: StepMode, replicated: str | None = None):  # noqa: ANN001, ANN202
+    """Flat state after training `spec` on `batches` with the single step in `mode`, or the `replicated`
+    step ("folded" or "vmap" forward; its traced form for mode TRACED, else its eager one)."""
     plan = build_optimizer(spec, SPE, BATCH)
     net = build_network(spec.model).to(dtype)
-    apply_ = make_apply(net, traced=mode in (None, StepMode.TRACED))
+    apply_ = make_apply(net, traced=replicated is not None or mode is StepMode.TRACED)
 
     def apply(p, b, x, train):  # noqa: ANN001, ANN202
         return apply_(p, b, x.to(dtype), train)
@@ -55,9 +57,15 @@ def _trained(spec, dtype: torch.dtype, batches: list, mode: StepMode | None):  #
         state = init_state(params, buffers, plan.transform)
         return state._replace(ema=init_ema(params, buffers)) if spec.train.ema_decay is not None else state
 
-    if mode is None:
+    if replicated is not None:
         state = replicated_state(spec, BATCH, fresh)
-        step = make_replicated_step(apply, spec, plan.transform)
+        folded = None
+        if replicated == "folded":
+            run_folded = make_folded_apply(fold_network(net, spec.train.replicas), spec.train.replicas, False)
+
+            def folded(p, b, x, train):  # noqa: ANN001, ANN202
+                return run_folded(p, b, x.to(dtype), train)
+        step = make_replicated_step(apply, spec, plan.transform, traced=mode is StepMode.TRACED, folded=folded)
     else:
         state = fresh(replicas_of(spec)[0].init_seed)
         step = make_train_step(apply, spec, plan.transform, mode)
@@ -73,16 +81,25 @@ def _max_diff(stacked, single, index: int) -> float:  # noqa: ANN001
     return max(float((one[k].double() - other[k].double()).abs().max()) for k in one)
 
 
-@pytest.mark.parametrize(("optimizer", "sweep", "ema_decay"), [
-    ("adamw", "{optim.lr: [0.001, 0.004, 0.02], optim.weight_decay: [0.0, 0.01, 0.1]}", "null"),
-    ("sgd", "{optim.lr: [0.01, 0.05]}", "0.9"),  # each replica's EMA of the weights too
+ADAMW_SWEEP = "{optim.lr: [0.001, 0.004, 0.02], optim.weight_decay: [0.0, 0.01, 0.1]}"
+
+
+@pytest.mark.parametrize(("optimizer", "sweep", "ema_decay", "mode", "forward"), [
+    ("adamw", ADAMW_SWEEP, "null", StepMode.EAGER, "folded"),
+    ("adamw", ADAMW_SWEEP, "null", StepMode.TRACED, "folded"),
+    ("adamw", ADAMW_SWEEP, "null", StepMode.EAGER, "vmap"),
+    ("sgd", "{optim.lr: [0.01, 0.05]}", "0.9", StepMode.TRACED, "vmap"),  # each replica's EMA of the weights too
+    ("sgd", "{optim.lr: [0.01, 0.05]}", "0.9", StepMode.EAGER, "folded"),
 ])
-def test_replica_equals_single_run_float64(optimizer: str, sweep: str, ema_decay: str) -> None:
+def test_replica_equals_single_run_float64(optimizer: str, sweep: str, ema_decay: str, mode: StepMode,
+                                           forward: str) -> None:
+    """Every form of the replicated step: the folded network or vmap for the forward, torch.func.grad
+    (compiled runs) or autograd (eager runs) for the gradients."""
     k = sweep.split("]")[0].count(",") + 1
     spec = load_spec(None, [*SMALL, f"optim.name={optimizer}", f"train.replicas={k}", "train.seed=5",
                             f"train.sweep={sweep}", f"train.ema_decay={ema_decay}", "train.ema_warmup=2"])
     batches = _batches(STEPS)
-    stacked, metrics = _trained(spec, torch.float64, batches, None)
+    stacked, metrics = _trained(spec, torch.float64, batches, mode, replicated=forward)
     assert metrics["loss"].shape == (k,) and stacked.step.tolist() == [STEPS] * k
     assert sorted(key for key in stacked.opt_state if key in HYPER_KEYS) == sorted(HYPER_KEYS)
     assert bool(stacked.ema) == (ema_decay != "null")
@@ -98,12 +115,14 @@ def test_replica_equals_single_run_float64(optimizer: str, sweep: str, ema_decay
     assert float((p[0] - p[1]).abs().max()) > 1e-3
 
 
-def test_replica_equals_single_run_float32_within_tolerance() -> None:
-    """fp32: vmap batches the convolutions (grouped over replicas), which sums in another order; after
-    STEPS steps replica and single run agree to 1e-3 (absolute, weights of order 0.1) — the README's figure."""
+@pytest.mark.parametrize("forward", ["folded", "vmap"])
+def test_replica_equals_single_run_float32_within_tolerance(forward: str) -> None:
+    """fp32: the replicated step runs the convolutions grouped over replicas, which sums in another order;
+    after STEPS steps replica and single run agree to 1e-3 (absolute, weights of order 0.1) — the README's
+    figure."""
     spec = load_spec(None, [*SMALL, "train.replicas=2"])
     batches = _batches(STEPS)
-    stacked, _ = _trained(spec, torch.float32, batches, None)
+    stacked, _ = _trained(spec, torch.float32, batches, StepMode.EAGER, replicated=forward)
     for i in range(2):
         single, _ = _trained(replica_spec(spec, i), torch.float32, batches, StepMode.EAGER_DONATING)
         assert _max_diff(stacked, single, i) < 1e-3
@@ -119,3 +138,12 @@ def test_stack_and_take_apart_round_trip() -> None:
         back = flatten_state(replica_state(stacked, i))
         assert all(torch.equal(back[k], v) for k, v in flatten_state(s).items())
     assert flatten_state(map_state(lambda t: t, stacked)).keys() == flatten_state(stacked).keys()
+
+
+def test_networks_with_other_layers_do_not_fold() -> None:
+    """The deformable convolution holds its own weights: no folded network (the step vmaps instead); the
+    plain network folds into layers K times as wide."""
+    spec = load_spec(None, [*SMALL])
+    assert fold_network(build_network(spec.model.model_copy(update={"dcn": True})), 2) is None
+    folded = fold_network(build_network(spec.model), 3)
+    assert folded is not None and folded.backbone.conv1.out_channels == 3 * 8 and folded.backbone.conv1.groups == 3

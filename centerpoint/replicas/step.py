@@ -1,15 +1,16 @@
 """The replicated train step: `step(stacked state, batch) -> (stacked state, metrics (K,))`.
 
-The forward and backward of every replica run under `torch.func.vmap` over the stacked parameters and
-BatchNorm buffers (the batch is shared: in_dims None); BatchNorm writes its running statistics into the
-clone `model.make_apply` makes, so each replica's statistics stay its own and nothing in place touches the
-input state. The rest (gradient norm, clipping, non-finite guard, fp16 loss scaling, optimizer update) is
+The K forwards run at once over the stacked parameters and BatchNorm buffers, on the shared batch: through
+the network folded into grouped layers (`replicas.fold`) where it folds, else under `torch.func.vmap`
+(BatchNorm writing its running statistics into the clone `model.make_apply` makes, so each replica's
+statistics stay its own and nothing in place touches the input state). One backward differentiates the
+sum of the K losses. The rest (gradient norm, clipping, non-finite guard, fp16 loss scaling, optimizer update) is
 the single step's arithmetic on the stacked trees with one value per replica: the optimizer's
 `torch._foreach_*` kernels have no vmap rule, and need none, since they are elementwise and take the
 per-replica scalars broadcast over the leading axis (`optim.transforms._mul_scalar`). A replica whose loss
 or gradient is not finite keeps its old state; the others update. The EMA of the weights (train.ema_decay)
-follows each replica's own updates. Always the pure (traced) form of the step: the eager steps' in-place
-kernels cannot run under vmap.
+follows each replica's own updates. The update is always the pure form: the eager steps' in-place kernels
+take one lr for all their tensors.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from centerpoint.model import Apply
+from centerpoint.loss import centernet_loss
+from centerpoint.model import Apply, normalize
 from centerpoint.optim import transforms as optim
 from centerpoint.optim.ema import make_ema_update
 from centerpoint.optim.loss_scale import update_loss_scale
+from centerpoint.replicas.fold import FoldedApply
 from centerpoint.spec import ExperimentSpec
 from centerpoint.state import TrainState, Tree
-from centerpoint.step import Reduce, make_loss_fn
+from centerpoint.step import LossFn, Reduce, make_loss_fn
 
 
 def _per_replica(flags: Tensor, like: Tensor) -> Tensor:
@@ -51,24 +54,82 @@ def _scaled(tree: Tree, factors: Tensor) -> Tree:
     return dict(zip(keys, optim._mul_scalar([tree[k] for k in keys], factors), strict=True))
 
 
-def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, *, reduce: Reduce | None = None,
+GradFn = Callable[[Tree, Tree, dict[str, Tensor], "Tensor | None"], tuple[Tree, tuple[Tree, Tree]]]
+
+
+def _vmapped_losses(loss_fn: LossFn) -> LossFn:
+    """One model's `loss_fn` over stacked params and buffers (K, ...): losses (K,), new stacked buffers."""
+    unscaled = torch.func.vmap(loss_fn, in_dims=(0, 0, None, None))
+    scaled = torch.func.vmap(loss_fn, in_dims=(0, 0, None, 0))
+    return lambda params, buffers, batch, scale: (unscaled if scale is None else scaled)(params, buffers, batch,
+                                                                                          scale)
+
+
+def _folded_losses(apply: FoldedApply, spec: ExperimentSpec) -> LossFn:
+    """As `_vmapped_losses`, the forward through the folded network (`replicas.fold`); each replica's loss
+    from its slice of the outputs (vmapped: the loss is elementwise work and sums)."""
+    mean, std, lw = spec.data.mean, spec.data.std, spec.loss
+
+    def losses_fn(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
+                  ) -> tuple[Tensor, tuple[Tree, Tree]]:
+        outputs, new_buffers = apply(params, buffers, normalize(batch["images"], mean, std), True)
+        losses = torch.func.vmap(lambda out: centernet_loss(out, batch, lw.heatmap_weight, lw.wh_weight,
+                                                            lw.offset_weight, lw.alpha, lw.gamma))(outputs)
+        loss = losses["loss"] if scale is None else losses["loss"] * scale
+        return loss, (losses, new_buffers)
+
+    return losses_fn
+
+
+def _traced_grads(losses_fn: LossFn) -> GradFn:
+    """grads(stacked params, stacked buffers, batch, scale (K,) or None) -> (stacked gradients, (losses (K,),
+    new stacked buffers)): `torch.func.grad` of the sum of the K losses (replica i's loss depends only on
+    replica i's tensors, so the gradient of the sum with respect to them is its own)."""
+    def total(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
+              ) -> tuple[Tensor, tuple[Tree, Tree]]:
+        loss, aux = losses_fn(params, buffers, batch, scale)
+        return loss.sum(), aux
+
+    return torch.func.grad(total, has_aux=True)
+
+
+def _eager_grads(losses_fn: LossFn) -> GradFn:
+    """As `_traced_grads`, by `torch.autograd.grad` over leaf views of the params."""
+    def grads(params: Tree, buffers: Tree, batch: dict[str, Tensor], scale: Tensor | None
+              ) -> tuple[Tree, tuple[Tree, Tree]]:
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}  # views: params stay untouched
+        loss, (losses, new_buffers) = losses_fn(leaves, buffers, batch, scale)
+        got = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return dict(zip(leaves, got, strict=True)), ({k: v.detach() for k, v in losses.items()},
+                                                     {k: v.detach() for k, v in new_buffers.items()})
+
+    return grads
+
+
+def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, *, traced: bool,
+                         folded: FoldedApply | None = None, reduce: Reduce | None = None,
                          autocast: Callable[[], object] | None = None
                          ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
     """The step of `spec.train.replicas` models on one batch (see `step.make_train_step` for the batch and
     the metrics; here each metric is (K,), one per replica). `apply` must be the functional (traced) apply;
     `tx` the optimizer of `optim.hyper` (hyperparameters in its state). `reduce` averages the stacked
-    gradients and losses over data-parallel ranks: every rank holds all K replicas."""
+    gradients and losses over data-parallel ranks: every rank holds all K replicas.
+
+    The forward: `folded` (`fold.make_folded_apply`, for a network `fold.fold_network` folds) when given,
+    else one model's forward under vmap. The gradients: `torch.func.grad` when `traced` (a compiled step:
+    torch.compile captures it whole), else `torch.autograd.grad`, which runs the batched operations' own
+    backward kernels rather than vmap's rule for each backward operation (~30% faster on a cpu). The same
+    numbers every way (tests/test_replicas.py)."""
     max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
-    # Channels-first images: vmap turns each convolution into one grouped over the replicas, which runs
-    # slower from channels-last input on cpu (measured 6.6 against 5.3 s for 4 built-in replicas).
-    grad_one = torch.func.grad(make_loss_fn(apply, spec, autocast, channels_last=False), has_aux=True)
-    grad_all = torch.func.vmap(grad_one, in_dims=(0, 0, None, None))
-    grad_all_scaled = torch.func.vmap(grad_one, in_dims=(0, 0, None, 0))
+    # Under vmap, channels-first images: vmap turns each convolution into one grouped over the replicas,
+    # which runs slower from channels-last input on cpu (measured 6.6 against 5.3 s for 4 built-in replicas).
+    losses_fn = _folded_losses(folded, spec) if folded is not None else _vmapped_losses(
+        make_loss_fn(apply, spec, autocast, channels_last=False))
+    grad_fn = _traced_grads(losses_fn) if traced else _eager_grads(losses_fn)
     ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=False)  # None: off
 
     def step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
         scale = state.scaler["scale"] if state.scaler else None
-        grad_fn = grad_all if scale is None else grad_all_scaled
         grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch, scale)
         if scale is not None:
             grads = _scaled(grads, 1.0 / scale)
