@@ -28,7 +28,7 @@ from centerpoint.optim.plan import build_optimizer
 from centerpoint.replicas.fold import fold_network, make_folded_apply
 from centerpoint.replicas.settings import replicated_state
 from centerpoint.replicas.step import make_replicated_step
-from centerpoint.runtime.devices import select_backend
+from centerpoint.runtime.devices import select_backend, step_mode
 from centerpoint.spec_io import load_spec
 from centerpoint.state import init_state, to_device
 
@@ -48,7 +48,7 @@ def one(args: argparse.Namespace) -> dict:
                                                                                   plan.transform)), backend.device)
         net = fold_network(model.net, args.k) if args.forward == "folded" else None
         folded = make_folded_apply(net, args.k, spec.runtime.channels_last) if net is not None else None
-        step = make_replicated_step(model.apply, spec, plan.transform, traced=False, folded=folded)  # uncompiled
+        step = make_replicated_step(model.apply, spec, plan.transform, step_mode(backend, False), folded=folded)
 
         def run() -> None:
             nonlocal state

@@ -255,8 +255,8 @@ def build_steps(spec: ExperimentSpec, backend: Backend, dist: distributed.Contex
     if k > 1:
         net = fold_network(model.net, k)  # None: the network has other layers; the step vmaps instead
         folded = make_folded_apply(net, k, spec.runtime.channels_last) if net is not None else None
-        step_fn = make_replicated_step(apply, spec, plan.transform, traced=compiled, folded=folded, reduce=reduce,
-                                       autocast=autocast)
+        step_fn = make_replicated_step(apply, spec, plan.transform, step_mode(backend, compiled), folded=folded,
+                                       reduce=reduce, autocast=autocast)
     else:
         step_fn = make_train_step(apply, spec, plan.transform, step_mode(backend, compiled), reduce=reduce,
                                   autocast=autocast)

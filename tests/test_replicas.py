@@ -42,9 +42,10 @@ def _cast(tree: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tree.items()}
 
 
-def _trained(spec, dtype: torch.dtype, batches: list, mode: StepMode, replicated: str | None = None):  # noqa: ANN001, ANN202
+def _trained(spec, dtype: torch.dtype, batches: list, mode: StepMode, replicated: str | None = None,  # noqa: ANN001, ANN202
+             poison: int | None = None):
     """Flat state after training `spec` on `batches` with the single step in `mode`, or the `replicated`
-    step ("folded" or "vmap" forward; its traced form for mode TRACED, else its eager one)."""
+    step ("folded" or "vmap" forward) in `mode`. `poison`: that replica starts with an infinite weight."""
     plan = build_optimizer(spec, SPE, BATCH)
     net = build_network(spec.model).to(dtype)
     apply_ = make_apply(net, traced=replicated is not None or mode is StepMode.TRACED)
@@ -59,13 +60,15 @@ def _trained(spec, dtype: torch.dtype, batches: list, mode: StepMode, replicated
 
     if replicated is not None:
         state = replicated_state(spec, BATCH, fresh)
+        if poison is not None:
+            state.params["bbox_head.wh_head.2.bias"][poison, 0] = float("inf")
         folded = None
         if replicated == "folded":
             run_folded = make_folded_apply(fold_network(net, spec.train.replicas), spec.train.replicas, False)
 
             def folded(p, b, x, train):  # noqa: ANN001, ANN202
                 return run_folded(p, b, x.to(dtype), train)
-        step = make_replicated_step(apply, spec, plan.transform, traced=mode is StepMode.TRACED, folded=folded)
+        step = make_replicated_step(apply, spec, plan.transform, mode, folded=folded)
     else:
         state = fresh(replicas_of(spec)[0].init_seed)
         step = make_train_step(apply, spec, plan.transform, mode)
@@ -85,7 +88,7 @@ ADAMW_SWEEP = "{optim.lr: [0.001, 0.004, 0.02], optim.weight_decay: [0.0, 0.01, 
 
 
 @pytest.mark.parametrize(("optimizer", "sweep", "ema_decay", "mode", "forward"), [
-    ("adamw", ADAMW_SWEEP, "null", StepMode.EAGER, "folded"),
+    ("adamw", ADAMW_SWEEP, "null", StepMode.EAGER_DONATING, "folded"),
     ("adamw", ADAMW_SWEEP, "null", StepMode.TRACED, "folded"),
     ("adamw", ADAMW_SWEEP, "null", StepMode.EAGER, "vmap"),
     ("sgd", "{optim.lr: [0.01, 0.05]}", "0.9", StepMode.TRACED, "vmap"),  # each replica's EMA of the weights too
@@ -147,3 +150,15 @@ def test_networks_with_other_layers_do_not_fold() -> None:
     assert fold_network(build_network(spec.model.model_copy(update={"dcn": True})), 2) is None
     folded = fold_network(build_network(spec.model), 3)
     assert folded is not None and folded.backbone.conv1.out_channels == 3 * 8 and folded.backbone.conv1.groups == 3
+
+
+@pytest.mark.parametrize("mode", [StepMode.EAGER, StepMode.EAGER_DONATING])
+def test_a_non_finite_replica_skips_alone(mode: StepMode) -> None:
+    """Replica 1 starts with an infinite weight: every one of its steps is non-finite and keeps its state;
+    replica 0 trains on exactly as a single run would."""
+    spec = load_spec(None, [*SMALL, "train.replicas=2", "optim.name=sgd", "train.sweep={optim.lr: [0.01, 0.02]}"])
+    batches = _batches(3)
+    stacked, metrics = _trained(spec, torch.float64, batches, mode, replicated="folded", poison=1)
+    assert stacked.step.tolist() == [3, 0] and metrics["finite"].tolist() == [1.0, 0.0]
+    single, _ = _trained(replica_spec(spec, 0), torch.float64, batches, StepMode.EAGER_DONATING)
+    assert _max_diff(stacked, single, 0) < 1e-10

@@ -26,6 +26,7 @@ from centerpoint.optim import transforms as optim
 from centerpoint.optim.ema import make_ema_update
 from centerpoint.optim.loss_scale import update_loss_scale
 from centerpoint.replicas.fold import FoldedApply
+from centerpoint.runtime.devices import StepMode
 from centerpoint.spec import ExperimentSpec
 from centerpoint.state import TrainState, Tree
 from centerpoint.step import LossFn, Reduce, make_loss_fn
@@ -106,7 +107,7 @@ def _eager_grads(losses_fn: LossFn) -> GradFn:
     return grads
 
 
-def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, *, traced: bool,
+def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mode: StepMode, *,
                          folded: FoldedApply | None = None, reduce: Reduce | None = None,
                          autocast: Callable[[], object] | None = None
                          ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
@@ -116,16 +117,19 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
     gradients and losses over data-parallel ranks: every rank holds all K replicas.
 
     The forward: `folded` (`fold.make_folded_apply`, for a network `fold.fold_network` folds) when given,
-    else one model's forward under vmap. The gradients: `torch.func.grad` when `traced` (a compiled step:
-    torch.compile captures it whole), else `torch.autograd.grad`, which runs the batched operations' own
-    backward kernels rather than vmap's rule for each backward operation (~30% faster on a cpu). The same
-    numbers every way (tests/test_replicas.py)."""
+    else one model's forward under vmap. The gradients: `torch.func.grad` in the TRACED mode (a compiled
+    step: torch.compile captures it whole), else `torch.autograd.grad`, which runs the batched operations'
+    own backward kernels rather than vmap's rule for each backward operation (~30% faster on a cpu). The
+    non-finite guard selects per replica between the new and the old state; in the EAGER_DONATING mode
+    (where reading a device flag costs nothing) only when some replica is not finite. The same numbers
+    every way (tests/test_replicas.py)."""
     max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
     # Under vmap, channels-first images: vmap turns each convolution into one grouped over the replicas,
     # which runs slower from channels-last input on cpu (measured 6.6 against 5.3 s for 4 built-in replicas).
     losses_fn = _folded_losses(folded, spec) if folded is not None else _vmapped_losses(
         make_loss_fn(apply, spec, autocast, channels_last=False))
-    grad_fn = _traced_grads(losses_fn) if traced else _eager_grads(losses_fn)
+    grad_fn = _traced_grads(losses_fn) if mode is StepMode.TRACED else _eager_grads(losses_fn)
+    guard_by_sync = mode is StepMode.EAGER_DONATING
     ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=False)  # None: off
 
     def step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
@@ -149,6 +153,8 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
         ema = state.ema if ema_update is None else ema_update(state.ema, {**params, **new_buffers}, state.step + 1)
+        if guard_by_sync and bool(finite.all()):  # every replica updates: no per-tensor select
+            return TrainState(params, new_buffers, opt_state, state.step + 1, scaler, ema), metrics
         new_state = TrainState(_select(finite, params, state.params), _select(finite, new_buffers, state.buffers),
                                _select(finite, opt_state, state.opt_state), state.step + finite.to(state.step.dtype),
                                scaler, _select(finite, ema, state.ema))
