@@ -309,7 +309,7 @@ def _print_banner(console: Console, spec: ExperimentSpec, backend: Backend, dist
                   + (f" | EMA of weights, decay {spec.train.ema_decay:g}" if spec.train.ema_decay is not None else ""))
     if spec.train.replicas > 1:
         rs = replicas_of(spec)
-        console.print(f"{len(rs)} replicas in one vmapped step: init seeds {rs[0].init_seed}..{rs[-1].init_seed}, "
+        console.print(f"{len(rs)} replicas in one step: init seeds {rs[0].init_seed}..{rs[-1].init_seed}, "
                       f"lr {', '.join(f'{r.lr:g}' for r in rs)}, weight decay "
                       f"{', '.join(f'{r.weight_decay:g}' for r in rs)}")
     dropped = train_index.dropped_boxes + val_index.dropped_boxes

@@ -3,12 +3,12 @@
 The K forwards run at once over the stacked parameters and BatchNorm buffers, on the shared batch: through
 the network folded into grouped layers (`replicas.fold`) where it folds, else under `torch.func.vmap`
 (BatchNorm writing its running statistics into the clone `model.make_apply` makes, so each replica's
-statistics stay its own and nothing in place touches the input state). One backward differentiates the
-sum of the K losses. The rest (gradient norm, clipping, non-finite guard, fp16 loss scaling, optimizer update) is
-the single step's arithmetic on the stacked trees with one value per replica: the optimizer's
+statistics stay its own and nothing in place touches the input state). One backward differentiates the sum
+of the K losses. The rest (gradient norm, clipping, non-finite guard, fp16 loss scaling, optimizer update)
+is the single step's arithmetic on the stacked trees with one value per replica: the optimizer's
 `torch._foreach_*` kernels have no vmap rule, and need none, since they are elementwise and take the
-per-replica scalars broadcast over the leading axis (`optim.transforms._mul_scalar`). A replica whose loss
-or gradient is not finite keeps its old state; the others update. The EMA of the weights (train.ema_decay)
+per-replica scalars broadcast over the leading axis (`optim.transforms._mul_scalar`). A replica whose loss or
+gradient is not finite keeps its old state; the others update. The EMA of the weights (train.ema_decay)
 follows each replica's own updates. The update is always the pure form: the eager steps' in-place kernels
 take one lr for all their tensors.
 """
