@@ -250,11 +250,22 @@ def stage_train_step(r: Runner, device: str, quick: bool, prewarm: list[subproce
         runs.append(run)
         results.append(last_json(run["stdout"]) or {"batch": batch, "precision": precision, "rc": run["rc"],
                                                     "timed_out": run["timed_out"]})
+    replicas = None
+    if r.left() >= 30:  # `train.replicas`: K replicated steps of the built-in network against K single steps
+        size = ["--size", "64", "--batch", "2", "--ks", "2", "--steps", "1", "--warmup", "1"] if quick else [
+            "--ks", "1", "4", "--steps", "5", "--warmup", "2"]
+        run = r.run([PY, "benchmarks/replicas.py", "--device", device, "--repeats", "1", *size], 120)
+        runs.append(run)
+        replicas = last_json(run["stdout"])
+        results.append(replicas or {"benchmark": "replicas", "rc": run["rc"], "timed_out": run["timed_out"]})
     merged = {"rc": max((x["rc"] or 1) if x["rc"] != 0 else 0 for x in runs) if runs else None,
               "seconds": round(sum(x["seconds"] for x in runs), 1), "timed_out": any(x["timed_out"] for x in runs),
               "output": "\n".join(x["output"][-1500:] for x in runs), "limit_s": 150}
-    checks = {"all_ran": all("bench" in x for x in results)}
+    checks = {"all_ran": all("bench" in x for x in results if x.get("benchmark") != "replicas"),
+              "replicas_ran": replicas is not None}
     if not quick:
+        # one small model leaves a GPU idle: K=4 replicas in one step should be at least twice K single steps
+        checks["replicas_k4_ge_2x_sequential"] = (replicas or {}).get("k4", {}).get("ratio", 0) >= 2.0
         bf16 = next((x for x in results if x.get("batch") == 64 and x.get("precision") == "bf16" and "bench" in x), {})
         checks["compiled_bf16_ge_1.5x_baseline"] = bf16.get("compiled_ratio", 0) >= 1.5
         checks["compiled_bf16_ge_35pct_matmul"] = bf16.get("compiled_peak_fraction", 0) >= 0.35
@@ -354,7 +365,10 @@ def _figures(records: dict[str, dict]) -> dict:
     if isinstance(res.get("train_step"), list):
         f["train_step"] = {f"b{x.get('batch')}_{x.get('precision')}": {
             k: x.get(k) for k in ("baseline_img_s", "eager_ratio", "compiled_ratio", "compiled_peak_fraction",
-                                  "compile_s", "peak_mem_mb") if k in x} for x in res["train_step"]}
+                                  "compile_s", "peak_mem_mb") if k in x} for x in res["train_step"]
+            if x.get("benchmark") != "replicas"}
+        f["replicas_ratio"] = {k: v.get("ratio") for x in res["train_step"] if x.get("benchmark") == "replicas"
+                               for k, v in x.items() if isinstance(v, dict)}
     if isinstance(res.get("data_pipeline"), dict):
         d = res["data_pipeline"]
         f["data"] = {k: d.get(k) for k in ("project_img_s", "device_path_worker_img_s", "step_img_s",
