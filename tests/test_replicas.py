@@ -11,6 +11,7 @@ from centerpoint.model import build_network, init, make_apply
 from centerpoint.optim.ema import init_ema
 from centerpoint.optim.hyper import HYPER_KEYS
 from centerpoint.optim.plan import build_optimizer
+from centerpoint.optim.transforms import apply_updates
 from centerpoint.replicas.fold import fold_network, make_folded_apply
 from centerpoint.replicas.settings import replica_spec, replica_state, replicas_of, replicated_state, stack_states
 from centerpoint.replicas.step import make_replicated_step
@@ -162,3 +163,27 @@ def test_a_non_finite_replica_skips_alone(mode: StepMode) -> None:
     assert stacked.step.tolist() == [3, 0] and metrics["finite"].tolist() == [1.0, 0.0]
     single, _ = _trained(replica_spec(spec, 0), torch.float64, batches, StepMode.EAGER_DONATING)
     assert _max_diff(stacked, single, 0) < 1e-10
+
+
+@pytest.mark.parametrize(("name", "extra"), [("adamw", []), ("adam", []), ("sgd", ["optim.nesterov=true"]),
+                                             ("sgd", ["optim.momentum=0.0"]), ("sgd", [])])
+@pytest.mark.parametrize("donate", [False, True])
+def test_inplace_kernel_equals_the_pure_update_bit_for_bit(name: str, extra: list[str], donate: bool) -> None:
+    """The eager replicated step's optimizer kernel (`optim.hyper`: per-replica lr and weight decay over
+    stacked trees) gives exactly the pure update's params and state, float32, over several updates."""
+    spec = load_spec(None, [*SMALL, f"optim.name={name}", *extra, "train.replicas=3",
+                            "train.sweep={optim.lr: [0.001, 0.01, 0.1], optim.weight_decay: [0.0, 0.05, 0.5]}"])
+    plan = build_optimizer(spec, SPE, BATCH)
+    state = replicated_state(spec, BATCH, lambda s: init_state(*init(spec.model, s), plan.transform))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the moments, momentum buffers and counts move
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in state.params.items()}
+        updates, pure_opt = plan.transform.update(grads, state.opt_state, state.params)
+        pure_params = apply_updates(state.params, updates)
+        given = map_state(torch.clone, state)  # the kernel may write into what it is given
+        params, opt = plan.transform.inplace({k: v.clone() for k, v in grads.items()}, given.opt_state,
+                                             given.params, donate)
+        assert params.keys() == pure_params.keys() and opt.keys() == pure_opt.keys()
+        assert all(torch.equal(params[k], pure_params[k]) for k in params)
+        assert all(torch.equal(opt[k], pure_opt[k]) for k in opt)
+        state = state._replace(params=pure_params, opt_state=pure_opt)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from centerpoint.optim.inplace import DecayMask
+from centerpoint.optim.inplace import DecayMask, InplaceUpdate, adam_, sgd_
 from centerpoint.optim.schedules import SCALAR_DTYPE, Schedule
 from centerpoint.optim.transforms import Transform, _mul_scalar, _new_count, _with, named_chain, scale_by_adam, trace
 from centerpoint.state import Tree
@@ -70,12 +70,31 @@ def hyper_optimizer(name: str, make_schedule: MakeSchedule, peak_lr: float, weig
                     mask: DecayMask | None, *, momentum: float = 0.9, nesterov: bool = False,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Transform:
     """sgd, adam or adamw as `transforms` builds them (clipping left to the step), with the peak lr and the
-    weight decay in the state."""
+    weight decay in the state; `inplace` is `inplace.sgd_` / `adam_` on the stacked trees (`_inplace`)."""
     decay = add_decayed_weights_from_state(weight_decay, mask)
     lr = scale_by_peak_schedule(make_schedule, peak_lr)
+    kernel = _inplace(name, make_schedule, mask, momentum, nesterov, betas, eps)
     if name == "sgd":
         moving = {"sgd": trace(momentum, nesterov)} if momentum > 0 or nesterov else {}
-        return named_chain(decay=decay, **moving, lr=lr)
+        return named_chain(decay=decay, **moving, lr=lr)._replace(inplace=kernel)
     if name == "adam":
-        return named_chain(decay=decay, adam=scale_by_adam(*betas, eps), lr=lr)
-    return named_chain(adam=scale_by_adam(*betas, eps), decay=decay, lr=lr)
+        return named_chain(decay=decay, adam=scale_by_adam(*betas, eps), lr=lr)._replace(inplace=kernel)
+    return named_chain(adam=scale_by_adam(*betas, eps), decay=decay, lr=lr)._replace(inplace=kernel)
+
+
+def _inplace(name: str, make_schedule: MakeSchedule, mask: DecayMask | None, momentum: float, nesterov: bool,
+             betas: tuple[float, float], eps: float) -> InplaceUpdate:
+    """The eager in-place kernel of `hyper_optimizer` for stacked (K, ...) trees: `inplace.sgd_` / `adam_`
+    built at each update from the state's peak lrs and weight decays (K,), which they apply per replica
+    (`inplace.scalar_operands`). The same numbers as the pure update (tests/test_replicas.py)."""
+    one = (lambda key, p: mask(key, p[0])) if mask is not None else None  # the mask asks about one replica
+
+    def update(grads: Tree, state: Tree, params: Tree, donate: bool) -> tuple[Tree, Tree]:
+        schedule, wd = make_schedule(state[PEAK_LR_KEY]), state[WEIGHT_DECAY_KEY]
+        if name == "sgd":
+            kernel = sgd_(schedule, momentum, nesterov, wd, one)
+        else:
+            kernel = adam_(schedule, betas[0], betas[1], eps, wd, one, decoupled=name == "adamw")
+        return kernel(grads, state, params, donate)
+
+    return update

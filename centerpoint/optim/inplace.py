@@ -45,7 +45,11 @@ _HAS_FOREACH_TENSOR_SCALAR = _probe_foreach_tensor_scalar()
 
 
 def scalar_operands(xs: list[Tensor], s: Tensor) -> Tensor | list[Tensor]:
-    """Cast the 0-dim scalar ``s`` to the dtype/device of ``xs`` (per tensor when they are mixed)."""
+    """Cast the 0-dim scalar ``s`` to the dtype/device of ``xs`` (per tensor when they are mixed). A 1-dim
+    ``s`` (K,) is one scalar per replica of stacked trees (`centerpoint.replicas`: every x is (K, ...)):
+    per tensor, viewed to broadcast over each replica's slice."""
+    if s.dim() == 1:  # static (trace-time) check: the 0-dim path is unchanged
+        return [s.to(device=x.device, dtype=x.dtype).view(-1, *(1,) * (x.dim() - 1)) for x in xs]
     d0, dev0 = xs[0].dtype, xs[0].device
     uniform = all(x.dtype == d0 and x.device == dev0 for x in xs)
     if uniform and _HAS_FOREACH_TENSOR_SCALAR:
@@ -58,7 +62,8 @@ def scalar_operands(xs: list[Tensor], s: Tensor) -> Tensor | list[Tensor]:
 
 
 def mul_scalar_(xs: list[Tensor], s: Tensor) -> None:
-    """``x *= s`` in place for a 0-dim tensor ``s`` (one foreach kernel, no host sync)."""
+    """``x *= s`` in place for a 0-dim tensor ``s`` (one foreach kernel, no host sync), or per replica for a
+    (K,) ``s`` (`scalar_operands`)."""
     if xs:
         torch._foreach_mul_(xs, scalar_operands(xs, s))
 
@@ -70,11 +75,17 @@ def scale_tree_(tree: Tree, factor: Tensor) -> Tree:
     return tree
 
 
-def _decay_(updates: Tree, params: Tree, weight_decay: float, mask: DecayMask | None) -> None:
-    """``u += wd * p`` in place for the decayed names (`optim.add_decayed_weights`)."""
+def _decay_(updates: Tree, params: Tree, weight_decay: float | Tensor, mask: DecayMask | None) -> None:
+    """``u += wd * p`` in place for the decayed names (`optim.add_decayed_weights`); a (K,) tensor
+    `weight_decay` is one per replica of stacked trees, added as ``u + p * wd`` (`optim.hyper`'s order)."""
     keys = [k for k in updates if mask is None or mask(k, params[k])]
-    if weight_decay != 0.0 and keys:
-        torch._foreach_add_([updates[k] for k in keys], [params[k] for k in keys], alpha=weight_decay)
+    if not keys:
+        return
+    us, ps = [updates[k] for k in keys], [params[k] for k in keys]
+    if isinstance(weight_decay, Tensor):
+        torch._foreach_add_(us, torch._foreach_mul(ps, scalar_operands(ps, weight_decay)))
+    elif weight_decay != 0.0:
+        torch._foreach_add_(us, ps, alpha=weight_decay)
 
 
 def _descend(updates: Tree, state: Tree, params: Tree, schedule: Schedule, donate: bool, own: bool
@@ -98,7 +109,7 @@ def _descend(updates: Tree, state: Tree, params: Tree, schedule: Schedule, donat
     return {**params, **dict(zip(keys, ps, strict=True))}, {**state, "lr.count": count + 1}
 
 
-def adam_(schedule: Schedule, b1: float, b2: float, eps: float, weight_decay: float, mask: DecayMask | None,
+def adam_(schedule: Schedule, b1: float, b2: float, eps: float, weight_decay: float | Tensor, mask: DecayMask | None,
           decoupled: bool) -> InplaceUpdate:
     """The kernel of `optim.adam` (``decoupled=False``: decay added to the gradient) or `optim.adamw`."""
 
@@ -134,8 +145,8 @@ def adam_(schedule: Schedule, b1: float, b2: float, eps: float, weight_decay: fl
     return update
 
 
-def sgd_(schedule: Schedule, momentum: float, nesterov: bool, weight_decay: float, mask: DecayMask | None
-         ) -> InplaceUpdate:
+def sgd_(schedule: Schedule, momentum: float, nesterov: bool, weight_decay: float | Tensor,
+         mask: DecayMask | None) -> InplaceUpdate:
     """The kernel of `optim.sgd`."""
 
     def update(grads: Tree, state: Tree, params: Tree, donate: bool) -> tuple[Tree, Tree]:

@@ -57,14 +57,10 @@ def _no_state(params: Tree) -> Tree:
 
 
 def _mul_scalar(xs: list[Tensor], s: Tensor) -> list[Tensor]:
-    """Out-of-place ``[x * s for x in xs]`` for a 0-dim tensor ``s`` (no host sync). A 1-dim ``s`` (K,) is
-    one scalar per replica of stacked trees (`centerpoint.replicas`: every x is (K, ...)), broadcast over
-    each replica's slice; the transforms then update K optimizers at once."""
-    if not xs:
-        return []
-    if s.dim() == 1:  # static (trace-time) check: the default 0-dim path is unchanged
-        return list(torch._foreach_mul(xs, [s.to(x.dtype).view(-1, *(1,) * (x.dim() - 1)) for x in xs]))
-    return list(torch._foreach_mul(xs, scalar_operands(xs, s)))
+    """Out-of-place ``[x * s for x in xs]`` for a 0-dim tensor ``s`` (no host sync), or per replica for a
+    (K,) ``s`` over stacked trees (`inplace.scalar_operands`); the transforms then update K optimizers at
+    once."""
+    return list(torch._foreach_mul(xs, scalar_operands(xs, s))) if xs else []
 
 
 def _new_count(params: Tree) -> Tree:

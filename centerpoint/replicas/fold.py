@@ -66,10 +66,9 @@ def make_folded_apply(folded: nn.Module, k: int, channels_last: bool) -> FoldedA
     apply = make_apply(folded, traced=True)
 
     def as_folded(v: Tensor) -> Tensor:
-        if not v.is_floating_point():
-            return v[0]
-        v = v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
-        return v.contiguous(memory_format=torch.channels_last) if channels_last and v.dim() == 4 else v
+        # A view of the stacked tensor; with the run's channels-last state (`memory_format.channels_last`
+        # of a 5-dim tensor) a channels-last one, and the gradients come back in the state's layout.
+        return v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) if v.is_floating_point() else v[0]
 
     def run(params: Tree, buffers: Tree, images: Tensor, train: bool) -> tuple[dict[str, Tensor], Tree]:
         folded_buffers = {n: as_folded(v) for n, v in buffers.items()}

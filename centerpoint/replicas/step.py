@@ -9,8 +9,8 @@ is the single step's arithmetic on the stacked trees with one value per replica:
 `torch._foreach_*` kernels have no vmap rule, and need none, since they are elementwise and take the
 per-replica scalars broadcast over the leading axis (`optim.transforms._mul_scalar`). A replica whose loss or
 gradient is not finite keeps its old state; the others update. The EMA of the weights (train.ema_decay)
-follows each replica's own updates. The update is always the pure form: the eager steps' in-place kernels
-take one lr for all their tensors.
+follows each replica's own updates. Eager, the update is the optimizer's in-place kernel on the stacked
+trees (`optim.hyper`), writing into the old state only when every replica is finite.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from centerpoint.loss import centernet_loss
 from centerpoint.model import Apply, normalize
 from centerpoint.optim import transforms as optim
 from centerpoint.optim.ema import make_ema_update
+from centerpoint.optim.inplace import mul_scalar_
 from centerpoint.optim.loss_scale import update_loss_scale
 from centerpoint.replicas.fold import FoldedApply
 from centerpoint.runtime.devices import StepMode
@@ -45,7 +46,10 @@ def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
 def replica_norms(tree: Tree) -> Tensor:
     """(K,) L2 norm of each replica's slice of a stacked tree viewed as one vector: per tensor, then the
     norm of those (the single step's `optim.global_norm` order)."""
-    norms = [torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1) for v in tree.values()]
+    # Reduced over every axis but the first, in place: a channels-last stacked weight would be copied by
+    # a reshape to (K, -1).
+    norms = [torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim()))) if v.dim() > 1 else v.abs()
+             for v in tree.values()]
     return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
@@ -130,7 +134,16 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
         make_loss_fn(apply, spec, autocast, channels_last=False))
     grad_fn = _traced_grads(losses_fn) if mode is StepMode.TRACED else _eager_grads(losses_fn)
     guard_by_sync = mode is StepMode.EAGER_DONATING
+    kernel = tx.inplace if mode is not StepMode.TRACED else None  # eager: gradients are the step's own
     ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=False)  # None: off
+
+    def update(grads: Tree, state: TrainState, donate: bool) -> tuple[Tree, Tree]:
+        """(new params, new optimizer state): the in-place kernel in the eager modes (into the params and
+        the optimizer state too with `donate`), else the pure update."""
+        if kernel is not None:
+            return kernel(grads, state.opt_state, state.params, donate)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optim.apply_updates(state.params, updates), opt_state
 
     def step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
         scale = state.scaler["scale"] if state.scaler else None
@@ -148,12 +161,18 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
             overflow = loss_ok & ~grads_ok
             scaler = update_loss_scale(state.scaler, finite, overflow, growth_interval)
             metrics.update(finite=loss_ok.float(), loss_scale=scale, overflow=overflow.float())
+        # Every replica finite (read where that costs nothing): the update may write into the old state,
+        # which needs no per-tensor select afterwards.
+        donate = guard_by_sync and bool(finite.all())
         if max_grad_norm is not None:
-            grads = _scaled(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optim.apply_updates(state.params, updates)
+            coefficient = optim.clip_coefficient(grad_norm, max_grad_norm)
+            if kernel is not None:
+                mul_scalar_(list(grads.values()), coefficient)
+            else:
+                grads = _scaled(grads, coefficient)
+        params, opt_state = update(grads, state, donate)
         ema = state.ema if ema_update is None else ema_update(state.ema, {**params, **new_buffers}, state.step + 1)
-        if guard_by_sync and bool(finite.all()):  # every replica updates: no per-tensor select
+        if donate:
             return TrainState(params, new_buffers, opt_state, state.step + 1, scaler, ema), metrics
         new_state = TrainState(_select(finite, params, state.params), _select(finite, new_buffers, state.buffers),
                                _select(finite, opt_state, state.opt_state), state.step + finite.to(state.step.dtype),

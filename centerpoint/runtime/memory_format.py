@@ -26,7 +26,14 @@ def is_channels_last(t: Tensor) -> bool:
 
 
 def channels_last(t: Tensor) -> Tensor:
-    """`t` with canonical channels-last strides (a copy unless it has them); other ranks unchanged."""
+    """`t` with canonical channels-last strides (a copy unless it has them). A 5-dim tensor is K stacked
+    4-dim ones (a replicated run's conv weights, `centerpoint.replicas`): each gets them, so that the
+    stacked weights, their gradients (which a channels-last convolution returns so) and their moments share
+    one memory order. Other ranks unchanged."""
+    if t.dim() == 5:
+        strides = (t[0].numel(), *channels_last_strides(t.shape[1:]))
+        return t if t.stride() == strides else torch.empty_strided(t.shape, strides, dtype=t.dtype,
+                                                                   device=t.device).copy_(t)
     if t.dim() != 4 or is_channels_last(t):
         return t
     return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
