@@ -66,6 +66,37 @@ def make_loss_fn(apply: Apply, spec: ExperimentSpec, autocast: Callable[[], obje
     return loss_fn
 
 
+def check_finite(losses: Tree, grad_norm: Tensor, scaler: Tree, scale: Tensor | None, growth_interval: int
+                 ) -> tuple[Tensor, Tree, Tree]:
+    """(finite, metrics, new scaler state) of a step from its loss terms and gradient norm (0-dim, or (K,) in
+    a replicated step): `finite` is whether the update may apply; with fp16 loss scaling (`scale`) an overflow
+    (finite loss, non-finite gradients) halves the scale and `finite` in the metrics reports the loss only
+    (see `make_train_step`)."""
+    loss_ok, grads_ok = torch.isfinite(losses["loss"]), torch.isfinite(grad_norm)
+    finite = loss_ok & grads_ok
+    metrics = {**losses, "grad_norm": grad_norm, "finite": finite.float()}
+    if scale is not None:
+        overflow = loss_ok & ~grads_ok
+        scaler = update_loss_scale(scaler, finite, overflow, growth_interval)
+        metrics.update(finite=loss_ok.float(), loss_scale=scale, overflow=overflow.float())
+    return finite, metrics, scaler
+
+
+def make_update(tx: optim.Transform, mode: StepMode) -> Callable[[Tree, TrainState, bool], tuple[Tree, Tree]]:
+    """update(grads, state, donate) -> (new params, new optimizer state). In the eager modes the optimizer's
+    in-place kernel (`Transform.inplace`), which writes into the gradients (the step's own, fresh tensors)
+    and, with `donate`, into the state's params and optimizer state; traced, the pure update."""
+    kernel = tx.inplace if mode is not StepMode.TRACED else None
+
+    def update(grads: Tree, state: TrainState, donate: bool) -> tuple[Tree, Tree]:
+        if kernel is not None:
+            return kernel(grads, state.opt_state, state.params, donate)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optim.apply_updates(state.params, updates), opt_state
+
+    return update
+
+
 def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mode: StepMode, *,
                     reduce: Reduce | None = None, autocast: Callable[[], object] | None = None,
                     ) -> Callable[[TrainState, dict[str, Tensor]], tuple[TrainState, Tree]]:
@@ -96,7 +127,7 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
     """
     max_grad_norm, growth_interval = spec.optim.grad_clip, spec.runtime.loss_scale_growth_interval
     guard_by_sync = donate = mode is StepMode.EAGER_DONATING
-    kernel = tx.inplace if mode is not StepMode.TRACED else None
+    update = make_update(tx, mode)
     ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=donate)  # None: off
     loss_fn = make_loss_fn(apply, spec, autocast)
 
@@ -109,13 +140,6 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
 
     grad_fn = torch.func.grad(loss_fn, has_aux=True) if mode is StepMode.TRACED else eager_grad
 
-    def update(grads: Tree, state: TrainState) -> tuple[Tree, Tree]:
-        """(new params, new optimizer state); the gradients are the step's own, fresh tensors."""
-        if kernel is not None:
-            return kernel(grads, state.opt_state, state.params, donate)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return optim.apply_updates(state.params, updates), opt_state
-
     def train_step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
         scale = state.scaler["scale"] if state.scaler else None
         grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch, scale)
@@ -125,19 +149,12 @@ def make_train_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform, mod
             grads = reduce(grads)
             losses = reduce(losses)
         grad_norm = optim.global_norm(grads)
-        loss_ok, grads_ok = torch.isfinite(losses["loss"]), torch.isfinite(grad_norm)
-        finite = loss_ok & grads_ok
-        metrics = {**losses, "grad_norm": grad_norm, "finite": finite.float()}
-        scaler = state.scaler
-        if scale is not None:
-            overflow = loss_ok & ~grads_ok
-            scaler = update_loss_scale(state.scaler, finite, overflow, growth_interval)
-            metrics.update(finite=loss_ok.float(), loss_scale=scale, overflow=overflow.float())
+        finite, metrics, scaler = check_finite(losses, grad_norm, state.scaler, scale, growth_interval)
         if guard_by_sync and not bool(finite):
             return state._replace(scaler=scaler), metrics
         if max_grad_norm is not None:
             grads = scale_tree_(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
-        params, opt_state = update(grads, state)
+        params, opt_state = update(grads, state, donate)
         ema = state.ema if ema_update is None else ema_update(state.ema, {**params, **new_buffers}, state.step + 1)
         if guard_by_sync:
             return TrainState(params, new_buffers, opt_state, state.step + 1, scaler, ema), metrics

@@ -36,8 +36,8 @@ def fold_network(net: nn.Module, k: int) -> nn.Module | None:
     tensor) whose layers hold K replicas, as in the module doc; None when a module of another kind holds
     parameters or buffers."""
     for m in net.modules():
-        if not isinstance(m, _FOLDABLE) and any(True for _ in m.parameters(recurse=False)) | any(
-                True for _ in m.buffers(recurse=False)):
+        holds = next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+        if holds and not isinstance(m, _FOLDABLE):
             return None
     folded = copy.deepcopy(net).to("meta")
     for parent in list(folded.modules()):

@@ -25,12 +25,11 @@ from centerpoint.model import Apply, normalize
 from centerpoint.optim import transforms as optim
 from centerpoint.optim.ema import make_ema_update
 from centerpoint.optim.inplace import mul_scalar_
-from centerpoint.optim.loss_scale import update_loss_scale
 from centerpoint.replicas.fold import FoldedApply
 from centerpoint.runtime.devices import StepMode
 from centerpoint.spec import ExperimentSpec
 from centerpoint.state import TrainState, Tree
-from centerpoint.step import LossFn, Reduce, make_loss_fn
+from centerpoint.step import LossFn, Reduce, check_finite, make_loss_fn, make_update
 
 
 def _per_replica(flags: Tensor, like: Tensor) -> Tensor:
@@ -134,16 +133,8 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
         make_loss_fn(apply, spec, autocast, channels_last=False))
     grad_fn = _traced_grads(losses_fn) if mode is StepMode.TRACED else _eager_grads(losses_fn)
     guard_by_sync = mode is StepMode.EAGER_DONATING
-    kernel = tx.inplace if mode is not StepMode.TRACED else None  # eager: gradients are the step's own
+    update = make_update(tx, mode)
     ema_update = make_ema_update(spec.train.ema_decay, spec.train.ema_warmup, in_place=False)  # None: off
-
-    def update(grads: Tree, state: TrainState, donate: bool) -> tuple[Tree, Tree]:
-        """(new params, new optimizer state): the in-place kernel in the eager modes (into the params and
-        the optimizer state too with `donate`), else the pure update."""
-        if kernel is not None:
-            return kernel(grads, state.opt_state, state.params, donate)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return optim.apply_updates(state.params, updates), opt_state
 
     def step(state: TrainState, batch: dict[str, Tensor]) -> tuple[TrainState, Tree]:
         scale = state.scaler["scale"] if state.scaler else None
@@ -153,20 +144,13 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
         if reduce is not None:
             grads, losses = reduce(grads), reduce(losses)
         grad_norm = replica_norms(grads)
-        loss_ok, grads_ok = torch.isfinite(losses["loss"]), torch.isfinite(grad_norm)
-        finite = loss_ok & grads_ok
-        metrics = {**losses, "grad_norm": grad_norm, "finite": finite.float()}
-        scaler = state.scaler
-        if scale is not None:
-            overflow = loss_ok & ~grads_ok
-            scaler = update_loss_scale(state.scaler, finite, overflow, growth_interval)
-            metrics.update(finite=loss_ok.float(), loss_scale=scale, overflow=overflow.float())
+        finite, metrics, scaler = check_finite(losses, grad_norm, state.scaler, scale, growth_interval)
         # Every replica finite (read where that costs nothing): the update may write into the old state,
         # which needs no per-tensor select afterwards.
         donate = guard_by_sync and bool(finite.all())
         if max_grad_norm is not None:
             coefficient = optim.clip_coefficient(grad_norm, max_grad_norm)
-            if kernel is not None:
+            if mode is not StepMode.TRACED:  # eager: the gradients are the step's own
                 mul_scalar_(list(grads.values()), coefficient)
             else:
                 grads = _scaled(grads, coefficient)
