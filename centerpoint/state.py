@@ -53,6 +53,12 @@ def init_state(params: Tree, buffers: Tree, optimizer: Initializer, scaler: Tree
                       scaler or {})
 
 
+def per_leading(values: Tensor, like: Tensor) -> Tensor:
+    """`values` shaped to broadcast over `like`: a 0-dim value as it is; (K,) values, one per replica of a
+    stacked (K, ...) tensor (`centerpoint.replicas`), over its leading axis."""
+    return values if values.dim() == 0 else values.view(-1, *(1,) * (like.dim() - 1))
+
+
 def map_state(fn: Callable[[Tensor], Tensor], state: TrainState) -> TrainState:
     """`fn` applied to every tensor of the state (the groups' dicts are new, their keys unchanged)."""
     return TrainState(*({k: fn(v) for k, v in getattr(state, field).items()} if field != "step" else fn(state.step)

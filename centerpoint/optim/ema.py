@@ -20,7 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-Tree = dict[str, Tensor]
+from centerpoint.state import Tree, per_leading
+
 EmaUpdate = Callable[[Tree, Tree, Tensor], Tree]
 
 
@@ -56,16 +57,11 @@ def make_ema_update(decay: float | None, warmup: float, in_place: bool) -> EmaUp
         w = ema_momentum(count, decay, warmup, next(iter(ema.values())).dtype)
         if in_place:
             for k, v in ema.items():
-                v.lerp_(weights[k], _leading(w, v))
+                v.lerp_(weights[k], per_leading(w, v))
             return ema
-        return {k: torch.lerp(v, weights[k], _leading(w, v)) for k, v in ema.items()}
+        return {k: torch.lerp(v, weights[k], per_leading(w, v)) for k, v in ema.items()}
 
     return update
-
-
-def _leading(w: Tensor, like: Tensor) -> Tensor:
-    """The weight shaped to broadcast over `like`: a 0-dim weight as it is, (K,) weights over the leading axis."""
-    return w if w.dim() == 0 else w.view(-1, *(1,) * (like.dim() - 1))
 
 
 def with_ema(params: Tree, buffers: Tree, ema: Tree) -> tuple[Tree, Tree]:

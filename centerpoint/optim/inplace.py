@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from centerpoint.optim.schedules import SCALAR_DTYPE, Schedule
-from centerpoint.state import Tree
+from centerpoint.state import Tree, per_leading
 
 DecayMask = Callable[[str, Tensor], bool]
 # (grads, state, params, donate) -> (new params, new state); the grads are overwritten.
@@ -49,7 +49,7 @@ def scalar_operands(xs: list[Tensor], s: Tensor) -> Tensor | list[Tensor]:
     ``s`` (K,) is one scalar per replica of stacked trees (`centerpoint.replicas`: every x is (K, ...)):
     per tensor, viewed to broadcast over each replica's slice."""
     if s.dim() == 1:  # static (trace-time) check: the 0-dim path is unchanged
-        return [s.to(device=x.device, dtype=x.dtype).view(-1, *(1,) * (x.dim() - 1)) for x in xs]
+        return [per_leading(s.to(device=x.device, dtype=x.dtype), x) for x in xs]
     d0, dev0 = xs[0].dtype, xs[0].device
     uniform = all(x.dtype == d0 and x.device == dev0 for x in xs)
     if uniform and _HAS_FOREACH_TENSOR_SCALAR:
@@ -69,8 +69,9 @@ def mul_scalar_(xs: list[Tensor], s: Tensor) -> None:
 
 
 def scale_tree_(tree: Tree, factor: Tensor) -> Tree:
-    """Every leaf multiplied by the 0-dim tensor ``factor`` in place; only for trees the caller owns, e.g. a
-    train step's freshly computed gradients. Returns ``tree``."""
+    """Every leaf multiplied by the 0-dim tensor ``factor`` (or, in a stacked tree, each replica's slice by
+    its entry of a (K,) ``factor``) in place; only for trees the caller owns, e.g. a train step's freshly
+    computed gradients. Returns ``tree``."""
     mul_scalar_(list(tree.values()), factor)
     return tree
 

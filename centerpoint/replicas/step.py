@@ -7,7 +7,7 @@ statistics stay its own and nothing in place touches the input state). One backw
 of the K losses. The rest (gradient norm, clipping, non-finite guard, fp16 loss scaling, optimizer update)
 is the single step's arithmetic on the stacked trees with one value per replica: the optimizer's
 `torch._foreach_*` kernels have no vmap rule, and need none, since they are elementwise and take the
-per-replica scalars broadcast over the leading axis (`optim.transforms._mul_scalar`). A replica whose loss or
+per-replica scalars broadcast over the leading axis (`optim.inplace.scalar_operands`). A replica whose loss or
 gradient is not finite keeps its old state; the others update. The EMA of the weights (train.ema_decay)
 follows each replica's own updates. Eager, the update is the optimizer's in-place kernel on the stacked
 trees (`optim.hyper`), writing into the old state only when every replica is finite.
@@ -24,22 +24,17 @@ from centerpoint.loss import centernet_loss
 from centerpoint.model import Apply, normalize
 from centerpoint.optim import transforms as optim
 from centerpoint.optim.ema import make_ema_update
-from centerpoint.optim.inplace import mul_scalar_
+from centerpoint.optim.inplace import scale_tree_
 from centerpoint.replicas.fold import FoldedApply
 from centerpoint.runtime.devices import StepMode
 from centerpoint.spec import ExperimentSpec
-from centerpoint.state import TrainState, Tree
+from centerpoint.state import TrainState, Tree, per_leading
 from centerpoint.step import LossFn, Reduce, check_finite, make_loss_fn, make_update
-
-
-def _per_replica(flags: Tensor, like: Tensor) -> Tensor:
-    """(K,) values shaped to broadcast over a stacked (K, ...) tensor."""
-    return flags.view(-1, *(1,) * (like.dim() - 1))
 
 
 def _select(keep_new: Tensor, new: Tree, old: Tree) -> Tree:
     """Per replica: new where keep_new (K,) else old, per leaf."""
-    return {k: torch.where(_per_replica(keep_new, v), v, old[k]) for k, v in new.items()}
+    return {k: torch.where(per_leading(keep_new, v), v, old[k]) for k, v in new.items()}
 
 
 def replica_norms(tree: Tree) -> Tensor:
@@ -50,12 +45,6 @@ def replica_norms(tree: Tree) -> Tensor:
     norms = [torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim()))) if v.dim() > 1 else v.abs()
              for v in tree.values()]
     return torch.linalg.vector_norm(torch.stack(norms), dim=0)
-
-
-def _scaled(tree: Tree, factors: Tensor) -> Tree:
-    """Each replica's slice of `tree` multiplied by its factor (K,)."""
-    keys = list(tree)
-    return dict(zip(keys, optim._mul_scalar([tree[k] for k in keys], factors), strict=True))
 
 
 GradFn = Callable[[Tree, Tree, dict[str, Tensor], "Tensor | None"], tuple[Tree, tuple[Tree, Tree]]]
@@ -140,7 +129,7 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
         scale = state.scaler["scale"] if state.scaler else None
         grads, (losses, new_buffers) = grad_fn(state.params, state.buffers, batch, scale)
         if scale is not None:
-            grads = _scaled(grads, 1.0 / scale)
+            grads = scale_tree_(grads, 1.0 / scale)  # per replica; the step's own fresh gradients
         if reduce is not None:
             grads, losses = reduce(grads), reduce(losses)
         grad_norm = replica_norms(grads)
@@ -149,11 +138,7 @@ def make_replicated_step(apply: Apply, spec: ExperimentSpec, tx: optim.Transform
         # which needs no per-tensor select afterwards.
         donate = guard_by_sync and bool(finite.all())
         if max_grad_norm is not None:
-            coefficient = optim.clip_coefficient(grad_norm, max_grad_norm)
-            if mode is not StepMode.TRACED:  # eager: the gradients are the step's own
-                mul_scalar_(list(grads.values()), coefficient)
-            else:
-                grads = _scaled(grads, coefficient)
+            grads = scale_tree_(grads, optim.clip_coefficient(grad_norm, max_grad_norm))
         params, opt_state = update(grads, state, donate)
         ema = state.ema if ema_update is None else ema_update(state.ema, {**params, **new_buffers}, state.step + 1)
         if donate:
