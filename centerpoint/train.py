@@ -98,8 +98,8 @@ def _train(run: Run, console: Console) -> dict:
                 diverged.check()  # on every rank, so that all stop together
             record = {}
             if evaluating:
-                record = _evaluate(run, state, step, console, tb, boards, ImageCounter(progress, "eval"),
-                                   bad_images=bad_images, first_step_s=first_step_s)
+                record = _evaluate(run, state, step, console, tb, boards, progress, bad_images=bad_images,
+                                   first_step_s=first_step_s)
                 last_metrics = record or last_metrics
             if is_main:
                 run.checkpointer.save(state, step, record)
@@ -127,8 +127,8 @@ def _log(run: Run, console: Console, tb: TensorBoard, progress: Progress, task: 
 
 
 def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: TensorBoard, boards: ReplicaBoards,
-              counter: ImageCounter, *, bad_images: int, first_step_s: float | None) -> dict:
-    """Evaluate after `step` (an `eval` bar with images/s on the progress display while it runs); rank 0
+              progress: Progress, *, bad_images: int, first_step_s: float | None) -> dict:
+    """Evaluate after `step` (an `eval` bar with images/s on `progress` while it runs); rank 0
     appends the record to metrics.jsonl, TensorBoard and the console and returns it ({} on other ranks). A
     replicated run evaluates each replica (`replicas.report`).
 
@@ -139,22 +139,17 @@ def _evaluate(run: Run, state: TrainState, step: int, console: Console, tb: Tens
     if run.replicas:
         record = evaluate_replicas(run, state, step, epoch_of(step, run.steps_per_epoch), boards, console.print,
                                    {"bad_train_images": bad_images, "elapsed_s": time.perf_counter() - run.started,
-                                    "first_step_s": first_step_s}, counter.progress, workers)
+                                    "first_step_s": first_step_s}, progress, workers)
         tb.scalars({k: v for k, v in record.items() if k.startswith("bbox_")}, step, "val")
         return record
-    try:
+    with ImageCounter(progress, "eval") as counter:
         record, rows = evaluate(run.predict_fn, *with_ema(state.params, state.buffers, state.ema), run.val_index,
                                 run.spec, run.backend, run.dist, counter, pr_curves=True, workers=workers)
-    finally:
-        counter.remove()
     raw = {}
     if state.ema:
-        raw_counter = ImageCounter(counter.progress, "eval (trained weights)")
-        try:
+        with ImageCounter(progress, "eval (trained weights)") as counter:
             raw = evaluate(run.predict_fn, state.params, state.buffers, run.val_index, run.spec, run.backend,
-                           run.dist, raw_counter, workers=workers)[0]
-        finally:
-            raw_counter.remove()
+                           run.dist, counter, workers=workers)[0]
     if run.dist.rank != 0:
         return {}
     curves = record.pop("pr_curves")

@@ -55,8 +55,9 @@ class ImageCounter:
     """An evaluation's or predict's progress callback, called with (images just done, images in all): first
     with (0, total) once the model is ready (`evaluate.predict_split`, `predict.predict_files`), then after
     each batch. A `description` task on `progress`, added at the first call, shows the images/s since
-    then (loading the model is not counted; starting the loader's workers is). `remove()` takes the task
-    off the display (a training run's evaluation leaves only the train bar standing)."""
+    then (loading the model is not counted; starting the loader's workers is). `remove()`, or leaving a
+    `with ImageCounter(...)` block, takes the task off the display (a training run's evaluation leaves only
+    the train bar standing)."""
 
     def __init__(self, progress: Progress, description: str) -> None:
         self.progress, self.description = progress, description
@@ -75,6 +76,12 @@ class ImageCounter:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
+
+    def __enter__(self) -> ImageCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

@@ -76,12 +76,9 @@ def evaluate_replicas(run: Run, state: TrainState, step: int, epoch: int, boards
     for r in run.replicas:
         t0 = time.perf_counter()
         weights = with_ema(*(replica_tree(tree, r.index) for tree in (state.params, state.buffers, state.ema)))
-        counter = ImageCounter(progress, f"eval replica {r.index}")
-        try:
+        with ImageCounter(progress, f"eval replica {r.index}") as counter:
             record, _ = evaluate(run.predict_fn, *weights, run.val_index, run.spec, run.backend, run.dist, counter,
                                  workers=workers)
-        finally:
-            counter.remove()
         if run.dist.rank != 0:
             continue
         row = {**r.describe(), "weights": "ema" if state.ema else "raw", "step": step, "epoch": epoch,
