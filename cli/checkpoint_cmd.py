@@ -82,11 +82,13 @@ def checkpoint_extract(
 ) -> None:
     """Write one replica of a replicated run's checkpoint as a normal single-model checkpoint: its weights,
     statistics and optimizer state, and a spec with its init seed and hyperparameters (eval, predict and
-    --resume take it as any other)."""
+    --resume take it as any other). DST must not exist yet."""
     from centerpoint.replicas.extract import extract_replica
 
     if dst.resolve() == src.resolve():
         raise CenterpointError(f"checkpoint extract: {dst} is the source checkpoint; write to another file")
+    if dst.exists():  # never replace a file this command did not just write
+        raise CenterpointError(f"checkpoint extract: {dst} already exists; name a new file")
     spec = extract_replica(src, dst, replica)
     print(f"wrote {dst}: replica {replica} of {src} (init seed {spec.train.init_seed}, lr {spec.optim.lr:g}, "
           f"weight decay {spec.optim.weight_decay:g})")

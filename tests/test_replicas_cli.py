@@ -54,6 +54,10 @@ def test_lr_sweep_trains_resumes_and_extracts(tiny_overrides: list[str], tmp_pat
     res = call_cli("checkpoint", "extract", str(full / "checkpoints" / "latest.safetensors"), str(one),
                    "--replica", "2")
     assert res.returncode == 0, (res.stdout + res.stderr)
+    before = one.read_bytes()  # an existing file is never replaced: one line, exit 2, the file as it was
+    res = call_cli("checkpoint", "extract", str(full / "checkpoints" / "latest.safetensors"), str(one),
+                   "--replica", "1")
+    assert res.returncode == 2 and "already exists" in res.stderr + res.stdout and one.read_bytes() == before
     from centerpoint.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(one)
